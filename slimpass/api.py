@@ -1,0 +1,87 @@
+"""`slimpass.compile`: compile a Hugging Face causal LM so that `forward` *and* `generate` use sliminfer.
+
+``torch.compile(model)`` returns a wrapper whose ``.generate`` still calls the uncompiled model;
+`compile` instead replaces ``model.forward`` on the instance, so HF's ``generate`` runs the
+compiled prefill and decode graphs. It also marks the prompt length (and the KV-cache length)
+dynamic, so one prefill graph and one decode graph serve every length.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from slimpass.backend import GraphRecord, compile_graph
+from slimpass.config import resolve
+from slimpass.registry import REGISTRY
+
+# Inputs whose last dimension is the sequence length.
+_SEQUENCE_INPUTS = ("input_ids", "attention_mask", "position_ids", "cache_position", "token_type_ids")
+
+
+def _mark_dynamic(args: tuple, kwargs: dict) -> None:
+    tensors = [kwargs.get(name) for name in _SEQUENCE_INPUTS]
+    if args:
+        tensors.append(args[0])
+    for tensor in tensors:
+        if isinstance(tensor, torch.Tensor) and tensor.dim() >= 1 and tensor.shape[-1] > 1:
+            torch._dynamo.maybe_mark_dynamic(tensor, tensor.dim() - 1)
+    embeds = kwargs.get("inputs_embeds")
+    if isinstance(embeds, torch.Tensor) and embeds.dim() == 3 and embeds.shape[1] > 1:
+        torch._dynamo.maybe_mark_dynamic(embeds, 1)
+    cache = kwargs.get("past_key_values")
+    for layer in getattr(cache, "layers", None) or ():
+        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(tensor, torch.Tensor) and tensor.dim() == 4 and tensor.shape[2] > 1:
+                torch._dynamo.maybe_mark_dynamic(tensor, 2)
+
+
+def compile(  # noqa: A001 - mirrors torch.compile
+    model: torch.nn.Module,
+    *,
+    options: Mapping[str, Any] | None = None,
+    mode: str | None = None,
+    fullgraph: bool = False,
+) -> torch.nn.Module:
+    """Compile `model.forward` in place with the sliminfer backend and return `model`.
+
+    Example::
+
+        model = slimpass.compile(AutoModelForCausalLM.from_pretrained(path), options={"compiler": "inductor"})
+        out = model.generate(input_ids, max_new_tokens=64)   # prefill + decode through sliminfer
+
+    `options` are `SlimConfig` fields and take precedence over `slimpass.configure`; they are
+    validated here, before anything is compiled.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"slimpass.compile expects a torch.nn.Module, got {type(model).__name__}")
+    config = resolve(options, REGISTRY.config_for(model))  # fail early on bad options
+    original = model.__dict__.get("_slimpass_original_forward", model.forward)
+    backend = functools.partial(compile_graph, options=options, mode=mode, model=model)
+    compiled = torch.compile(original, backend=backend, fullgraph=fullgraph, dynamic=None)
+
+    @functools.wraps(original)
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        if config.dynamic_prompt:
+            _mark_dynamic(args, kwargs)
+        return compiled(*args, **kwargs)
+
+    model.__dict__["_slimpass_original_forward"] = original
+    model.forward = forward
+    return model
+
+
+def restore(model: torch.nn.Module) -> torch.nn.Module:
+    """Undo `compile`: the model's own forward again."""
+    original = model.__dict__.pop("_slimpass_original_forward", None)
+    if original is not None:
+        model.__dict__.pop("forward", None)
+    return model
+
+
+def compiled_graphs(model: torch.nn.Module) -> list[GraphRecord]:
+    """What sliminfer compiled for this model so far: one `GraphRecord` per graph (kind, passes, guards)."""
+    return list(model.__dict__.get("_slimpass_graphs", []))

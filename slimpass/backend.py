@@ -1,0 +1,162 @@
+"""The `sliminfer` torch.compile backend: resolve config, run the passes, lower with Inductor.
+
+Registered through the ``torch_dynamo_backends`` entry point, so ``backend="sliminfer"`` works
+after ``pip install slimpass`` without importing slimpass.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.fx
+
+from slimpass.config import ConfigError, SlimConfig, resolve
+from slimpass.passes.base import PassContext, PassResult
+from slimpass.passes.dump import GraphDumper
+from slimpass.passes.manager import PassManager
+from slimpass.registry import REGISTRY
+from slimpass.runtime.guards import InputGuard, inputs_canonical
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class GraphRecord:
+    """What the backend did with one graph; kept per model (see `slimpass.compiled_graphs`)."""
+
+    graph_id: str
+    kind: str  # prefill / decode / extend / unrecognised
+    layers: int
+    results: list[PassResult]
+    guards: list[InputGuard]
+    compile_seconds: float
+    calls: dict = dataclasses.field(default_factory=lambda: {"rewritten": 0, "fallback": 0})
+
+
+class GuardedGraph:
+    """Runs the rewritten graph when its input guards hold, else the unrewritten one."""
+
+    def __init__(self, fast: Callable, fallback: Callable, guards: Sequence[InputGuard], record: GraphRecord) -> None:
+        self.fast, self.fallback, self.guards, self.record = fast, fallback, list(guards), record
+
+    def __call__(self, *args: Any) -> Any:
+        if inputs_canonical(self.guards, args):
+            self.record.calls["rewritten"] += 1
+            return self.fast(*args)
+        self.record.calls["fallback"] += 1
+        return self.fallback(*args)
+
+
+def _compiled_module() -> Any:
+    """The nn.Module whose forward Dynamo is compiling, when Dynamo exposes it (best effort)."""
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        tx = InstructionTranslator.current_tx()
+    except (ImportError, AttributeError, AssertionError):
+        return None
+    candidate = getattr(tx, "f_locals", {}).get("self") if tx is not None else None
+    return candidate if isinstance(candidate, torch.nn.Module) else None
+
+
+def _graph_id() -> str:
+    compile_id = torch._guards.CompileContext.current_compile_id()
+    return f"graph_{compile_id}".replace("/", "_") if compile_id is not None else f"graph_{time.monotonic_ns()}"
+
+
+def lower(gm: torch.fx.GraphModule, example_inputs: list[Any], config: SlimConfig, mode: str | None) -> Callable:
+    """Compile the edited graph with the configured inner compiler."""
+    if config.compiler == "eager":
+        return gm.forward
+    from torch._inductor.compile_fx import compile_fx
+
+    patches = dict(torch._inductor.list_mode_options(mode)) if mode else {}
+    patches.update(config.inductor_options)
+    return compile_fx(gm, example_inputs, config_patches=patches or None)
+
+
+def _summary(ctx: PassContext, record: GraphRecord) -> str:
+    lines = [f"# slimpass: {ctx.graph_id}", "", f"- graph kind: {record.kind}"]
+    if ctx.layer_map is not None:
+        lines.append(f"- layers found: {ctx.layer_map.describe()}")
+        for layer in ctx.layer_map.layers:
+            lines.append(
+                f"  - layer {layer.index} `{layer.path}`: in `{layer.input.name}` out `{layer.output.name}`, "
+                f"q `{layer.q.name}` k `{layer.k.name}` v `{layer.v.name}`, attention `{layer.attention.name}` "
+                f"({layer.kind}), KV writes {[n.name for n in layer.kv_writes]}"
+            )
+    lines += ["", "## Passes", "", "| # | pass | matched | inserted | replaced | summary | declined |", "|---|---|---|---|---|---|---|"]
+    for i, res in enumerate(ctx.results, start=1):
+        lines.append(f"| {i} | {res.name} | {res.matched} | {res.inserted} | {res.replaced} | {res.summary} | {'; '.join(res.declined)} |")
+    lines += ["", "## Runtime guards", ""] + ([f"- {g.describe()}" for g in record.guards] or ["- none"])
+    lines += ["", "## Notes", ""] + [f"- {n}" for n in ctx.notes]
+    lines += ["", "## Config", "", "```", repr(ctx.config), "```", ""]
+    return "\n".join(lines)
+
+
+def _records(model: Any) -> list[GraphRecord] | None:
+    if model is None:
+        return None
+    try:
+        return model.__dict__.setdefault("_slimpass_graphs", [])
+    except AttributeError:
+        return None
+
+
+def compile_graph(
+    gm: torch.fx.GraphModule,
+    example_inputs: list[Any],
+    *,
+    options: Mapping[str, Any] | None = None,
+    mode: str | None = None,
+    model: Any = None,
+) -> Callable:
+    """Run the slimpass pipeline on a Dynamo graph and lower it; see `sliminfer`."""
+    start = time.perf_counter()
+    config = resolve(options, REGISTRY.config_for(model))
+    ctx = PassContext(config=config, example_inputs=list(example_inputs), model=model, graph_id=_graph_id())
+    work = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
+    dumper = GraphDumper(config.dump_dir, ctx.graph_id)
+    PassManager(config).run(work, ctx, dumper)
+    layer_map = ctx.layer_map
+    kind = layer_map.kind if layer_map is not None else "unrecognised"
+    if layer_map is None:
+        reason = ctx.results[0].declined[0] if ctx.results and ctx.results[0].declined else "no decoder layers"
+        log.warning("sliminfer: graph %s is not a LLaMA-style decoder (%s); compiling it without slimpass passes",
+                    ctx.graph_id, reason)
+    changed = any(r.changed for r in ctx.results)
+    fast = lower(work if changed else gm, example_inputs, config, mode)
+    record = GraphRecord(ctx.graph_id, kind, len(layer_map.layers) if layer_map else 0, ctx.results, list(ctx.guards), 0.0)
+    compiled: Callable = fast
+    if changed and ctx.guards:
+        compiled = GuardedGraph(fast, lower(gm, example_inputs, config, mode), ctx.guards, record)
+    record.compile_seconds = time.perf_counter() - start
+    dumper.write_summary(_summary(ctx, record))
+    dumper.write_skeleton(layer_map)
+    records = _records(model)
+    if records is not None:
+        records.append(record)
+    log.info("sliminfer: %s (%s) compiled in %.1f s: %s", ctx.graph_id, kind, record.compile_seconds,
+             "; ".join(r.line() for r in ctx.results))
+    return compiled
+
+
+def sliminfer(gm: torch.fx.GraphModule, example_inputs: list[Any], **kwargs: Any) -> Callable:
+    """The ``sliminfer`` torch.compile backend.
+
+    ``torch.compile(model, backend="sliminfer", options={...}, mode=...)``: `options` are
+    `SlimConfig` fields (unknown keys raise `ConfigError`); `mode` is passed to Inductor.
+    """
+    options, mode = kwargs.pop("options", None), kwargs.pop("mode", None)
+    model = kwargs.pop("model", None)
+    if kwargs:
+        raise ConfigError(f"sliminfer backend: unexpected keyword argument(s) {sorted(kwargs)}; it takes options= and mode=")
+    if model is None:
+        model = _compiled_module()
+    return compile_graph(gm, example_inputs, options=options, mode=mode, model=model)

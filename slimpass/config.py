@@ -1,0 +1,201 @@
+"""`SlimConfig`: every knob the passes and the runtime read, and where it comes from.
+
+Sources, highest precedence first:
+
+1. ``options=`` given to ``torch.compile(..., backend="sliminfer", options={...})`` or
+   ``slimpass.compile(model, options={...})``;
+2. overrides active in a ``slimpass.config.patch(...)`` block when the graph is compiled;
+3. the config registered for the model instance (``slimpass.configure(model, ...)``) or its class
+   (``@slimpass.configure(...)``);
+4. the defaults below.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import threading
+from collections.abc import Iterator, Mapping
+from types import MappingProxyType
+from typing import Any
+
+INNER_COMPILERS = ("inductor", "eager")
+ATTENTION_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
+
+
+class ConfigError(ValueError):
+    """A configuration value or key that slimpass cannot accept."""
+
+
+def _check_range(name: str, value: Any, low: int, high: int | None = None) -> None:
+    allowed = f"an int >= {low}" if high is None else f"an int in [{low}, {high}]"
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"SlimConfig.{name}={value!r}: expected {allowed}")
+    if value < low or (high is not None and value > high):
+        raise ConfigError(f"SlimConfig.{name}={value!r} is out of range: expected {allowed}")
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"SlimConfig.{name}={value!r}: expected one of {', '.join(map(repr, choices))}")
+
+
+def _check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(f"SlimConfig.{name}={value!r}: expected True or False")
+
+
+def _freeze_schedule(schedule: Any) -> Mapping[int, int | float] | None:
+    """Validate a layer -> budget mapping; ints are token counts, floats keep ratios in (0, 1]."""
+    if schedule is None:
+        return None
+    if not isinstance(schedule, Mapping):
+        raise ConfigError(
+            f"SlimConfig.schedule={schedule!r}: expected a mapping layer -> tokens (int) or ratio "
+            "(float in (0, 1]), e.g. {10: 8192, 20: 0.125}"
+        )
+    frozen: dict[int, int | float] = {}
+    for layer, budget in sorted(schedule.items()):
+        if isinstance(layer, bool) or not isinstance(layer, int) or layer < 1:
+            raise ConfigError(f"SlimConfig.schedule: layer {layer!r} must be an int >= 1 (the layer whose input is cut)")
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+            raise ConfigError(f"SlimConfig.schedule[{layer}]={budget!r}: expected tokens (int) or a ratio (float)")
+        if isinstance(budget, int) and budget < 1:
+            raise ConfigError(f"SlimConfig.schedule[{layer}]={budget!r}: a token budget must be >= 1")
+        if isinstance(budget, float) and not 0.0 < budget <= 1.0:
+            raise ConfigError(f"SlimConfig.schedule[{layer}]={budget!r}: a keep ratio must be in (0, 1]")
+        frozen[layer] = budget
+    return MappingProxyType(frozen)
+
+
+@dataclasses.dataclass(frozen=True)
+class SlimConfig:
+    """All settings of the ``sliminfer`` backend. Unknown keys and bad values raise `ConfigError`."""
+
+    prune: bool = False
+    """Insert SlimInfer token pruning into prefill graphs (pruning passes land with the pruning issue)."""
+    schedule: Mapping[int, int | float] | None = None
+    """Layer -> budget of that layer's input (int tokens or float keep ratio); None: default by depth."""
+    block_size: int = 64
+    """Tokens per block, the unit that is kept or dropped."""
+    unit_size: int = 8
+    """Tokens per scoring unit; must divide `block_size`."""
+    local_window: int = 4
+    """Number of last prompt tokens whose queries form the local query."""
+    sink_blocks: int = 1
+    """Leading blocks always kept (attention sink)."""
+    min_prompt_len: int = 1024
+    """Prompts shorter than this are never pruned."""
+    scorer: str = "tokenunit"
+    """Name of the block scorer in the scorer registry."""
+    rewrite_attention: bool = True
+    """Replace provably causal masked attention by mask-free causal attention in prefill graphs."""
+    attention_backend: str = "auto"
+    """SDPA backend for rewritten attention: 'auto' lets PyTorch choose, or flash/cudnn/efficient/math."""
+    compiler: str = "inductor"
+    """Inner compiler that lowers the edited graph: 'inductor' or 'eager' (debugging, fast tests)."""
+    inductor_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    """Extra `torch._inductor.config` settings passed to compile_fx as config patches."""
+    dump_dir: str | None = None
+    """Write per-graph dumps (graph before/after each pass, summary.md, skeleton) under this folder."""
+    dynamic_prompt: bool = True
+    """`slimpass.compile` marks the prompt length dynamic, so one prefill graph serves all lengths."""
+
+    def __post_init__(self) -> None:
+        _check_bool("prune", self.prune)
+        object.__setattr__(self, "schedule", _freeze_schedule(self.schedule))
+        _check_range("block_size", self.block_size, 1, 65536)
+        _check_range("unit_size", self.unit_size, 1, 65536)
+        if self.block_size % self.unit_size:
+            raise ConfigError(
+                f"SlimConfig.unit_size={self.unit_size} must divide block_size={self.block_size} "
+                "(a block is a whole number of scoring units)"
+            )
+        _check_range("local_window", self.local_window, 1, 4096)
+        _check_range("sink_blocks", self.sink_blocks, 0, 1024)
+        _check_range("min_prompt_len", self.min_prompt_len, 1)
+        if not isinstance(self.scorer, str) or not self.scorer:
+            raise ConfigError(f"SlimConfig.scorer={self.scorer!r}: expected the name of a registered scorer")
+        _check_bool("rewrite_attention", self.rewrite_attention)
+        _check_choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
+        _check_choice("compiler", self.compiler, INNER_COMPILERS)
+        if not isinstance(self.inductor_options, Mapping):
+            raise ConfigError(f"SlimConfig.inductor_options={self.inductor_options!r}: expected a dict")
+        object.__setattr__(self, "inductor_options", MappingProxyType(dict(self.inductor_options)))
+        if self.dump_dir is not None and not isinstance(self.dump_dir, (str, os.PathLike)):
+            raise ConfigError(f"SlimConfig.dump_dir={self.dump_dir!r}: expected a folder path or None")
+        if self.dump_dir is not None:
+            object.__setattr__(self, "dump_dir", os.fspath(self.dump_dir))
+        _check_bool("dynamic_prompt", self.dynamic_prompt)
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    def replace(self, **overrides: Any) -> SlimConfig:
+        """A copy with `overrides` applied; unknown keys raise `ConfigError`."""
+        check_keys(overrides, source="overrides")
+        return dataclasses.replace(self, **overrides)
+
+    def as_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["schedule"] = dict(self.schedule) if self.schedule is not None else None
+        out["inductor_options"] = dict(self.inductor_options)
+        return out
+
+
+def check_keys(keys: Mapping[str, Any], source: str) -> None:
+    """Reject keys that are not SlimConfig fields, suggesting the closest one."""
+    import difflib
+
+    names = SlimConfig.field_names()
+    for key in keys:
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"unknown slimpass option {key!r} in {source}{hint} Known options: {', '.join(names)}")
+
+
+_patches = threading.local()
+
+
+def _active_patches() -> list[dict[str, Any]]:
+    if not hasattr(_patches, "stack"):
+        _patches.stack = []
+    return _patches.stack
+
+
+@contextlib.contextmanager
+def patch(**overrides: Any) -> Iterator[None]:
+    """Override config values for graphs compiled inside this block (like `torch._inductor.config.patch`).
+
+    Example::
+
+        with slimpass.config.patch(compiler="eager", dump_dir="/tmp/dumps"):
+            model(input_ids)   # graphs compiled here use these values
+    """
+    check_keys(overrides, source="slimpass.config.patch()")
+    SlimConfig().replace(**overrides)  # validate values now, where the mistake was made
+    stack = _active_patches()
+    stack.append(dict(overrides))
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+def resolve(options: Mapping[str, Any] | None, registered: SlimConfig | None) -> SlimConfig:
+    """Combine the sources in precedence order: options > patch() > registered config > defaults."""
+    config = registered if registered is not None else SlimConfig()
+    env_dump = os.environ.get("SLIMPASS_DUMP")
+    if env_dump and config.dump_dir is None:
+        config = config.replace(dump_dir=env_dump)
+    for overrides in _active_patches():
+        config = config.replace(**overrides)
+    if options:
+        if not isinstance(options, Mapping):
+            raise ConfigError(f"options={options!r}: expected a dict of SlimConfig fields")
+        check_keys(options, source="options=")
+        config = config.replace(**options)
+    return config

@@ -1,0 +1,172 @@
+"""Prove that the mask reaching an attention call is the plain causal mask (for canonical inputs).
+
+The mask subgraph (all ancestors of the mask node, found with networkx) is copied into its own
+GraphModule and evaluated on concrete inputs: the tensors it reads are given their canonical
+prefill values (attention_mask all ones, positions 0..N-1); inputs it only asks the size of get
+placeholders; model buffers get their real values. Any other input makes the proof fail. For a
+graph with a symbolic prompt length the mask is evaluated at several lengths. The result must
+equal tril(ones(N, N)) (bool masks) or be 0 there and <= finfo.min / 2 elsewhere (additive masks).
+
+What the proof assumed about the inputs comes back as `InputGuard`s, checked on every call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import networkx as nx
+import sympy
+import torch
+import torch.fx
+
+from slimpass.passes.graph_utils import fake, input_source, is_op, nx_view
+from slimpass.runtime.guards import InputGuard
+
+PROBE_LENGTHS = (2, 3, 17, 64, 65, 1025)
+_ROLE_SUFFIXES = {"['attention_mask']": "attention_mask", "['cache_position']": "cache_position",
+                  "['position_ids']": "position_ids"}
+
+
+class NotCausal(Exception):
+    """The mask could not be proven causal; the message says why."""
+
+
+@dataclasses.dataclass
+class CausalProof:
+    guards: list[InputGuard]
+    lengths: tuple[int, ...]  # prompt lengths at which the mask was evaluated
+    symbolic: bool  # the graph serves every prompt length
+
+
+def _role(node: torch.fx.Node) -> str | None:
+    source = input_source(node)
+    return next((role for suffix, role in _ROLE_SUFFIXES.items() if source.endswith(suffix)), None)
+
+
+def _shape_only(node: torch.fx.Node, members: set) -> bool:
+    return all(is_op(user, "shape_query") or user.op == "call_method" and user.target in ("size", "dim")
+               for user in node.users if user in members)
+
+
+def _concrete(value: Any, binding: dict, shape_env: Any) -> int:
+    if isinstance(value, torch.SymInt):
+        expr = value.node.expr
+        if shape_env is not None:
+            expr = shape_env.replace(expr)
+        return int(expr.xreplace(binding))
+    return int(value)
+
+
+def _canonical(role: str, shape: list[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    if role == "attention_mask":
+        return torch.ones(shape, dtype=dtype, device=device)
+    return torch.arange(shape[-1], dtype=dtype, device=device).expand(shape).contiguous()
+
+
+class _MaskProgram:
+    """The mask subgraph as a standalone GraphModule plus how to feed each of its inputs."""
+
+    def __init__(self, gm: torch.fx.GraphModule, mask: torch.fx.Node, example_inputs: list[Any]) -> None:
+        members = nx.ancestors(nx_view(gm.graph), mask) | {mask}
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        graph, env = torch.fx.Graph(), {}
+        self.feeds: list[tuple[torch.fx.Node, int, str]] = []
+        self.guards: list[InputGuard] = []
+        for node in gm.graph.nodes:
+            if node not in members:
+                continue
+            env[node] = graph.node_copy(node, lambda n: env[n])
+            if node.op == "placeholder":
+                self.feeds.append((node, placeholders.index(node), self._classify(node, members)))
+        graph.output(env[mask])
+        self.module = torch.fx.GraphModule(gm, graph)
+        self.example_inputs = example_inputs
+        for node, index, how in self.feeds:
+            if how in ("attention_mask", "cache_position", "position_ids"):
+                self.guards.append(InputGuard(index, how))
+
+    @staticmethod
+    def _classify(node: torch.fx.Node, members: set) -> str:
+        value = fake(node)
+        source = input_source(node)
+        if not isinstance(value, torch.Tensor):
+            return "size"
+        if "_buffers" in source or "_parameters" in source:
+            return "real"
+        role = _role(node)
+        if role is not None:
+            return role
+        if _shape_only(node, members):
+            return "shape_only"
+        raise NotCausal(f"the mask depends on the contents of input {source or node.name}")
+
+    def evaluate(self, binding: dict, shape_env: Any) -> torch.Tensor:
+        args = []
+        for node, index, how in self.feeds:
+            value = fake(node)
+            if how == "size":
+                args.append(_concrete(value, binding, shape_env))
+            elif how == "real":
+                args.append(self.example_inputs[index])
+            else:
+                shape = [_concrete(s, binding, shape_env) for s in value.shape]
+                device = value.device
+                if how == "shape_only":
+                    args.append(torch.zeros(shape, dtype=value.dtype, device=device))
+                else:
+                    args.append(_canonical(how, shape, value.dtype, device))
+        return torch.fx.Interpreter(self.module).run(*args)
+
+
+def _is_causal(result: Any, n: int) -> bool:
+    if not isinstance(result, torch.Tensor) or result.dim() < 2 or tuple(result.shape[-2:]) != (n, n):
+        return False
+    allowed = torch.ones(n, n, dtype=torch.bool, device=result.device).tril()
+    result = result.expand(*result.shape[:-2], n, n)
+    if result.dtype == torch.bool:
+        return bool((result == allowed).all())
+    if not result.is_floating_point():
+        return False
+    floor = torch.finfo(result.dtype).min / 2
+    return bool((result.masked_select(allowed) == 0).all()) and bool((result.masked_select(~allowed) <= floor).all())
+
+
+def prove_causal(gm: torch.fx.GraphModule, mask: torch.fx.Node, q_len: Any, example_inputs: list[Any]) -> CausalProof:
+    """Return the guards under which `mask` equals the causal mask, or raise `NotCausal`."""
+    program = _MaskProgram(gm, mask, example_inputs)
+    if isinstance(q_len, int):
+        lengths, binding_for, shape_env = (q_len,), (lambda n: {}), None
+    else:
+        expr = q_len.node.expr
+        shape_env = q_len.node.shape_env
+        if not isinstance(expr, sympy.Symbol):
+            raise NotCausal(f"the prompt length is the expression {expr}, not a plain size")
+        hints = {sym: sympy.Integer(val) for sym, val in shape_env.var_to_val.items()}
+        lengths = tuple(sorted({int(hints[expr]), *PROBE_LENGTHS}))
+
+        def binding_for(n: int) -> dict:
+            return {**hints, expr: sympy.Integer(n)}
+
+    with torch.no_grad():
+        for n in lengths:
+            try:
+                result = program.evaluate(binding_for(n), shape_env)
+            except Exception as err:  # noqa: BLE001 - any failure to evaluate means "not proven"
+                raise NotCausal(f"evaluating the mask at length {n} failed: {type(err).__name__}: {err}") from err
+            if not _is_causal(result, n):
+                raise NotCausal(f"the mask is not the causal mask at prompt length {n}")
+    return CausalProof(program.guards, lengths, not isinstance(q_len, int))
+
+
+def length_input(gm: torch.fx.GraphModule, q_len: Any) -> tuple[int, int] | None:
+    """(input index, dim) of a graph input whose size is the symbolic prompt length."""
+    if isinstance(q_len, int):
+        return None
+    for index, node in enumerate(n for n in gm.graph.nodes if n.op == "placeholder"):
+        value = fake(node)
+        if isinstance(value, torch.Tensor):
+            for dim, size in enumerate(value.shape):
+                if isinstance(size, torch.SymInt) and size.node.expr == q_len.node.expr:
+                    return index, dim
+    return None

@@ -1,0 +1,248 @@
+"""Discovery: build the `LayerMap` of a Dynamo graph from module metadata and op identity.
+
+Nothing is matched by FX node name. A decoder layer is the group of nodes whose module stack
+contains a ModuleList child (`<...>.<int>`, e.g. ``model.layers.7``); inside it we look for one
+attention call (SDPA, or HF's eager softmax(q k^T * s + mask) v chain), walk back from its inputs
+through the GQA copy (repeat_kv), the KV-cache write (cat) and RoPE (q*cos + rotate_half(q)*sin).
+
+Before::   graph as Dynamo captured it
+After::    same graph; ``ctx.layer_map`` set and ``node.meta["slimpass"] = {"layer": i, "role": ...}``
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+
+import torch.fx
+
+from slimpass.passes.base import GraphPass, PassContext, PassResult
+from slimpass.passes.graph_utils import arg, fake, input_source, is_op, module_stack, same_size, shape
+from slimpass.passes.layer_map import EagerAttention, LayerInfo, LayerMap
+
+_LAYER_PATH = re.compile(r"^(?P<path>.*\.(?P<index>\d+))$")
+_TRIG_WRAPPERS = ("cast", "getitem", "expand", "reshape")
+
+
+class DiscoveryError(Exception):
+    """The graph does not have the structure of a LLaMA-style decoder; the message says what is missing."""
+
+
+def _layer_of(node: torch.fx.Node) -> tuple[int, str] | None:
+    for path, _cls in module_stack(node):
+        match = _LAYER_PATH.match(path)
+        if match:
+            return int(match["index"]), match["path"]
+    return None
+
+
+def group_layers(graph: torch.fx.Graph) -> dict[int, tuple[str, list[torch.fx.Node]]]:
+    groups: dict[int, list[torch.fx.Node]] = defaultdict(list)
+    paths: dict[int, str] = {}
+    for node in graph.nodes:
+        if node.op not in ("call_function", "call_method", "call_module"):
+            continue
+        found = _layer_of(node)
+        if found is not None:
+            groups[found[0]].append(node)
+            paths[found[0]] = found[1]
+    return {i: (paths[i], groups[i]) for i in sorted(groups)}
+
+
+def _unrepeat(node: torch.fx.Node) -> tuple[torch.fx.Node, bool]:
+    """HF's repeat_kv: x[:, :, None].expand(b, h, r, n, d).reshape(b, h*r, n, d) -> (x, True)."""
+    if is_op(node, "reshape") and is_op(node.args[0], "expand") and is_op(node.args[0].args[0], "getitem"):
+        index = node.args[0].args[0].args[1]
+        if isinstance(index, tuple) and len(index) >= 3 and index[2] is None:
+            return node.args[0].args[0].args[0], True
+    return node, False
+
+
+def _cache_write(full: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node | None]:
+    """keys = cat([past, new], dim=-2) -> (new, the cat node); no cache -> (full, None)."""
+    if is_op(full, "cat"):
+        tensors, dim = full.args[0], arg(full, 1, "dim", 0)
+        rank = len(shape(full) or ())
+        if dim in (-2, rank - 2) and isinstance(tensors, (list, tuple)) and tensors:
+            return tensors[-1], full
+    return full, None
+
+
+def _outside(node, members: set):
+    """Walk up through view/cast ops (unsqueeze, to, getitem, ...) while inside the layer."""
+    while isinstance(node, torch.fx.Node) and node in members:
+        if not (any(is_op(node, k) for k in _TRIG_WRAPPERS) or (node.op == "call_method" and node.target == "unsqueeze")):
+            return None
+        node = node.args[0]
+    if isinstance(node, torch.fx.Node) and node.op != "placeholder":
+        return node
+    return None
+
+
+def _rope(node: torch.fx.Node, members: set, index: int, what: str) -> tuple[torch.fx.Node, torch.fx.Node]:
+    """q_embed = q*cos + rotate_half(q)*sin -> (cos producer, sin producer), both outside the layer."""
+    if not (is_op(node, "add") and all(is_op(a, "mul") for a in node.args[:2])):
+        raise DiscoveryError(f"layer {index}: {what} is not rotary-embedded (expected q*cos + rotate_half(q)*sin)")
+    trig = {}
+    for mul in node.args[:2]:
+        for operand, other in ((mul.args[1], mul.args[0]), (mul.args[0], mul.args[1])):
+            source = _outside(operand, members)
+            if source is not None:
+                trig["sin" if is_op(other, "cat") else "cos"] = source
+                break
+    if set(trig) != {"cos", "sin"}:
+        raise DiscoveryError(f"layer {index}: could not find the shared cos/sin producers of the {what} RoPE")
+    return trig["cos"], trig["sin"]
+
+
+def _eager_attention(softmax: torch.fx.Node, index: int) -> EagerAttention:
+    pre = softmax.args[0]
+    masked = pre if is_op(pre, "add") else None
+    scaled = None
+    if masked is not None:
+        scaled = next((a for a in masked.args[:2] if is_op(a, "mul") and is_op(a.args[0], "matmul")), None)
+    elif is_op(pre, "mul") and is_op(pre.args[0], "matmul"):
+        scaled = pre
+    if scaled is None or not isinstance(scaled.args[1], (int, float)):
+        raise DiscoveryError(f"layer {index}: eager attention without the (q @ k^T) * scale pattern")
+    probs = softmax
+    while len(probs.users) == 1 and any(is_op(next(iter(probs.users)), k) for k in ("cast", "dropout")):
+        probs = next(iter(probs.users))
+    output = next((u for u in probs.users if is_op(u, "matmul") and u.args[0] is probs), None)
+    if output is None:
+        raise DiscoveryError(f"layer {index}: eager attention probabilities never meet the values (no probs @ v)")
+    return EagerAttention(scaled.args[0], scaled, masked, softmax, probs, output, float(scaled.args[1]))
+
+
+def _attention(index: int, nodes: list[torch.fx.Node]) -> tuple[torch.fx.Node, str, EagerAttention | None]:
+    sdpa = [n for n in nodes if is_op(n, "sdpa")]
+    softmax = [n for n in nodes if is_op(n, "softmax")]
+    if len(sdpa) == 1:
+        return sdpa[0], "sdpa", None
+    if not sdpa and len(softmax) == 1:
+        eager = _eager_attention(softmax[0], index)
+        return eager.output, "eager", eager
+    raise DiscoveryError(
+        f"layer {index}: expected one attention call, found {len(sdpa)} SDPA and {len(softmax)} softmax nodes"
+    )
+
+
+def _operands(attention: torch.fx.Node, kind: str, eager: EagerAttention | None, index: int):
+    if kind == "sdpa":
+        return attention.args[0], attention.args[1], attention.args[2], arg(attention, 3, "attn_mask")
+    key_t = eager.scores.args[1]
+    if not (is_op(key_t, "transpose") and tuple(key_t.args[1:3]) in ((2, 3), (-2, -1), (-1, -2), (3, 2))):
+        raise DiscoveryError(f"layer {index}: eager attention scores are not q @ k.transpose(-2, -1)")
+    mask = None
+    if eager.masked is not None:
+        mask = next(a for a in eager.masked.args[:2] if a is not eager.scaled)
+    return eager.scores.args[0], key_t.args[0], attention.args[1], mask
+
+
+def _residual(index: int, nodes: list[torch.fx.Node], exclude: set) -> tuple[torch.fx.Node, torch.fx.Node]:
+    members = set(nodes)
+    inputs = []
+    for node in nodes:
+        for inp in node.all_input_nodes:
+            if inp in members or inp in exclude or inp in inputs:
+                continue
+            if inp.op == "placeholder" and ("_parameters" in input_source(inp) or "_buffers" in input_source(inp)):
+                continue
+            inputs.append(inp)
+    outputs = [n for n in nodes if n not in exclude and any(u not in members for u in n.users)]
+    for out in outputs:
+        for inp in inputs:
+            if shape(inp) is not None and shape(out) is not None and len(shape(inp)) == len(shape(out)):
+                if all(same_size(a, b) for a, b in zip(shape(inp), shape(out))):
+                    return inp, out
+    raise DiscoveryError(f"layer {index}: could not identify the residual stream entering and leaving the layer")
+
+
+def _layer(index: int, path: str, nodes: list[torch.fx.Node]) -> tuple[LayerInfo, torch.fx.Node, torch.fx.Node]:
+    members = set(nodes)
+    attention, kind, eager = _attention(index, nodes)
+    q, k_attn, v_attn, mask = _operands(attention, kind, eager, index)
+    k_full, k_rep = _unrepeat(k_attn)
+    v_full, v_rep = _unrepeat(v_attn)
+    k, k_write = _cache_write(k_full)
+    v, v_write = _cache_write(v_full)
+    cos, sin = _rope(q, members, index, "query")
+    cos_k, sin_k = _rope(k, members, index, "key")
+    if (cos_k, sin_k) != (cos, sin):
+        raise DiscoveryError(f"layer {index}: query and key use different cos/sin producers")
+    writes = tuple(w for w in (k_write, v_write) if w is not None)
+    exclude = set(writes) | {cos, sin} | ({mask} if mask is not None else set())
+    if eager is not None:
+        exclude |= {eager.probs, eager.softmax}
+    res_in, res_out = _residual(index, nodes, exclude)
+    info = LayerInfo(
+        index, path, res_in, res_out, q, k, v, k_attn, v_attn, k_full, v_full, attention, kind, mask, writes,
+        k_rep and v_rep, eager,
+    )
+    return info, cos, sin
+
+
+def _graph_kind(layers: list[LayerInfo]) -> str:
+    if all(same_size(layer.q_len, layer.kv_len) for layer in layers):
+        return "prefill"
+    if all(isinstance(layer.q_len, int) and layer.q_len == 1 for layer in layers):
+        return "decode"
+    return "extend"
+
+
+def discover(graph: torch.fx.Graph) -> LayerMap:
+    """Build the LayerMap of `graph`; raise `DiscoveryError` naming what is missing."""
+    groups = group_layers(graph)
+    if not groups:
+        raise DiscoveryError("no decoder layers (no module path ending in a layer index, such as model.layers.0)")
+    if sorted(groups) != list(range(len(groups))):
+        raise DiscoveryError(f"decoder layer indices are not contiguous: {sorted(groups)}")
+    layers, trig = [], set()
+    for index, (path, nodes) in groups.items():
+        info, cos, sin = _layer(index, path, nodes)
+        layers.append(info)
+        trig.add((cos, sin))
+    if len(trig) != 1:
+        raise DiscoveryError("decoder layers do not share one cos/sin producer (per-layer RoPE is not supported)")
+    for prev, layer in zip(layers, layers[1:]):
+        if layer.input is not prev.output:
+            raise DiscoveryError(f"residual stream broken between layers {prev.index} and {layer.index}")
+    for layer in layers:
+        if fake(layer.q) is None or fake(layer.k_attn) is None:
+            raise DiscoveryError(f"layer {layer.index}: no shape metadata on q/k")
+    masks = tuple(dict.fromkeys(layer.mask for layer in layers if layer.mask is not None))
+    cos, sin = trig.pop()
+    return LayerMap(layers, cos, sin, masks, _graph_kind(layers))
+
+
+def annotate(layer_map: LayerMap) -> None:
+    """Record layer membership and roles in ``node.meta["slimpass"]`` for later passes and dumps."""
+    for layer in layer_map.layers:
+        roles = {
+            "input": layer.input, "output": layer.output, "q": layer.q, "k": layer.k, "v": layer.v,
+            "attention": layer.attention,
+        }
+        for role, node in roles.items():
+            node.meta.setdefault("slimpass", {}).update(layer=layer.index, role=role)
+        for node in layer.kv_writes:
+            node.meta.setdefault("slimpass", {}).update(layer=layer.index, role="kv_write")
+    for role, node in (("cos", layer_map.cos), ("sin", layer_map.sin)):
+        node.meta.setdefault("slimpass", {}).update(role=role)
+    for node in layer_map.masks:
+        node.meta.setdefault("slimpass", {}).update(role="mask")
+
+
+class FindDecoderLayers(GraphPass):
+    """Discovery pass: fills `ctx.layer_map`, or leaves it None and says what it did not find."""
+
+    name = "find_decoder_layers"
+
+    def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+        try:
+            layer_map = discover(gm.graph)
+        except DiscoveryError as err:
+            ctx.layer_map = None
+            return PassResult(self.name, declined=[str(err)])
+        annotate(layer_map)
+        ctx.layer_map = layer_map
+        return PassResult(self.name, matched=len(layer_map.layers), summary=layer_map.describe())

@@ -1,0 +1,1 @@
+"""Runtime pieces the compiled graphs call: custom ops and input guards."""
