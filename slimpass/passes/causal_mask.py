@@ -28,6 +28,9 @@ _ROLE_SUFFIXES = {"['attention_mask']": "attention_mask", "['cache_position']": 
                   "['position_ids']": "position_ids"}
 
 
+_CANONICAL = ("attention_mask", "cache_position", "position_ids")
+
+
 class NotCausal(Exception):
     """The mask could not be proven causal; the message says why."""
 
@@ -83,7 +86,7 @@ class _MaskProgram:
         self.module = torch.fx.GraphModule(gm, graph)
         self.example_inputs = example_inputs
         for node, index, how in self.feeds:
-            if how in ("attention_mask", "cache_position", "position_ids"):
+            if how in _CANONICAL:
                 self.guards.append(InputGuard(index, how))
 
     @staticmethod
@@ -100,6 +103,15 @@ class _MaskProgram:
         if _shape_only(node, members):
             return "shape_only"
         raise NotCausal(f"the mask depends on the contents of input {source or node.name}")
+
+    def sequence_symbols(self) -> set:
+        """Length symbols of the inputs given canonical values (the last dim of each)."""
+        symbols = set()
+        for node, _index, how in self.feeds:
+            last = fake(node).shape[-1] if how in _CANONICAL else None
+            if isinstance(last, torch.SymInt) and isinstance(last.node.expr, sympy.Symbol):
+                symbols.add(last.node.expr)
+        return symbols
 
     def evaluate(self, binding: dict, shape_env: Any) -> torch.Tensor:
         args = []
@@ -142,11 +154,15 @@ def prove_causal(gm: torch.fx.GraphModule, mask: torch.fx.Node, q_len: Any, exam
         shape_env = q_len.node.shape_env
         if not isinstance(expr, sympy.Symbol):
             raise NotCausal(f"the prompt length is the expression {expr}, not a plain size")
-        hints = {sym: sympy.Integer(val) for sym, val in shape_env.var_to_val.items()}
+        values = getattr(shape_env, "backed_var_to_val", None) or shape_env.var_to_val
+        hints = {sym: sympy.Integer(val) for sym, val in values.items()}
         lengths = tuple(sorted({int(hints[expr]), *PROBE_LENGTHS}))
+        # attention_mask / position inputs may carry their own length symbol; the guards check
+        # at run time that it equals the prompt length, so the proof binds it to the same value.
+        sequence = {expr} | program.sequence_symbols()
 
         def binding_for(n: int) -> dict:
-            return {**hints, expr: sympy.Integer(n)}
+            return {**hints, **{sym: sympy.Integer(n) for sym in sequence}}
 
     with torch.no_grad():
         for n in lengths:

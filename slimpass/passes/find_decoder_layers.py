@@ -17,7 +17,7 @@ from collections import defaultdict
 import torch.fx
 
 from slimpass.passes.base import GraphPass, PassContext, PassResult
-from slimpass.passes.graph_utils import arg, fake, input_source, is_op, module_stack, same_size, shape
+from slimpass.passes.graph_utils import arg, fake, is_op, module_stack, same_size, shape
 from slimpass.passes.layer_map import EagerAttention, LayerInfo, LayerMap
 
 _LAYER_PATH = re.compile(r"^(?P<path>.*\.(?P<index>\d+))$")
@@ -139,22 +139,29 @@ def _operands(attention: torch.fx.Node, kind: str, eager: EagerAttention | None,
     return eager.scores.args[0], key_t.args[0], attention.args[1], mask
 
 
+def _is_hidden(node: torch.fx.Node) -> bool:
+    value = fake(node)
+    return isinstance(value, torch.Tensor) and value.dim() == 3 and value.is_floating_point()
+
+
 def _residual(index: int, nodes: list[torch.fx.Node], exclude: set) -> tuple[torch.fx.Node, torch.fx.Node]:
+    """The residual stream: an input that a residual add of the layer reads directly, and the add
+    leaving the layer (``hidden = residual + mlp(...)``), of the same [B, N, hidden] shape."""
     members = set(nodes)
     inputs = []
     for node in nodes:
         for inp in node.all_input_nodes:
-            if inp in members or inp in exclude or inp in inputs:
-                continue
-            if inp.op == "placeholder" and ("_parameters" in input_source(inp) or "_buffers" in input_source(inp)):
-                continue
-            inputs.append(inp)
-    outputs = [n for n in nodes if n not in exclude and any(u not in members for u in n.users)]
+            if inp not in members and inp not in exclude and inp not in inputs and _is_hidden(inp):
+                if any(is_op(user, "add") and user in members for user in inp.users):
+                    inputs.append(inp)
+    outputs = [
+        n for n in nodes
+        if n not in exclude and is_op(n, "add") and _is_hidden(n) and any(u not in members for u in n.users)
+    ]
     for out in outputs:
         for inp in inputs:
-            if shape(inp) is not None and shape(out) is not None and len(shape(inp)) == len(shape(out)):
-                if all(same_size(a, b) for a, b in zip(shape(inp), shape(out))):
-                    return inp, out
+            if all(same_size(a, b) for a, b in zip(shape(inp), shape(out))):
+                return inp, out
     raise DiscoveryError(f"layer {index}: could not identify the residual stream entering and leaving the layer")
 
 

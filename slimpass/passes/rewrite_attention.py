@@ -19,6 +19,7 @@ After::
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
@@ -108,7 +109,9 @@ class RewriteAttention(GraphPass):
         used = {masks[layer.index] for layer in done} - {None}
         if done:
             ctx.guards.extend(self._guards(gm, ctx, [proofs[mask] for mask in used]))
-        result.summary = f"{len(done)} of {len(layer_map.layers)} attention calls now causal without a mask"
+        result.summary = (
+            f"{len(done)} of {len(layer_map.layers)} attention calls rewritten to mask-free causal attention"
+        )
         return result
 
     def _rewrite(self, gm: torch.fx.GraphModule, layer: LayerInfo, proofs: dict, result: PassResult) -> bool:
@@ -119,6 +122,8 @@ class RewriteAttention(GraphPass):
         if reason is not None:
             result.declined.append(reason)
             return False
+        if layer.kind == "sdpa" and layer.mask is None and not layer.gqa_repeat:
+            return False  # already mask-free causal attention without KV copies: nothing to gain
         k, v, gqa = _kv(layer)
         old = layer.attention
         with gm.graph.inserting_before(old):
@@ -143,9 +148,9 @@ class RewriteAttention(GraphPass):
         return True
 
     def _guards(self, gm: torch.fx.GraphModule, ctx: PassContext, proofs: list) -> list[InputGuard]:
-        guards = {g for proof in proofs for g in proof.guards}
         q_len = ctx.layer_map.layers[0].q_len
         where = length_input(gm, q_len)
+        guards = {dataclasses.replace(g, length_of=where) for proof in proofs for g in proof.guards}
         if where is not None and proofs:
             window = sliding_window(ctx.model_config)
             if ctx.model_config is None:

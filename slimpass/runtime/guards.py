@@ -19,12 +19,17 @@ ROLES = ("attention_mask", "cache_position", "position_ids", "max_len")
 
 @dataclasses.dataclass(frozen=True)
 class InputGuard:
-    """`role` of the graph input at position `index`; for "max_len": size `dim` must be <= `limit`."""
+    """`role` of the graph input at position `index`; for "max_len": size `dim` must be <= `limit`.
+
+    For content roles, `length_of` = (input index, dim) names the size that is the prompt length:
+    the input's last dimension must equal it (the proof assumed so).
+    """
 
     index: int
     role: str
     dim: int = -1
     limit: int = 0
+    length_of: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -58,6 +63,10 @@ def inputs_canonical(guards: Sequence[InputGuard], args: Sequence[Any]) -> bool:
             continue
         if not isinstance(value, torch.Tensor):
             return False
+        if guard.length_of is not None:
+            ref_index, ref_dim = guard.length_of
+            if value.shape[-1] != args[ref_index].shape[ref_dim]:
+                return False
         flags.append(_content_flag(guard, value))
     if not flags:
         return True

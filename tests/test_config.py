@@ -1,0 +1,147 @@
+"""SlimConfig validation, option sources and their precedence, decorators."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import slimpass
+from slimpass.config import ConfigError, SlimConfig, resolve
+from slimpass.registry import REGISTRY
+
+from .conftest import tiny_model, twin
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("block_size", 0, "block_size=0 is out of range"),
+        ("block_size", 64.0, "expected an int"),
+        ("unit_size", 7, "must divide block_size=64"),
+        ("local_window", -1, "local_window=-1"),
+        ("compiler", "tvm", "expected one of 'inductor', 'eager'"),
+        ("attention_backend", "xformers", "attention_backend='xformers'"),
+        ("prune", "yes", "expected True or False"),
+        ("schedule", {0: 128}, "layer 0 must be an int >= 1"),
+        ("schedule", {10: 1.5}, "keep ratio must be in (0, 1]"),
+        ("schedule", {10: 0}, "token budget must be >= 1"),
+        ("schedule", [10, 20], "expected a mapping"),
+        ("dump_dir", 3, "expected a folder path"),
+    ],
+)
+def test_bad_values_name_field_value_and_range(field, value, message):
+    with pytest.raises(ConfigError, match=None) as err:
+        SlimConfig(**{field: value})
+    assert message in str(err.value)
+    assert field in str(err.value)
+
+
+def test_unknown_option_suggests_closest():
+    with pytest.raises(ConfigError, match="unknown slimpass option 'complier'.*did you mean 'compiler'"):
+        resolve({"complier": "eager"}, None)
+
+
+def test_schedule_is_frozen_and_sorted():
+    config = SlimConfig(schedule={20: 4096, 10: 0.25})
+    assert list(config.schedule) == [10, 20]
+    with pytest.raises(TypeError):
+        config.schedule[30] = 2048
+
+
+def test_precedence_options_over_patch_over_registered_over_defaults():
+    registered = SlimConfig(compiler="eager", block_size=32, unit_size=8, local_window=2)
+    assert resolve(None, None) == SlimConfig()
+    assert resolve(None, registered).block_size == 32
+    with slimpass.config.patch(block_size=16, local_window=3):
+        config = resolve({"local_window": 5}, registered)
+    assert (config.block_size, config.local_window, config.compiler) == (16, 5, "eager")
+    assert resolve(None, registered).block_size == 32  # patch ended
+
+
+def test_patch_rejects_bad_values_at_once():
+    with pytest.raises(ConfigError, match="compiler"):
+        with slimpass.config.patch(compiler="nope"):
+            pass
+
+
+def test_dump_env_variable(monkeypatch, tmp_path):
+    monkeypatch.setenv("SLIMPASS_DUMP", str(tmp_path))
+    assert resolve(None, None).dump_dir == str(tmp_path)
+    assert resolve({"dump_dir": "elsewhere"}, None).dump_dir == "elsewhere"
+
+
+def test_configure_class_and_instance():
+    model = tiny_model()
+
+    @slimpass.configure(block_size=32)
+    class Sub(type(model)):
+        pass
+
+    sub = Sub(model.config)
+    assert REGISTRY.config_for(sub).block_size == 32
+    slimpass.configure(sub, block_size=16)
+    assert REGISTRY.config_for(sub).block_size == 16
+    assert REGISTRY.config_for(model) is None
+    with pytest.raises(ConfigError, match="applies to a torch.nn.Module"):
+        slimpass.configure(object(), block_size=16)
+
+
+def test_instance_config_reaches_backend(tmp_path):
+    """slimpass.configure(model, ...) is read when torch.compile's backend finds the model."""
+    model = tiny_model()
+    slimpass.configure(model, compiler="eager", dump_dir=str(tmp_path))
+    compiled = torch.compile(model, backend="sliminfer")
+    ids = torch.randint(0, 128, (1, 24))
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(ids).logits, twin(model)(ids).logits, atol=1e-4, rtol=0)
+    assert list(tmp_path.iterdir()), "dump_dir from the instance config was not used"
+
+
+def test_register_pass_runs_at_its_point():
+    seen = []
+
+    @slimpass.register_pass(after="find_decoder_layers")
+    def after_discovery(gm, ctx):
+        seen.append(("discovery", ctx.layer_map is not None, len(ctx.results)))
+
+    @slimpass.register_pass(after="end")
+    def at_end(gm, ctx):
+        seen.append(("end", len(ctx.results)))
+        return 0
+
+    model = tiny_model()
+    slimpass.compile(model, options={"compiler": "eager"})
+    with torch.no_grad():
+        model(torch.randint(0, 128, (1, 20)))
+    assert seen == [("discovery", True, 1), ("end", 3)]
+    record = slimpass.compiled_graphs(model)[0]
+    assert [r.name for r in record.results] == ["find_decoder_layers", "after_discovery", "rewrite_attention", "at_end"]
+
+
+def test_register_pass_bad_point():
+    with pytest.raises(ConfigError, match="register_pass\\(after='middle'\\)"):
+        slimpass.register_pass(lambda gm, ctx: None, after="middle")
+
+
+def test_failing_user_pass_names_itself_and_predecessors():
+    @slimpass.register_pass(after="rewrite_attention")
+    def broken(gm, ctx):
+        raise ValueError("boom")
+
+    model = tiny_model()
+    slimpass.compile(model, options={"compiler": "eager"})
+    with pytest.raises(Exception, match="pass 'broken' failed .*find_decoder_layers, rewrite_attention.*boom"):
+        with torch.no_grad():
+            model(torch.randint(0, 128, (1, 20)))
+
+
+def test_backend_rejects_unknown_options():
+    model = tiny_model()
+    compiled = torch.compile(model, backend="sliminfer", options={"blocksize": 32})
+    with pytest.raises(Exception, match="unknown slimpass option 'blocksize'"):
+        compiled(torch.randint(0, 128, (1, 20)))
+
+
+def test_compile_validates_options_before_running():
+    with pytest.raises(ConfigError, match="unit_size=5 must divide"):
+        slimpass.compile(tiny_model(), options={"unit_size": 5})
