@@ -136,11 +136,6 @@ def prepare(model: torch.nn.Module, variant: str) -> torch.nn.Module:
         return torch.compile(model, dynamic=False)
     import slimpass  # registers backend="sliminfer" when slimpass is on PYTHONPATH but not installed
 
-    # attention_backend != "auto" emits torch.ops.slimpass.causal_attention, which only exists once
-    # slimpass.runtime.attention is imported; slimpass itself does not import it (as of f31bf13), so
-    # without this the flash/cudnn variants fail to compile. Harmless once slimpass imports it.
-    import slimpass.runtime.attention  # noqa: F401
-
     options = {"compiler": "inductor"}
     if variant.startswith("sliminfer_"):
         options["attention_backend"] = variant.removeprefix("sliminfer_")

@@ -66,6 +66,7 @@ def _compiled_module() -> Any:
 
 
 def _graph_id() -> str:
+    """Dynamo's compile id, as TORCH_LOGS names it ("graph_0_0")."""
     compile_id = torch._guards.CompileContext.current_compile_id()
     return f"graph_{compile_id}".replace("/", "_") if compile_id is not None else f"graph_{time.monotonic_ns()}"
 
@@ -142,8 +143,8 @@ def compile_graph(
     records = _records(model)
     if records is not None:
         records.append(record)
-    log.info("sliminfer: %s (%s) compiled in %.1f s: %s", ctx.graph_id, kind, record.compile_seconds,
-             "; ".join(r.line() for r in ctx.results))
+    log.info("sliminfer: %s (%s) compiled in %.1f s: %s%s", ctx.graph_id, kind, record.compile_seconds,
+             "; ".join(r.line() for r in ctx.results), f"; dumps in {dumper.folder}" if dumper.folder else "")
     return compiled
 
 

@@ -133,9 +133,9 @@ class SlimConfig:
     def field_names(cls) -> tuple[str, ...]:
         return tuple(f.name for f in dataclasses.fields(cls))
 
-    def replace(self, **overrides: Any) -> SlimConfig:
-        """A copy with `overrides` applied; unknown keys raise `ConfigError`."""
-        check_keys(overrides, source="overrides")
+    def replace(self, source: str = "overrides", /, **overrides: Any) -> SlimConfig:
+        """A copy with `overrides` applied; unknown keys raise `ConfigError` naming `source`."""
+        check_keys(overrides, source=source)
         return dataclasses.replace(self, **overrides)
 
     def as_dict(self) -> dict[str, Any]:
@@ -153,7 +153,7 @@ def check_keys(keys: Mapping[str, Any], source: str) -> None:
     for key in keys:
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
+            hint = f"; did you mean {close[0]!r}?" if close else "."
             raise ConfigError(f"unknown slimpass option {key!r} in {source}{hint} Known options: {', '.join(names)}")
 
 
@@ -198,4 +198,8 @@ def resolve(options: Mapping[str, Any] | None, registered: SlimConfig | None) ->
             raise ConfigError(f"options={options!r}: expected a dict of SlimConfig fields")
         check_keys(options, source="options=")
         config = config.replace(**options)
+    if config.prune:
+        # Refuse rather than silently compile an unpruned model the user asked to prune.
+        raise ConfigError("prune=True: token pruning is not in this version of slimpass yet; "
+                          "leave prune=False (the default) for exact, mask-free compilation")
     return config

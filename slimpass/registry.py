@@ -79,7 +79,7 @@ def configure(target: Any = None, /, **settings: Any) -> Any:
 
     Values are validated at once; ``options=`` at compile time still takes precedence.
     """
-    config = SlimConfig().replace(**settings)
+    config = SlimConfig().replace("slimpass.configure()", **settings)
 
     def apply(obj: Any) -> Any:
         if isinstance(obj, type):

@@ -81,13 +81,30 @@ def skeleton(layer_map: Any) -> nx.DiGraph:
     return view
 
 
+def _fresh_folder(root: str, name: str) -> str:
+    """A new folder `root/name` (or `name.2`, `name.3`, ...): Dynamo's compile ids restart after
+    `torch._dynamo.reset()`, and a later graph must not overwrite an earlier one's dumps."""
+    os.makedirs(root, exist_ok=True)
+    folder, n = os.path.join(root, name), 1
+    while True:
+        try:
+            os.mkdir(folder)
+            return folder
+        except FileExistsError:
+            n += 1
+            folder = os.path.join(root, f"{name}.{n}")
+
+
 class GraphDumper:
     """Writes the dumps of one graph; every method is a no-op when no dump folder is set."""
 
     def __init__(self, root: str | None, graph_id: str) -> None:
-        self.folder = os.path.join(root, graph_id.replace("/", "_")) if root else None
-        if self.folder:
-            os.makedirs(self.folder, exist_ok=True)
+        self.folder = _fresh_folder(root, graph_id.replace("/", "_")) if root else None
+
+    @property
+    def name(self) -> str | None:
+        """The folder's name: the graph id, or graph id + ".N" when that folder was taken."""
+        return os.path.basename(self.folder) if self.folder else None
 
     @property
     def enabled(self) -> bool:

@@ -31,6 +31,12 @@ class PassError(RuntimeError):
     """A pass raised; the message names it and the passes that ran before it."""
 
 
+_INPLACE_OPERATORS = {
+    "iadd", "isub", "imul", "imatmul", "itruediv", "ifloordiv", "imod", "ipow", "ilshift", "irshift",
+    "iand", "ior", "ixor", "iconcat", "setitem", "delitem",
+}
+
+
 def _impure(node: torch.fx.Node) -> bool:
     """Never drop in-place updates (cache writes) or calls with side effects, whatever their users."""
     if node.is_impure():
@@ -38,8 +44,13 @@ def _impure(node: torch.fx.Node) -> bool:
     if node.op == "call_method":
         return str(node.target).endswith("_")
     if node.op == "call_function":
+        schema = getattr(node.target, "_schema", None)
+        if schema is not None:  # an ATen/custom op says whether it writes its inputs
+            return schema.is_mutable
+        if getattr(node.target, "__module__", None) == "_operator":
+            return node.target.__name__ in _INPLACE_OPERATORS  # operator.and_ (HF's mask `&`) is pure
         name = getattr(node.target, "__name__", "")
-        return name.endswith("_") and not name.startswith("_")
+        return name.endswith("_") and not name.startswith("_")  # torch.Tensor.index_copy_ and friends
     return False
 
 

@@ -30,6 +30,7 @@ from slimpass.passes.base import GraphPass, PassContext, PassResult
 from slimpass.passes.causal_mask import NotCausal, length_input, prove_causal
 from slimpass.passes.graph_utils import arg, fake
 from slimpass.passes.layer_map import LayerInfo
+from slimpass.runtime import attention as _attention  # noqa: F401  (registers slimpass::causal_attention)
 from slimpass.runtime.guards import InputGuard
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,11 @@ def _kv(layer: LayerInfo) -> tuple[torch.fx.Node, torch.fx.Node, bool]:
     return k, v, heads_q != heads_kv
 
 
+def _already_causal(layer: LayerInfo) -> bool:
+    """SDPA without a mask and without KV copies: already the fused causal call this pass emits."""
+    return layer.kind == "sdpa" and layer.mask is None and not layer.gqa_repeat
+
+
 class RewriteAttention(GraphPass):
     """Mask-free causal attention in prefill graphs; see the module docstring."""
 
@@ -109,8 +115,10 @@ class RewriteAttention(GraphPass):
         used = {masks[layer.index] for layer in done} - {None}
         if done:
             ctx.guards.extend(self._guards(gm, ctx, [proofs[mask] for mask in used]))
+        already = sum(1 for layer in layer_map.layers if _already_causal(layer))
         result.summary = (
             f"{len(done)} of {len(layer_map.layers)} attention calls rewritten to mask-free causal attention"
+            + (f", {already} already were" if already else "")
         )
         return result
 
@@ -122,8 +130,8 @@ class RewriteAttention(GraphPass):
         if reason is not None:
             result.declined.append(reason)
             return False
-        if layer.kind == "sdpa" and layer.mask is None and not layer.gqa_repeat:
-            return False  # already mask-free causal attention without KV copies: nothing to gain
+        if _already_causal(layer):
+            return False  # nothing to gain
         k, v, gqa = _kv(layer)
         old = layer.attention
         with gm.graph.inserting_before(old):

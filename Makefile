@@ -1,0 +1,48 @@
+# Two commands do all the set-up on a machine that has only Python:
+#   make demo   - compile a model with backend="sliminfer" and compare it with eager
+#   make test   - the test suite (CPU, float32)
+# Each creates .venv and installs what it needs when missing.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+# torch is pinned to the CPU build on this disk; an unpinned torch pulls a multi-GB CUDA build.
+TORCH  ?= torch==2.13.0
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test test-all test-compat bench-cpu bench-gpu clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -m pip install --quiet -e ".[test,plot]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m slimpass.demo $(ARGS)
+
+# The test command CI runs (.ci/run). Slow (Inductor) tests are included.
+test: $(STAMP)
+	$(PY) -m pytest -q $(ARGS)
+
+# The same tests against transformers 5.17 (KV copied with repeat_kv), in a second venv.
+VENV517 := .venv-tf517
+$(VENV517)/.installed: pyproject.toml
+	test -x $(VENV517)/bin/python || $(PYTHON) -m venv $(VENV517)
+	$(VENV517)/bin/python -m pip install --quiet "$(TORCH)" "transformers==5.17.0"
+	$(VENV517)/bin/python -m pip install --quiet -e ".[test]"
+	touch $@
+
+test-compat: $(VENV517)/.installed
+	$(VENV517)/bin/python -m pytest -q $(ARGS)
+
+bench-cpu: $(STAMP)
+	$(PY) -m pytest -q benchmarks/test_cpu_smoke.py $(ARGS)
+
+# Needs a CUDA GPU; see docs/PERF.md.
+bench-gpu:
+	PYTHONPATH=. $(PYTHON) benchmarks/gpu_prefill.py --lengths 8192,16384,32768 --out results.json $(ARGS)
+
+clean:
+	rm -rf $(VENV) $(VENV517) .pytest_cache .benchmarks .hypothesis
