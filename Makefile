@@ -22,9 +22,10 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m slimpass.demo $(ARGS)
 
-# The test command CI runs (.ci/run). Slow (Inductor) tests are included.
+# The test command CI runs (.ci/run): the tests (slow Inductor ones included) and the CPU smoke
+# benchmark run once for correctness, untimed.
 test: $(STAMP)
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q tests benchmarks/test_cpu_smoke.py --benchmark-disable $(ARGS)
 
 # The same tests against transformers 5.17 (KV copied with repeat_kv), in a second venv.
 VENV517 := .venv-tf517
@@ -35,10 +36,10 @@ $(VENV517)/.installed: pyproject.toml
 	touch $@
 
 test-compat: $(VENV517)/.installed
-	$(VENV517)/bin/python -m pytest -q $(ARGS)
+	$(VENV517)/bin/python -m pytest -q tests $(ARGS)
 
 bench-cpu: $(STAMP)
-	$(PY) -m pytest -q benchmarks/test_cpu_smoke.py $(ARGS)
+	$(PY) -m pytest -q benchmarks/test_cpu_smoke.py --benchmark-only $(ARGS)
 
 # Needs a CUDA GPU; see docs/PERF.md.
 bench-gpu:
