@@ -32,7 +32,7 @@ def _mark_dynamic(args: tuple, kwargs: dict) -> None:
     embeds = kwargs.get("inputs_embeds")
     if isinstance(embeds, torch.Tensor) and embeds.dim() == 3 and embeds.shape[1] > 1:
         torch._dynamo.maybe_mark_dynamic(embeds, 1)
-    cache = kwargs.get("past_key_values")
+    cache = kwargs.get("past_key_values", kwargs.get("cache"))  # renamed `cache` in transformers 5.24
     for layer in getattr(cache, "layers", None) or ():
         for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
             if isinstance(tensor, torch.Tensor) and tensor.dim() == 4 and tensor.shape[2] > 1:

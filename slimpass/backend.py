@@ -61,7 +61,11 @@ def _compiled_module() -> Any:
         tx = InstructionTranslator.current_tx()
     except (ImportError, AttributeError, AssertionError):
         return None
-    candidate = getattr(tx, "f_locals", {}).get("self") if tx is not None else None
+    local = getattr(tx, "f_locals", None) or {}
+    candidate = local.get("self")
+    if candidate is None:  # forward wrapped by a decorator: wrapped_func(*args, **kwargs), self is args[0]
+        args = local.get("args")
+        candidate = args[0] if isinstance(args, tuple) and args else None
     return candidate if isinstance(candidate, torch.nn.Module) else None
 
 

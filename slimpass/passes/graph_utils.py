@@ -62,10 +62,16 @@ def arg(node: torch.fx.Node, index: int, name: str, default: Any = None) -> Any:
 _INDEX = re.compile(r"\[['\"]?([^'\"\]]+)['\"]?\]")
 
 
+# The local that holds the compiled module: `L['self']`, or `L['args'][0]` when a decorator wraps
+# forward in `wrapped_func(*args, **kwargs)` (transformers 5.24's deprecate_kwarg), or `L['model']`.
+_ROOT = re.compile(r"^L\[['\"]?\w+['\"]?\](\[\d+\])?")
+
+
 def normalize_path(raw: str) -> str:
-    """`L['self'].model.layers[0]._modules['mlp']` -> `model.layers.0.mlp`."""
-    path = _INDEX.sub(r".\1", raw)
-    parts = [p for p in path.split(".") if p and p not in ("L", "self", "_modules", "_parameters", "_buffers")]
+    """Module path relative to the compiled module: `L['self'].model.layers[0]._modules['mlp']` and
+    `L['args'][0].model.layers[0].mlp` -> `model.layers.0.mlp`."""
+    path = _INDEX.sub(r".\1", _ROOT.sub("", raw))
+    parts = [p for p in path.split(".") if p and p not in ("_modules", "_parameters", "_buffers")]
     return ".".join(parts)
 
 
