@@ -39,6 +39,19 @@ def _mark_dynamic(args: tuple, kwargs: dict) -> None:
                 torch._dynamo.maybe_mark_dynamic(tensor, 2)
 
 
+def _drop_trivial_mask(kwargs: dict) -> None:
+    """An all-ones attention_mask means "no padding": pass None instead, so transformers builds no mask.
+
+    With pruning, each layer's KV cache holds a different number of tokens, and one decode mask
+    built for the full prompt length cannot serve them all; without padding none is needed. A padded
+    batch keeps its mask: its prefill fails the pruned graph's guard and runs dense. Costs one host
+    sync per call (reading the mask).
+    """
+    mask = kwargs.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2 and bool(mask.bool().all()):
+        kwargs["attention_mask"] = None
+
+
 def compile(  # noqa: A001 - mirrors torch.compile
     model: torch.nn.Module,
     *,
@@ -65,6 +78,8 @@ def compile(  # noqa: A001 - mirrors torch.compile
 
     @functools.wraps(original)
     def forward(*args: Any, **kwargs: Any) -> Any:
+        if config.prune:
+            _drop_trivial_mask(kwargs)
         if config.dynamic_prompt:
             _mark_dynamic(args, kwargs)
         return compiled(*args, **kwargs)

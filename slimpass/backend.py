@@ -22,6 +22,7 @@ from slimpass.passes.dump import GraphDumper
 from slimpass.passes.manager import PassManager
 from slimpass.registry import REGISTRY
 from slimpass.runtime.guards import InputGuard, inputs_canonical
+from slimpass.runtime.keep_sets import SlimState, state_of
 
 log = logging.getLogger(__name__)
 
@@ -42,15 +43,42 @@ class GraphRecord:
 class GuardedGraph:
     """Runs the rewritten graph when its input guards hold, else the unrewritten one."""
 
-    def __init__(self, fast: Callable, fallback: Callable, guards: Sequence[InputGuard], record: GraphRecord) -> None:
-        self.fast, self.fallback, self.guards, self.record = fast, fallback, list(guards), record
+    def __init__(self, fast: Callable, fallback: Callable, guards: Sequence[InputGuard], record: GraphRecord,
+                 state: SlimState | None = None) -> None:
+        self.fast, self.fallback, self.guards, self.record, self.state = fast, fallback, list(guards), record, state
 
     def __call__(self, *args: Any) -> Any:
         if inputs_canonical(self.guards, args):
             self.record.calls["rewritten"] += 1
             return self.fast(*args)
         self.record.calls["fallback"] += 1
+        if self.state is not None:
+            self.state.record_dense(self.record.graph_id)
         return self.fallback(*args)
+
+
+class DenseRecorder:
+    """A prefill graph that pruning declined: each call records "nothing pruned" (`last_keep_sets` -> [])."""
+
+    def __init__(self, fn: Callable, state: SlimState, graph_id: str) -> None:
+        self.fn, self.state, self.graph_id = fn, state, graph_id
+
+    def __call__(self, *args: Any) -> Any:
+        self.state.record_dense(self.graph_id)
+        return self.fn(*args)
+
+
+class KeepRecorder:
+    """Strips the kept-position outputs `insert_pruning` appended and records them (`last_keep_sets`)."""
+
+    def __init__(self, fn: Callable, layers: Sequence[int], state: SlimState, graph_id: str) -> None:
+        self.fn, self.layers, self.state, self.graph_id = fn, list(layers), state, graph_id
+
+    def __call__(self, *args: Any) -> Any:
+        out = self.fn(*args)
+        count = len(self.layers)
+        self.state.record_kept(self.graph_id, self.layers, list(out[-count:]))
+        return type(out)(out[:-count])
 
 
 def _compiled_module() -> Any:
@@ -138,9 +166,16 @@ def compile_graph(
     changed = any(r.changed for r in ctx.results)
     fast = lower(work if changed else gm, example_inputs, config, mode)
     record = GraphRecord(ctx.graph_id, kind, len(layer_map.layers) if layer_map else 0, ctx.results, list(ctx.guards), 0.0)
+    state = state_of(model)
+    if ctx.keep_layers:
+        state.configure_dump(ctx.graph_id, dumper.folder, config.block_size)
+        fast = KeepRecorder(fast, ctx.keep_layers, state, ctx.graph_id)
+    elif config.prune and kind == "prefill":
+        fast = DenseRecorder(fast, state, ctx.graph_id)
     compiled: Callable = fast
     if changed and ctx.guards:
-        compiled = GuardedGraph(fast, lower(gm, example_inputs, config, mode), ctx.guards, record)
+        compiled = GuardedGraph(fast, lower(gm, example_inputs, config, mode), ctx.guards, record,
+                                state if kind == "prefill" else None)
     record.compile_seconds = time.perf_counter() - start
     dumper.write_summary(_summary(ctx, record))
     dumper.write_skeleton(layer_map)

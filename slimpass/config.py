@@ -46,26 +46,48 @@ def _check_bool(name: str, value: Any) -> None:
         raise ConfigError(f"SlimConfig.{name}={value!r}: expected True or False")
 
 
-def _freeze_schedule(schedule: Any) -> Mapping[int, int | float] | None:
-    """Validate a layer -> budget mapping; ints are token counts, floats keep ratios in (0, 1]."""
-    if schedule is None:
-        return None
+SCHEDULE_PRESETS = ("default", "paper")
+
+
+def _check_budget(layer: int, budget: Any) -> int | float | tuple[int, float]:
+    """A budget is tokens (int >= 1), a keep ratio of the prompt (float in (0, 1]) or (tokens, ratio): the smaller."""
+    if isinstance(budget, (tuple, list)) and len(budget) == 2:
+        tokens, ratio = budget
+        _check_budget(layer, tokens)
+        _check_budget(layer, ratio)
+        if not (isinstance(tokens, int) and isinstance(ratio, float)):
+            raise ConfigError(f"SlimConfig.schedule[{layer}]={budget!r}: a pair is (tokens: int, ratio: float)")
+        return (tokens, ratio)
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+        raise ConfigError(
+            f"SlimConfig.schedule[{layer}]={budget!r}: expected tokens (int), a keep ratio (float) or (tokens, ratio)"
+        )
+    if isinstance(budget, int) and budget < 1:
+        raise ConfigError(f"SlimConfig.schedule[{layer}]={budget!r}: a token budget must be >= 1")
+    if isinstance(budget, float) and not 0.0 < budget <= 1.0:
+        raise ConfigError(f"SlimConfig.schedule[{layer}]={budget!r}: a keep ratio must be in (0, 1]")
+    return budget
+
+
+def _freeze_schedule(schedule: Any) -> Mapping[int, Any] | str | None:
+    """Validate a preset name or a layer -> budget mapping (see `slimpass.schedule`)."""
+    if schedule is None or schedule in SCHEDULE_PRESETS:
+        return schedule
+    if isinstance(schedule, str):
+        raise ConfigError(f"SlimConfig.schedule={schedule!r}: expected a preset ({', '.join(map(repr, SCHEDULE_PRESETS))}) "
+                          "or a mapping layer -> budget")
     if not isinstance(schedule, Mapping):
         raise ConfigError(
-            f"SlimConfig.schedule={schedule!r}: expected a mapping layer -> tokens (int) or ratio "
-            "(float in (0, 1]), e.g. {10: 8192, 20: 0.125}"
+            f"SlimConfig.schedule={schedule!r}: expected a mapping layer -> tokens (int), ratio "
+            "(float in (0, 1]) or (tokens, ratio), e.g. {10: 8192, 20: 0.125, 30: (2048, 0.0625)}"
         )
-    frozen: dict[int, int | float] = {}
+    frozen: dict[int, Any] = {}
     for layer, budget in sorted(schedule.items()):
         if isinstance(layer, bool) or not isinstance(layer, int) or layer < 1:
             raise ConfigError(f"SlimConfig.schedule: layer {layer!r} must be an int >= 1 (the layer whose input is cut)")
-        if isinstance(budget, bool) or not isinstance(budget, (int, float)):
-            raise ConfigError(f"SlimConfig.schedule[{layer}]={budget!r}: expected tokens (int) or a ratio (float)")
-        if isinstance(budget, int) and budget < 1:
-            raise ConfigError(f"SlimConfig.schedule[{layer}]={budget!r}: a token budget must be >= 1")
-        if isinstance(budget, float) and not 0.0 < budget <= 1.0:
-            raise ConfigError(f"SlimConfig.schedule[{layer}]={budget!r}: a keep ratio must be in (0, 1]")
-        frozen[layer] = budget
+        frozen[layer] = _check_budget(layer, budget)
+    if not frozen:
+        raise ConfigError("SlimConfig.schedule={}: give at least one pruning point, or prune=False")
     return MappingProxyType(frozen)
 
 
@@ -74,9 +96,10 @@ class SlimConfig:
     """All settings of the ``sliminfer`` backend. Unknown keys and bad values raise `ConfigError`."""
 
     prune: bool = False
-    """Insert SlimInfer token pruning into prefill graphs (pruning passes land with the pruning issue)."""
-    schedule: Mapping[int, int | float] | None = None
-    """Layer -> budget of that layer's input (int tokens or float keep ratio); None: default by depth."""
+    """Insert SlimInfer token pruning into prefill graphs."""
+    schedule: Mapping[int, Any] | str | None = None
+    """Layer -> budget of that layer's input: int tokens, float keep ratio of the prompt, or (tokens, ratio)
+    for the smaller of the two; or a preset, "default" (= None) or "paper". See `slimpass.schedule`."""
     block_size: int = 64
     """Tokens per block, the unit that is kept or dropped."""
     unit_size: int = 8
@@ -140,7 +163,7 @@ class SlimConfig:
 
     def as_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        out["schedule"] = dict(self.schedule) if self.schedule is not None else None
+        out["schedule"] = dict(self.schedule) if isinstance(self.schedule, Mapping) else self.schedule
         out["inductor_options"] = dict(self.inductor_options)
         return out
 
@@ -198,8 +221,4 @@ def resolve(options: Mapping[str, Any] | None, registered: SlimConfig | None) ->
             raise ConfigError(f"options={options!r}: expected a dict of SlimConfig fields")
         check_keys(options, source="options=")
         config = config.replace(**options)
-    if config.prune:
-        # Refuse rather than silently compile an unpruned model the user asked to prune.
-        raise ConfigError("prune=True: token pruning is not in this version of slimpass yet; "
-                          "leave prune=False (the default) for exact, mask-free compilation")
     return config

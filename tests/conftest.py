@@ -6,6 +6,7 @@ import pytest
 import torch
 import transformers
 
+from slimpass.hf_compat import decode_mask_skipped_under_compile
 from slimpass.registry import REGISTRY
 
 FAMILIES = {
@@ -15,18 +16,7 @@ FAMILIES = {
 }
 
 
-def _hf_always_builds_mask_under_compile() -> bool:
-    """transformers <= 5.17 never skips the causal mask while tracing (`is_tracing(padding_mask)` is true
-    under Dynamo even with no padding mask): its SDPA graphs then carry an N x N mask and repeat_kv copies
-    even without an explicit attention_mask. Later versions skip it unless an attention_mask is passed."""
-    import inspect
-
-    from transformers import masking_utils
-
-    return "padding_mask is not None and is_tracing" not in inspect.getsource(masking_utils._ignore_causal_mask_sdpa)
-
-
-HF_ALWAYS_MASKS = _hf_always_builds_mask_under_compile()
+HF_ALWAYS_MASKS = not decode_mask_skipped_under_compile()
 TINY = dict(
     vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,

@@ -52,6 +52,8 @@ class PassContext:
     guards: list[InputGuard] = dataclasses.field(default_factory=list)
     results: list[PassResult] = dataclasses.field(default_factory=list)
     notes: list[str] = dataclasses.field(default_factory=list)
+    keep_layers: list[int] = dataclasses.field(default_factory=list)
+    """Layers whose kept positions `insert_pruning` appended to the graph outputs, in order."""
 
     @property
     def model_config(self) -> Any:

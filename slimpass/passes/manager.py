@@ -7,12 +7,14 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import torch
 import torch.fx
 
 from slimpass.config import SlimConfig
 from slimpass.passes.base import GraphPass, PassContext, PassResult
 from slimpass.passes.dump import GraphDumper
 from slimpass.passes.find_decoder_layers import FindDecoderLayers
+from slimpass.passes.insert_pruning import InsertPruning
 from slimpass.passes.rewrite_attention import RewriteAttention
 from slimpass.registry import REGISTRY
 
@@ -22,8 +24,10 @@ log = logging.getLogger(__name__)
 BUILTIN_PASSES: tuple[type[GraphPass], ...] = (
     # Discovery first: every later pass reads ctx.layer_map and node.meta["slimpass"].
     FindDecoderLayers,
-    # Before pruning (next issue): pruning rewrites the causal attention calls this pass creates.
+    # Before pruning: pruning needs the mask-free causal attention calls this pass creates.
     RewriteAttention,
+    # Scoring, selection and gathers after the schedule's layers; shrinks everything downstream.
+    InsertPruning,
 )
 
 
@@ -39,7 +43,7 @@ _INPLACE_OPERATORS = {
 
 def _impure(node: torch.fx.Node) -> bool:
     """Never drop in-place updates (cache writes) or calls with side effects, whatever their users."""
-    if node.is_impure():
+    if node.is_impure() or node.target is torch._check:  # torch._check: a shape fact / guard, no users
         return True
     if node.op == "call_method":
         return str(node.target).endswith("_")

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-ROLES = ("attention_mask", "cache_position", "position_ids", "max_len")
+ROLES = ("attention_mask", "cache_position", "position_ids", "max_len", "min_len")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +41,7 @@ class InputGuard:
             "cache_position": f"input {self.index} (cache_position) is 0..N-1",
             "position_ids": f"input {self.index} (position_ids) rows are 0..N-1",
             "max_len": f"input {self.index} size({self.dim}) <= {self.limit}",
+            "min_len": f"input {self.index} size({self.dim}) >= {self.limit} (pruned graph; shorter prompts run dense)",
         }[self.role]
 
 
@@ -59,6 +60,10 @@ def inputs_canonical(guards: Sequence[InputGuard], args: Sequence[Any]) -> bool:
         value = args[guard.index]
         if guard.role == "max_len":
             if int(value.shape[guard.dim]) > guard.limit:
+                return False
+            continue
+        if guard.role == "min_len":
+            if int(value.shape[guard.dim]) < guard.limit:
                 return False
             continue
         if not isinstance(value, torch.Tensor):

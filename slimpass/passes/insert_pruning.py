@@ -1,0 +1,268 @@
+"""Insert SlimInfer token pruning into prefill graphs: score, select, gather, and shrink everything downstream.
+
+For each stage of the schedule (cut the input of layer ``p``), right after layer ``p - 1``:
+
+    scores = score_blocks(q[p-1], k[p-1], scorer, ...)        # [B, L // block]
+    keep   = keep_middle(N, tokens, ratio, ...)               # SymInt: middle blocks the budget allows
+    index  = select_tokens(scores, L, keep, ...)              # [B, K] sorted, sinks + best + last block
+    K      = index.size(1)                                    # the kept length, SymInt arithmetic on L
+    h      = take_tokens(h, index, 1)                         # the residual stream of layer p
+
+and every later use of an earlier tensor with a token dimension (cos/sin, position ids, ...) reads
+its kept rows instead, every later use of the length ``L`` reads ``K``. The attention of later
+layers runs causal on the kept tokens (kept indices are sorted, so causal order is preserved), and
+their KV-cache writes store only kept tokens. The original positions of each stage's kept tokens
+become extra graph outputs, which the backend strips and records (`slimpass.last_keep_sets`).
+
+The pass declines (the graph stays dense, one log line says why) when it cannot prove the result
+equals the reference: a masked attention left in the graph (padding), a static KV cache, logits or
+hidden states of every position in the outputs (``logits_to_keep=0``), a prompt shorter than
+`min_prune_length` at compile time, or a transformers version whose decode graphs would mask the
+full prompt length against per-layer pruned caches.
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+from typing import Any
+
+import torch
+import torch.fx
+
+from slimpass.hf_compat import decode_mask_skipped_under_compile
+from slimpass.passes.base import GraphPass, PassContext, PassResult
+from slimpass.passes.causal_mask import length_input
+from slimpass.passes.graph_utils import arg, fake, is_op, same_size
+from slimpass.runtime import pruning_ops
+from slimpass.runtime.guards import InputGuard
+from slimpass.runtime.scoring import get_scorer
+from slimpass.schedule import Stage, min_prune_length, resolve_schedule
+
+log = logging.getLogger(__name__)
+
+
+class Decline(Exception):
+    """The graph does not match what pruning can rewrite exactly; the message says why."""
+
+
+def _token_dims(node: torch.fx.Node, length: Any) -> list[int]:
+    value = fake(node)
+    if not isinstance(value, torch.Tensor):
+        return []
+    return [d for d, size in enumerate(value.shape) if same_size(size, length)]
+
+
+def _is_length(node: Any, length: Any) -> bool:
+    value = fake(node)
+    return isinstance(value, torch.SymInt) and same_size(value, length)
+
+
+def _mentions(value: Any, length: Any) -> bool:
+    """Whether a SymInt (or a tensor's sizes) depends on the symbols of `length`."""
+    if not isinstance(length, torch.SymInt):
+        return False
+    symbols = length.node.expr.free_symbols
+    sizes = value.shape if isinstance(value, torch.Tensor) else [value]
+    return any(isinstance(s, torch.SymInt) and s.node.expr.free_symbols & symbols for s in sizes)
+
+
+class InsertPruning(GraphPass):
+    """SlimInfer pruning as graph edits; see the module docstring."""
+
+    name = "insert_pruning"
+
+    def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+        result = PassResult(self.name)
+        try:
+            stages, length = self._check(gm, ctx)
+        except Decline as why:
+            result.declined.append(str(why))
+            if self.config.prune:
+                log.info("sliminfer: %s: pruning declined: %s", ctx.graph_id, why)
+            return result
+        if length is None:
+            return result
+        self._rewrite(gm, ctx, stages, length, result)
+        return result
+
+    # -- what must hold -------------------------------------------------------------------------
+
+    def _check(self, gm: torch.fx.GraphModule, ctx: PassContext) -> tuple[list[Stage], Any]:
+        config, layer_map = self.config, ctx.layer_map
+        if not config.prune:
+            raise Decline("pruning is off (prune=False)")
+        if layer_map is None:
+            raise Decline("no layer map (discovery declined)")
+        if layer_map.kind != "prefill":
+            raise Decline(f"{layer_map.kind} graph: only prefill graphs are pruned")
+        get_scorer(config.scorer)  # an unknown scorer is a configuration error, not a decline
+        stages = resolve_schedule(config, len(layer_map.layers))
+        if not stages:
+            raise Decline("the schedule has no pruning point for a model this shallow")
+        for layer in layer_map.layers:
+            if layer.kind != "sdpa" or layer.mask is not None or not arg(layer.attention, 5, "is_causal", False):
+                raise Decline(f"layer {layer.index} attention keeps a mask (padding, or not proven causal): "
+                              "pruning needs mask-free causal attention")
+            if any(not is_op(w, "cat") for w in layer.kv_writes):
+                raise Decline(f"layer {layer.index} writes a static KV cache (index_copy_ at cache positions); "
+                              "pruned layers need a growing cache (DynamicCache)")
+        if any(layer.kv_writes for layer in layer_map.layers) and not decode_mask_skipped_under_compile():
+            import transformers
+
+            raise Decline(f"transformers {transformers.__version__} masks decode steps over the full prompt length "
+                          "under torch.compile, which per-layer pruned caches cannot match; use transformers >= 5.23 "
+                          "for generate, or use_cache=False for prefill only")
+        first = layer_map.layers[stages[0].layer].input
+        length = fake(first).shape[1]
+        self._check_outputs(gm, ctx, stages, length)
+        for stage in stages:
+            self._check_crossings(gm, layer_map.layers[stage.layer].input, length)
+        threshold = min_prune_length(config)
+        hint = length if isinstance(length, int) else length.node.hint
+        if hint is not None and hint < threshold:
+            if isinstance(length, torch.SymInt):
+                self._only_below(gm, first, threshold)
+            raise Decline(f"prompt of {hint} tokens is shorter than {threshold} (min_prompt_len, or one block past "
+                          "the sinks): compiled dense")
+        return stages, length
+
+    def _check_outputs(self, gm: torch.fx.GraphModule, ctx: PassContext, stages: list[Stage], length: Any) -> None:
+        order = {node: i for i, node in enumerate(gm.graph.nodes)}
+        first = ctx.layer_map.layers[stages[0].layer].input
+        kv_writes = {w for layer in ctx.layer_map.layers for w in layer.kv_writes}
+        output = next(n for n in gm.graph.nodes if n.op == "output")
+        for value in output.all_input_nodes:
+            if order[value] <= order[first] or value in kv_writes:
+                continue
+            if _token_dims(value, length) or _mentions(fake(value), length):
+                raise Decline(f"the graph returns `{value.name}` with a dimension per prompt position (logits or hidden "
+                              "states of every token, e.g. logits_to_keep=0 or labels=); pass logits_to_keep=1 "
+                              "(generate does) to prune")
+
+    def _check_crossings(self, gm: torch.fx.GraphModule, cut: torch.fx.Node, length: Any) -> None:
+        """Every value made before the cut and read after it must be the length itself, or have at most
+        one token dimension and otherwise not depend on the length (then it can be gathered)."""
+        nodes = list(gm.graph.nodes)
+        start = nodes.index(cut)
+        before = set(nodes[: start + 1])
+        for node in nodes[start + 1 :]:
+            if node.op == "output":
+                continue
+            for inp in node.all_input_nodes:
+                if inp not in before or inp is cut:
+                    continue
+                value = fake(inp)
+                if isinstance(value, torch.SymInt):
+                    if not same_size(value, length) and _mentions(value, length):
+                        raise Decline(f"`{node.name}` reads `{inp.name}` = {value}, a function of the prompt length "
+                                      "computed before the cut: not supported")
+                elif isinstance(value, torch.Tensor):
+                    dims = _token_dims(inp, length)
+                    if len(dims) > 1:
+                        raise Decline(f"`{node.name}` reads `{inp.name}` with {len(dims)} prompt-length dimensions "
+                                      "(an N x N mask?) after the cut")
+                    others = [s for d, s in enumerate(value.shape) if d not in dims]
+                    if any(_mentions(s, length) for s in others):
+                        raise Decline(f"`{node.name}` reads `{inp.name}` {tuple(value.shape)}, shaped by the prompt "
+                                      "length other than as a token dimension, after the cut")
+
+    def _only_below(self, gm: torch.fx.GraphModule, anchor: torch.fx.Node, threshold: int) -> None:
+        """Make this dense graph serve only prompts below the pruning threshold, so a later long prompt
+        compiles the pruned graph instead of reusing this one (Dynamo tries the newest graph first)."""
+        with gm.graph.inserting_after(anchor):
+            size = gm.graph.call_function(torch.ops.aten.sym_size.int, (anchor, 1))
+        with gm.graph.inserting_after(size):
+            below = gm.graph.call_function(operator.lt, (size, threshold))
+        with gm.graph.inserting_after(below):
+            gm.graph.call_function(torch._check, (below,))
+
+    # -- the rewrite ----------------------------------------------------------------------------
+
+    def _rewrite(self, gm: torch.fx.GraphModule, ctx: PassContext, stages: list[Stage], length: Any,
+                 result: PassResult) -> None:
+        graph, config, layers = gm.graph, self.config, ctx.layer_map.layers
+        tracked: dict[torch.fx.Node, int] = {}  # inserted tensors with a token dimension -> that dim
+        prompt_len = previous = positions = None
+        keep_outputs = []
+        for stage in stages:
+            residual = layers[stage.layer].input
+            q, k = layers[stage.layer - 1].q, layers[stage.layer - 1].k
+            inserted: list[torch.fx.Node] = []
+
+            def add(target, *args, **kwargs):
+                anchor = inserted[-1] if inserted else residual
+                with graph.inserting_after(anchor):
+                    node = graph.call_function(target, args, kwargs)
+                node.meta["slimpass"] = {"layer": stage.layer, "role": "pruning"}
+                inserted.append(node)
+                return node
+
+            current = add(torch.ops.aten.sym_size.int, residual, 1) if previous is None else previous
+            if prompt_len is None:
+                prompt_len = current
+                threshold = min_prune_length(config)
+                add(torch._check, add(operator.ge, current, threshold))
+            ratio = stage.ratio
+            keep = add(pruning_ops.keep_middle, prompt_len, stage.tokens, ratio.numerator if ratio else 0,
+                       ratio.denominator if ratio else 0, config.block_size, config.sink_blocks)
+            scores = add(pruning_ops.score_blocks, q, k, config.scorer, config.block_size, config.unit_size,
+                         config.local_window)
+            index = add(pruning_ops.select_tokens, scores, current, keep, config.block_size, config.sink_blocks)
+            kept = add(torch.ops.aten.sym_size.int, index, 1)
+            positions = index if positions is None else add(pruning_ops.take_tokens, positions, index, 1)
+            keep_outputs.append(stage.layer)
+            boundary = set(inserted)
+            self._redirect(graph, residual, boundary, index, current, kept, length, tracked, add, previous is None)
+            previous = kept
+            result.matched += 1
+            result.inserted += len(inserted)
+            self._keep_output(graph, positions)
+        ctx.keep_layers = keep_outputs
+        where = length_input(gm, length)
+        if where is not None:
+            ctx.guards.append(InputGuard(where[0], "min_len", where[1], min_prune_length(config)))
+        result.summary = f"{len(stages)} pruning stage(s): " + "; ".join(s.describe() for s in stages)
+
+    def _redirect(self, graph, residual, boundary, index, current, kept, length, tracked, add, first_stage) -> None:
+        """Point every use after the cut at the kept tokens: the residual, token-indexed tensors, lengths."""
+        nodes = list(graph.nodes)
+        start = nodes.index(residual)
+        before = set(nodes[: start + 1]) | boundary
+        replaced: dict[torch.fx.Node, torch.fx.Node] = {}
+        gathered_residual = add(pruning_ops.take_tokens, residual, index, 1)
+        tracked[gathered_residual] = 1
+
+        def substitute(node: torch.fx.Node) -> torch.fx.Node | None:
+            if node is residual:
+                return gathered_residual
+            if node in replaced:
+                return replaced[node]
+            if node is current or (first_stage and _is_length(node, length)):
+                replaced[node] = kept
+                return kept
+            dims = [tracked[node]] if node in tracked else _token_dims(node, length)
+            if not dims:
+                return None
+            new = add(pruning_ops.take_tokens, node, index, dims[0])  # one dim: `_crossings` checked
+            tracked[new] = dims[0]
+            replaced[node] = new
+            return new
+
+        for node in nodes[start + 1 :]:
+            if node in boundary or node.op == "output" or node in tracked:
+                continue
+            for inp in list(node.all_input_nodes):
+                if inp not in before or inp.op == "get_attr":
+                    continue
+                new = substitute(inp)
+                if new is not None:
+                    node.replace_input_with(inp, new)
+
+    def _keep_output(self, graph: torch.fx.Graph, positions: torch.fx.Node) -> None:
+        output = next(n for n in graph.nodes if n.op == "output")
+        values = output.args[0]
+        if isinstance(values, (tuple, list)):
+            output.args = (type(values)([*values, positions]),)
+        else:
+            output.args = ((values, positions),)

@@ -1,0 +1,198 @@
+"""The reference SlimInfer implementation: a plain PyTorch loop over a Hugging Face decoder's layers.
+
+This is the readable specification of the method and the test oracle of the compiled path. It
+shares no code with the graph passes: it runs the model's own submodules (embedding, norms,
+projections, MLPs, rotary embedding, LM head) in a loop, computes attention itself, and prunes
+with a simple per-row Python selection. With pruning off it equals the model's eager forward.
+
+The method (one pruning point, after layer ``p - 1``, cutting the input of layer ``p``):
+
+1. The current sequence (length ``L``) is cut into blocks of ``block_size`` tokens; the last block
+   may be partial. The first ``sink_blocks`` blocks and the last block are always kept.
+2. The scorer (``SlimConfig.scorer``) scores every full block from layer ``p - 1``'s post-RoPE
+   queries and keys; the middle blocks with the highest scores are kept, as many as the stage's
+   budget allows (see `slimpass.schedule`); equal scores prefer the earlier block.
+3. The hidden states of the kept tokens, in their original order, continue to layer ``p``; each
+   keeps its original position (RoPE is not re-indexed). Later stages cut what survived.
+4. Each layer's KV cache holds the tokens that reached it. Decoding appends each new token to every
+   layer's cache (generated tokens are never pruned) at position prompt length + step.
+
+Use::
+
+    out = reference.prefill(model, input_ids, config)      # last-position logits, keep sets, caches
+    tokens = reference.generate(model, input_ids, config, max_new_tokens=32)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+
+from slimpass.config import SlimConfig
+from slimpass.runtime.scoring import ScoreSettings, get_scorer
+from slimpass.schedule import Stage, min_prune_length, resolve_schedule
+
+
+@dataclasses.dataclass
+class KeepSet:
+    """What survived one pruning point: the input of `layer` holds these original positions ([B, K])."""
+
+    layer: int
+    positions: torch.Tensor
+
+    @property
+    def tokens(self) -> int:
+        return self.positions.shape[1]
+
+
+@dataclasses.dataclass
+class ReferenceState:
+    """The result of a reference prefill: last-position logits and what decoding needs."""
+
+    logits: torch.Tensor  # [B, V] at the last prompt position
+    keep_sets: list[KeepSet]
+    keys: list[torch.Tensor]  # per layer [B, Hkv, n_layer, D] (post-RoPE)
+    values: list[torch.Tensor]
+    prompt_len: int
+
+
+def _decoder(model: torch.nn.Module) -> torch.nn.Module:
+    inner = getattr(model, "model", None)
+    if inner is None or not hasattr(inner, "layers") or not hasattr(model, "lm_head"):
+        raise TypeError(f"reference: {type(model).__name__} is not a LLaMA-style causal LM (model.model.layers, lm_head)")
+    return inner
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, H, L, D]; cos/sin [B, L, D]."""
+    return x * cos[:, None] + _rotate_half(x) * sin[:, None]
+
+
+def _project(attn: torch.nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """Post-RoPE queries, keys and values of one attention module: [B, H, L, D]."""
+    batch, length, _ = h.shape
+    dim = attn.head_dim
+    q = attn.q_proj(h).view(batch, length, -1, dim).transpose(1, 2)
+    k = attn.k_proj(h).view(batch, length, -1, dim).transpose(1, 2)
+    v = attn.v_proj(h).view(batch, length, -1, dim).transpose(1, 2)
+    if hasattr(attn, "q_norm"):  # Qwen3-style per-head norms before RoPE
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    return _rope(q, cos, sin), _rope(k, cos, sin), v
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
+            scale: float) -> torch.Tensor:
+    """Attention where query i sees key j iff k_pos[j] <= q_pos[i] (original positions, per row)."""
+    if k_pos is q_pos:  # prefill: the same ascending positions on both sides, so that rule is causal order
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    groups = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(groups, dim=1)
+    v = v.repeat_interleave(groups, dim=1)
+    allowed = k_pos[:, None, None, :] <= q_pos[:, None, :, None]  # [B, 1, Lq, Lk]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale)
+
+
+def _layer(layer: torch.nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q_pos: torch.Tensor,
+           past: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None):
+    """One decoder layer. Returns (new h, q, k, v) with k/v of this step only."""
+    attn = layer.self_attn
+    q, k, v = _project(attn, layer.input_layernorm(h), cos, sin)
+    keys, values, k_pos = (k, v, q_pos) if past is None else (
+        torch.cat([past[0], k], 2), torch.cat([past[1], v], 2), torch.cat([past[2], q_pos], 1))
+    out = _attend(q, keys, values, q_pos, k_pos, attn.scaling)
+    out = attn.o_proj(out.transpose(1, 2).reshape(h.shape[0], h.shape[1], -1))
+    h = h + out
+    h = h + layer.mlp(layer.post_attention_layernorm(h))
+    return h, q, k, v
+
+
+def select_blocks(scores: torch.Tensor, length: int, keep_middle: int, config: SlimConfig) -> list[int]:
+    """The kept block indices of one row: sinks, the `keep_middle` best middle blocks, the last block."""
+    block, sink = config.block_size, config.sink_blocks
+    last = (length - 1) // block
+    if last < sink:  # the sinks already cover the whole sequence
+        return list(range(last + 1))
+    middle = list(range(sink, last))
+    ranked = sorted(middle, key=lambda j: (-float(scores[j]), j))  # ties: the earlier block
+    chosen = sorted(ranked[: min(keep_middle, len(middle))])
+    return list(range(sink)) + chosen + [last]
+
+
+def _positions_of(blocks: list[int], length: int, block: int) -> list[int]:
+    return [t for j in blocks for t in range(j * block, min((j + 1) * block, length))]
+
+
+def _stages(model: torch.nn.Module, config: SlimConfig | None, prompt_len: int) -> list[Stage]:
+    if config is None or not config.prune or prompt_len < min_prune_length(config):
+        return []
+    return resolve_schedule(config, len(_decoder(model).layers))
+
+
+@torch.no_grad()
+def prefill(model: torch.nn.Module, input_ids: torch.Tensor, config: SlimConfig | None = None) -> ReferenceState:
+    """Run the prompt through the model with SlimInfer pruning as `config` says (None: no pruning)."""
+    decoder = _decoder(model)
+    batch, prompt_len = input_ids.shape
+    window = getattr(model.config, "sliding_window", None)
+    if window and prompt_len > window:
+        raise NotImplementedError(f"reference: prompt of {prompt_len} tokens exceeds the sliding window ({window})")
+    stages = {s.layer: s for s in _stages(model, config, prompt_len)}
+    h = decoder.embed_tokens(input_ids)
+    positions = torch.arange(prompt_len, device=input_ids.device).expand(batch, prompt_len)
+    cos, sin = decoder.rotary_emb(h, positions)
+    keep_sets, keys, values = [], [], []
+    q = k = None
+    for index, layer in enumerate(decoder.layers):
+        stage = stages.get(index)
+        if stage is not None:
+            settings = ScoreSettings(config.block_size, config.unit_size, config.local_window)
+            scores = get_scorer(config.scorer)(q, k, settings)
+            length = h.shape[1]
+            keep_middle = max(stage.budget(prompt_len) // config.block_size - config.sink_blocks - 1, 0)
+            rows = [_positions_of(select_blocks(scores[b], length, keep_middle, config), length, config.block_size)
+                    for b in range(batch)]
+            index_t = torch.tensor(rows, device=h.device)  # [B, K] indices into the current sequence
+            h = torch.stack([h[b, index_t[b]] for b in range(batch)])
+            positions = torch.stack([positions[b, index_t[b]] for b in range(batch)])
+            cos, sin = decoder.rotary_emb(h, positions)  # recomputed from the original positions
+            keep_sets.append(KeepSet(index, positions.clone()))
+        h, q, k, v = _layer(layer, h, cos, sin, positions, None)
+        keys.append(k)
+        values.append(v)
+    logits = model.lm_head(decoder.norm(h[:, -1:]))[:, 0]
+    return ReferenceState(logits, keep_sets, keys, values, prompt_len)
+
+
+@torch.no_grad()
+def generate(model: torch.nn.Module, input_ids: torch.Tensor, config: SlimConfig | None = None,
+             max_new_tokens: int = 32) -> torch.Tensor:
+    """Greedy decoding after a (pruned) prefill: returns [B, prompt + max_new_tokens] token ids."""
+    decoder = _decoder(model)
+    state = prefill(model, input_ids, config)
+    batch = input_ids.shape[0]
+    # each layer's cache: keys, values and the original positions of its tokens
+    caches = []
+    stages = {s.layer: s.positions for s in state.keep_sets}
+    positions = torch.arange(state.prompt_len, device=input_ids.device).expand(batch, -1)
+    for index in range(len(decoder.layers)):
+        positions = stages.get(index, positions)
+        caches.append((state.keys[index], state.values[index], positions))
+    out = [input_ids, state.logits.argmax(-1, keepdim=True)]
+    for step in range(max_new_tokens - 1):
+        token = out[-1]
+        pos = torch.full((batch, 1), state.prompt_len + step, device=input_ids.device)
+        h = decoder.embed_tokens(token)
+        cos, sin = decoder.rotary_emb(h, pos)
+        for index, layer in enumerate(decoder.layers):
+            h, _, k, v = _layer(layer, h, cos, sin, pos, caches[index])
+            keys, values, kpos = caches[index]
+            caches[index] = (torch.cat([keys, k], 2), torch.cat([values, v], 2), torch.cat([kpos, pos], 1))
+        out.append(model.lm_head(decoder.norm(h)).argmax(-1))
+    return torch.cat(out, dim=1)

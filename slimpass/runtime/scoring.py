@@ -1,0 +1,113 @@
+"""Block scorers: which prompt blocks matter, judged from one layer's post-RoPE queries and keys.
+
+A scorer is a function ``fn(q, k, settings) -> scores`` registered under a name with
+`register_scorer`; ``SlimConfig.scorer`` picks one by name. The contract:
+
+- ``q``: ``[B, Hq, L, D]`` queries after RoPE, ``k``: ``[B, Hkv, L, D]`` keys after RoPE, ``Hq % Hkv == 0``
+  (grouped-query attention: query head ``h`` reads key head ``h // (Hq // Hkv)``);
+- ``settings``: a `ScoreSettings` (block size, unit size, local window);
+- returns ``[B, L // block_size]`` float32 scores, one per *full* block, higher = more important.
+  The selection never asks a scorer about the last block (it is always kept, and may be partial).
+
+Both the compiled graph (through the ``slimpass::score_blocks`` op) and the reference loop call
+the registered function, so every scorer is checked against the reference the same way.
+
+The paper's scorer, ``"tokenunit"``: local query = mean of the last ``local_window`` queries (per
+head); per unit of ``unit_size`` keys, the representative key = their mean (per KV head); unit
+score = mean over query heads of ``|q_local . k_unit|``; block score = max over its units.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import torch
+
+from slimpass.config import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoreSettings:
+    """The geometry a scorer needs: tokens per block, per scoring unit, and the local-query window."""
+
+    block_size: int
+    unit_size: int
+    local_window: int
+
+
+Scorer = Callable[[torch.Tensor, torch.Tensor, ScoreSettings], torch.Tensor]
+
+_SCORERS: dict[str, Scorer] = {}
+
+
+def register_scorer(name: str, /) -> Callable[[Scorer], Scorer]:
+    """Register a block scorer under `name` (then ``options={"scorer": name}`` selects it).
+
+    Example::
+
+        @slimpass.register_scorer("last_query_max_heads")
+        def last_query(q, k, settings):
+            b, hq, n, d = q.shape
+            full = (n // settings.block_size) * settings.block_size
+            kk = k[:, :, :full].repeat_interleave(hq // k.shape[1], dim=1)
+            s = (q[:, :, -1:].float() @ kk.float().transpose(-1, -2)).abs().amax(1)   # [B, 1, full]
+            return s.view(b, -1, settings.block_size).amax(-1)
+
+    The function must be traceable by torch (it runs inside the compiled prefill graph): no data-
+    dependent Python control flow, no host syncs. Re-registering a name replaces it.
+    """
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"register_scorer({name!r}): a scorer needs a non-empty string name")
+
+    def add(fn: Scorer) -> Scorer:
+        if not callable(fn):
+            raise ConfigError(f"register_scorer({name!r}): {fn!r} is not callable")
+        _SCORERS[name] = fn
+        return fn
+
+    return add
+
+
+def get_scorer(name: str) -> Scorer:
+    """The scorer registered under `name`; an unknown name raises `ConfigError` listing the known ones."""
+    try:
+        return _SCORERS[name]
+    except KeyError:
+        raise ConfigError(
+            f"SlimConfig.scorer={name!r} is not a registered scorer; known: {', '.join(sorted(_SCORERS))} "
+            "(add one with @slimpass.register_scorer(name))"
+        ) from None
+
+
+def scorer_names() -> list[str]:
+    return sorted(_SCORERS)
+
+
+def tokenunit_torch(q: torch.Tensor, k: torch.Tensor, settings: ScoreSettings) -> torch.Tensor:
+    """The paper's TokenUnit scorer in plain PyTorch (the specification the Triton kernel must match)."""
+    batch, heads_q, length, dim = q.shape
+    heads_kv = k.shape[1]
+    blocks = length // settings.block_size
+    units_per_block = settings.block_size // settings.unit_size
+    local = q[:, :, length - settings.local_window :].float().mean(dim=2)  # [B, Hq, D]
+    keys = k[:, :, : blocks * settings.block_size].float()
+    unit_keys = keys.reshape(batch, heads_kv, blocks * units_per_block, settings.unit_size, dim).mean(dim=3)
+    local = local.view(batch, heads_kv, heads_q // heads_kv, dim)
+    unit_scores = torch.einsum("bhgd,bhud->bhgu", local, unit_keys).abs()  # [B, Hkv, G, units]
+    unit_scores = unit_scores.mean(dim=(1, 2))  # mean over all query heads
+    return unit_scores.view(batch, blocks, units_per_block).amax(dim=-1)
+
+
+@register_scorer("tokenunit")
+def tokenunit(q: torch.Tensor, k: torch.Tensor, settings: ScoreSettings) -> torch.Tensor:
+    """TokenUnit (paper): the fused Triton kernel on CUDA when available, else `tokenunit_torch`."""
+    if q.is_cuda:
+        from slimpass.runtime import tokenunit_kernel
+
+        if tokenunit_kernel.available():
+            return tokenunit_kernel.tokenunit_scores(q, k, settings.block_size, settings.unit_size, settings.local_window)
+    return tokenunit_torch(q, k, settings)
+
+
+register_scorer("tokenunit_torch")(tokenunit_torch)
