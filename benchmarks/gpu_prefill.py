@@ -39,6 +39,9 @@ from typing import Any
 import torch
 
 VARIANTS = ("hf_eager", "stock_inductor", "sliminfer", "sliminfer_flash", "sliminfer_cudnn")
+# Pruning variants (not in the default set): sliminfer with the paper schedule, and the plain-PyTorch
+# reference loop (slimpass.runtime.reference) with the same schedule.
+PRUNING_VARIANTS = ("sliminfer_paper", "reference_paper")
 # Any `sliminfer_<backend>` with a SlimConfig.attention_backend value is accepted on the command line.
 ATTENTION_BACKENDS = ("flash", "cudnn", "efficient", "math")
 
@@ -70,7 +73,7 @@ def parse_lengths(text: str) -> list[int]:
 
 
 def parse_variants(text: str) -> list[str]:
-    known = set(VARIANTS) | {f"sliminfer_{b}" for b in ATTENTION_BACKENDS}
+    known = set(VARIANTS) | set(PRUNING_VARIANTS) | {f"sliminfer_{b}" for b in ATTENTION_BACKENDS}
     variants = [part.strip() for part in text.split(",") if part.strip()]
     unknown = [v for v in variants if v not in known]
     if unknown or not variants:
@@ -136,10 +139,30 @@ def prepare(model: torch.nn.Module, variant: str) -> torch.nn.Module:
         return torch.compile(model, dynamic=False)
     import slimpass  # registers backend="sliminfer" when slimpass is on PYTHONPATH but not installed
 
-    options = {"compiler": "inductor"}
-    if variant.startswith("sliminfer_"):
+    if variant == "reference_paper":
+        return ReferenceLoop(model, slimpass.SlimConfig(prune=True, schedule="paper"))
+    options: dict[str, Any] = {"compiler": "inductor"}
+    if variant == "sliminfer_paper":
+        options.update(prune=True, schedule="paper")
+    elif variant.startswith("sliminfer_"):
         options["attention_backend"] = variant.removeprefix("sliminfer_")
     return slimpass.compile(model, options=options)
+
+
+class ReferenceLoop:
+    """The plain-PyTorch SlimInfer loop (slimpass.runtime.reference) behind the model-call interface."""
+
+    def __init__(self, model: torch.nn.Module, slim_config: Any) -> None:
+        self.model, self.slim_config, self.config = model, slim_config, model.config
+
+    def __call__(self, input_ids: torch.Tensor, **_: Any) -> Any:
+        from types import SimpleNamespace
+
+        from slimpass.runtime import reference
+
+        state = reference.prefill(self.model, input_ids, self.slim_config)
+        self.keep_tokens = [k.tokens for k in state.keep_sets]
+        return SimpleNamespace(logits=state.logits[:, None])
 
 
 def make_inputs(length: int, vocab: int, args: argparse.Namespace, device: torch.device) -> Inputs:
@@ -263,6 +286,16 @@ def run_length(model: torch.nn.Module, length: int, args: argparse.Namespace, de
     return result
 
 
+def kept_tokens(model: Any) -> list[int] | None:
+    """Tokens kept per pruning stage on the last call (pruning variants only)."""
+    if isinstance(model, ReferenceLoop):
+        return getattr(model, "keep_tokens", None)
+    import slimpass
+
+    keep = slimpass.last_keep_sets(model) if "_slimpass_original_forward" in model.__dict__ else None
+    return None if keep is None else [k.tokens for k in keep]
+
+
 def slimpass_graphs(model: torch.nn.Module) -> list[dict[str, Any]]:
     """What sliminfer compiled and how often each graph ran rewritten vs fallback (empty for other variants)."""
     if "_slimpass_original_forward" not in model.__dict__:
@@ -297,6 +330,7 @@ def worker_main(args: argparse.Namespace) -> None:
         # Graphs Dynamo compiled so far: 0 for a compiled variant means it silently ran eager; more
         # than one per length means graph breaks.
         result["dynamo_graphs_total"] = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        result["kept_tokens"] = kept_tokens(model)
         report["lengths"][str(length)] = result
         report["slimpass_graphs"] = slimpass_graphs(model)
         (args.workdir / f"{args.worker}.json").write_text(json.dumps(report, indent=1))
@@ -355,6 +389,15 @@ def compare_logits(workdir: Path, variants: list[str], lengths: list[int]) -> di
                 continue
             got, want = torch.load(ours), torch.load(ref)
             comparison.setdefault(variant, {})[str(length)] = {
+                "max_abs_diff": (got - want).abs().max().item(),
+                "top1_agree": bool(got.argmax() == want.argmax()),
+            }
+    # the pruned compiled graph against its oracle, the reference loop with the same schedule
+    for length in lengths:
+        ours, ref = workdir / f"sliminfer_paper_{length}.pt", workdir / f"reference_paper_{length}.pt"
+        if ours.exists() and ref.exists():
+            got, want = torch.load(ours), torch.load(ref)
+            comparison.setdefault("sliminfer_paper_vs_reference", {})[str(length)] = {
                 "max_abs_diff": (got - want).abs().max().item(),
                 "top1_agree": bool(got.argmax() == want.argmax()),
             }

@@ -128,10 +128,3 @@ def test_gpt2_generate_through_slimpass_compile(caplog):
         assert f"graph {record.graph_id} is not a LLaMA-style decoder" in message
         assert "layer 0: query is not rotary-embedded" in message
         assert "compiling it without slimpass passes" in message
-
-
-def test_prune_not_silently_ignored():
-    """Until the pruning passes exist, asking for pruning is refused rather than compiled unpruned."""
-    model = tiny_model("llama", "sdpa")
-    with pytest.raises(ConfigError, match="prune=True: token pruning is not in this version"):
-        slimpass.compile(model, options={"prune": True})

@@ -135,6 +135,10 @@ class InsertPruning(GraphPass):
         for value in output.all_input_nodes:
             if order[value] <= order[first] or value in kv_writes:
                 continue
+            if is_op(value, "getitem") and value.args[0] in kv_writes:
+                continue  # a sliding-window cache keeps the last window - 1 entries of the write
+            if not isinstance(fake(value), torch.Tensor):
+                continue  # cache bookkeeping (tokens seen = the original prompt length): stays as it is
             if _token_dims(value, length) or _mentions(fake(value), length):
                 raise Decline(f"the graph returns `{value.name}` with a dimension per prompt position (logits or hidden "
                               "states of every token, e.g. logits_to_keep=0 or labels=); pass logits_to_keep=1 "
@@ -185,6 +189,7 @@ class InsertPruning(GraphPass):
         tracked: dict[torch.fx.Node, int] = {}  # inserted tensors with a token dimension -> that dim
         prompt_len = previous = positions = None
         keep_outputs = []
+        code_version = pruning_ops.fingerprint(config.scorer)
         for stage in stages:
             residual = layers[stage.layer].input
             q, k = layers[stage.layer - 1].q, layers[stage.layer - 1].k
@@ -207,7 +212,7 @@ class InsertPruning(GraphPass):
             keep = add(pruning_ops.keep_middle, prompt_len, stage.tokens, ratio.numerator if ratio else 0,
                        ratio.denominator if ratio else 0, config.block_size, config.sink_blocks)
             scores = add(pruning_ops.score_blocks, q, k, config.scorer, config.block_size, config.unit_size,
-                         config.local_window)
+                         config.local_window, code_version)
             index = add(pruning_ops.select_tokens, scores, current, keep, config.block_size, config.sink_blocks)
             kept = add(torch.ops.aten.sym_size.int, index, 1)
             positions = index if positions is None else add(pruning_ops.take_tokens, positions, index, 1)
@@ -252,6 +257,8 @@ class InsertPruning(GraphPass):
         for node in nodes[start + 1 :]:
             if node in boundary or node.op == "output" or node in tracked:
                 continue
+            if not isinstance(fake(node), torch.Tensor) and all(user.op == "output" for user in node.users):
+                continue  # a count returned to the cache (tokens seen): the original length, not the kept one
             for inp in list(node.all_input_nodes):
                 if inp not in before or inp.op == "get_attr":
                     continue

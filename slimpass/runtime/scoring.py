@@ -20,6 +20,8 @@ score = mean over query heads of ``|q_local . k_unit|``; block score = max over 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import os
 from collections.abc import Callable
 
 import torch
@@ -102,12 +104,21 @@ def tokenunit_torch(q: torch.Tensor, k: torch.Tensor, settings: ScoreSettings) -
 @register_scorer("tokenunit")
 def tokenunit(q: torch.Tensor, k: torch.Tensor, settings: ScoreSettings) -> torch.Tensor:
     """TokenUnit (paper): the fused Triton kernel on CUDA when available, else `tokenunit_torch`."""
-    if q.is_cuda:
-        from slimpass.runtime import tokenunit_kernel
-
-        if tokenunit_kernel.available():
-            return tokenunit_kernel.tokenunit_scores(q, k, settings.block_size, settings.unit_size, settings.local_window)
+    if q.is_cuda and os.environ.get("SLIMPASS_TRITON_SCORING", "1") != "0":
+        kernel = _kernel()
+        if kernel is not None:
+            return kernel.tokenunit_scores(q, k, settings.block_size, settings.unit_size, settings.local_window)
     return tokenunit_torch(q, k, settings)
+
+
+@functools.cache
+def _kernel():
+    """The Triton kernel module when triton is usable here, else None (the torch version runs)."""
+    try:
+        from slimpass.runtime import tokenunit_kernel
+    except ImportError:
+        return None
+    return tokenunit_kernel if tokenunit_kernel.available() else None
 
 
 register_scorer("tokenunit_torch")(tokenunit_torch)

@@ -1,0 +1,51 @@
+"""The reference loop: equals HF eager with pruning off; its selection follows the rules it documents."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from slimpass.config import SlimConfig
+from slimpass.runtime import reference
+from tests.conftest import tiny_model
+
+GEOMETRY = dict(block_size=8, unit_size=2, local_window=4, min_prompt_len=64)
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+def test_unpruned_reference_is_the_model(family):
+    model = tiny_model(family, "sdpa", num_hidden_layers=4)
+    for batch, length in ((1, 17), (2, 100), (1, 333)):
+        ids = torch.randint(0, 128, (batch, length), generator=torch.Generator().manual_seed(length))
+        state = reference.prefill(model, ids)
+        with torch.no_grad():
+            torch.testing.assert_close(state.logits, model(ids).logits[:, -1], atol=1e-4, rtol=0)
+            hf = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False)
+        assert state.keep_sets == []
+        assert torch.equal(reference.generate(model, ids, None, max_new_tokens=16), hf)
+
+
+def test_select_blocks_rules():
+    config = SlimConfig(block_size=8, sink_blocks=1)
+    scores = torch.tensor([0.0, 5.0, 1.0, 5.0, 3.0, 9.0, 0.0])  # 7 full blocks; length 60 -> last block 7
+    assert reference.select_blocks(scores, 60, 3, config) == [0, 1, 3, 5, 7]  # tie 1 vs 3: both kept
+    assert reference.select_blocks(scores, 60, 2, config) == [0, 1, 5, 7]  # tie broken to the earlier block
+    assert reference.select_blocks(scores, 60, 0, config) == [0, 7]
+    assert reference.select_blocks(scores, 60, 99, config) == list(range(8))
+    assert reference.select_blocks(scores, 56, 1, config) == [0, 5, 6]  # 56 tokens: block 6 is the last
+    assert reference.select_blocks(scores, 5, 1, config) == [0]  # the sink is the whole prompt
+
+
+def test_pruned_prefill_keeps_original_positions():
+    model = tiny_model("llama", "sdpa", num_hidden_layers=6)
+    config = SlimConfig(prune=True, schedule={2: 0.5, 4: 40}, **GEOMETRY)
+    ids = torch.randint(0, 128, (2, 203), generator=torch.Generator().manual_seed(3))
+    state = reference.prefill(model, ids, config)
+    first, second = state.keep_sets
+    assert (first.layer, first.tokens, second.layer, second.tokens) == (2, 8 + 10 * 8 + 3, 4, 8 + 3 * 8 + 3)
+    for keep in state.keep_sets:
+        rows = keep.positions
+        assert torch.equal(rows, rows.sort(dim=1).values)  # sorted: causal order kept
+        assert (rows[:, :8] == torch.arange(8)).all() and (rows[:, -3:] == torch.arange(200, 203)).all()
+    assert set(second.positions[0].tolist()) <= set(first.positions[0].tolist())  # cumulative
+    assert [k.shape[2] for k in state.keys] == [203, 203, 91, 91, 35, 35]  # each layer caches what reached it
