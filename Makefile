@@ -1,5 +1,5 @@
 # Two commands do all the set-up on a machine that has only Python:
-#   make demo   - compile a model with backend="sliminfer" and compare it with eager
+#   make demo   - SmolLM2-135M answers a question about a long document, with and without SlimInfer
 #   make test   - the test suite (CPU, float32)
 # Each creates .venv and installs what it needs when missing.
 
