@@ -137,3 +137,44 @@ def test_prefill(benchmark, zoo, variant, length):
     assert diff <= ATOL, f"{variant} at {length} tokens: max abs diff {diff:.3g} > {ATOL}"
     if variant == "sliminfer":
         assert_rewrite_engaged(model)
+
+
+# Pruning on the same tiny model: cut the input of layer 1 to a quarter of the prompt (blocks of 8).
+PRUNING = {"prune": True, "schedule": {1: 0.25}, "block_size": 8, "unit_size": 2, "min_prompt_len": 64}
+
+
+@pytest.fixture(scope="module")
+def pruned_pair():
+    """The pruned compiled model and the uncompiled twin the reference loop runs on."""
+    from slimpass.config import SlimConfig
+
+    torch._dynamo.reset()
+    base = tiny_llama()
+    model = slimpass.compile(copy_of(base), options={"compiler": "inductor", **PRUNING})
+    yield model, base, SlimConfig(**PRUNING)
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("length", LENGTHS)
+@pytest.mark.parametrize("variant", ("sliminfer_pruned", "reference_pruned"))
+def test_pruned_prefill(benchmark, pruned_pair, variant, length):
+    """Time pruned prefill (compiled vs the plain-PyTorch reference loop); logits and kept sets must agree."""
+    from slimpass.runtime import reference
+
+    model, base, config = pruned_pair
+    ids = prompt(length)
+    if variant == "sliminfer_pruned":
+        run = functools.partial(prefill, model, ids)
+    else:
+        run = functools.partial(lambda: reference.prefill(base, ids, config).logits[:, None])
+    run()  # warm-up outside timing (compiles)
+    benchmark.group = f"pruned prefill {length} tokens"
+    benchmark.extra_info.update(variant=variant, length=length)
+    got = benchmark.pedantic(run, rounds=ROUNDS, iterations=1, warmup_rounds=1)
+    want = reference.prefill(base, ids, config)
+    diff = (got[:, -1] - want.logits).abs().max().item()
+    assert diff <= ATOL, f"{variant} at {length} tokens: max abs diff {diff:.3g} > {ATOL}"
+    if variant == "sliminfer_pruned":
+        kept = slimpass.last_keep_sets(model)
+        assert [k.tokens for k in kept] == [k.tokens for k in want.keep_sets] and kept[0].tokens < length
+        assert all(torch.equal(a.positions, b.positions) for a, b in zip(kept, want.keep_sets))
