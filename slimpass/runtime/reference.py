@@ -31,20 +31,9 @@ import torch
 import torch.nn.functional as F
 
 from slimpass.config import SlimConfig
+from slimpass.runtime.keep_sets import KeepSet  # a plain record, shared with the compiled path's report
 from slimpass.runtime.scoring import ScoreSettings, get_scorer
 from slimpass.schedule import Stage, min_prune_length, resolve_schedule
-
-
-@dataclasses.dataclass
-class KeepSet:
-    """What survived one pruning point: the input of `layer` holds these original positions ([B, K])."""
-
-    layer: int
-    positions: torch.Tensor
-
-    @property
-    def tokens(self) -> int:
-        return self.positions.shape[1]
 
 
 @dataclasses.dataclass
