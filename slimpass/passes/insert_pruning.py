@@ -107,6 +107,11 @@ class InsertPruning(GraphPass):
             if any(not is_op(w, "cat") for w in layer.kv_writes):
                 raise Decline(f"layer {layer.index} writes a static KV cache (index_copy_ at cache positions); "
                               "pruned layers need a growing cache (DynamicCache)")
+        eager = [layer.index for layer in layer_map.layers if layer.found_kind != "sdpa"]
+        if any(layer.kv_writes for layer in layer_map.layers) and eager:
+            raise Decline(f"layers {eager} use eager attention, whose decode steps build a mask over the full prompt "
+                          "length, which per-layer pruned caches cannot match; use attn_implementation='sdpa' "
+                          "for generate, or use_cache=False for prefill only")
         if any(layer.kv_writes for layer in layer_map.layers) and not decode_mask_skipped_under_compile():
             import transformers
 
@@ -115,14 +120,18 @@ class InsertPruning(GraphPass):
                           "for generate, or use_cache=False for prefill only")
         first = layer_map.layers[stages[0].layer].input
         length = fake(first).shape[1]
+        if not isinstance(length, torch.SymInt):
+            raise Decline(f"the prompt length is static in this graph ({length} tokens; torch.compile's first call "
+                          "without dynamic shapes): pruning rewrites shapes symbolically. Use slimpass.compile (it "
+                          "marks the length dynamic) or torch._dynamo.mark_dynamic(input_ids, 1); with "
+                          "torch.compile the next prompt length recompiles dynamic and is pruned")
         self._check_outputs(gm, ctx, stages, length)
         for stage in stages:
             self._check_crossings(gm, layer_map.layers[stage.layer].input, length)
         threshold = min_prune_length(config)
-        hint = length if isinstance(length, int) else length.node.hint
+        hint = length.node.hint
         if hint is not None and hint < threshold:
-            if isinstance(length, torch.SymInt):
-                self._only_below(gm, first, threshold)
+            self._only_below(gm, first, threshold)
             raise Decline(f"prompt of {hint} tokens is shorter than {threshold} (min_prompt_len, or one block past "
                           "the sinks): compiled dense")
         return stages, length

@@ -47,6 +47,10 @@ class LayerInfo:
     kv_writes: tuple[torch.fx.Node, ...]  # cache updates (cat) of this layer
     gqa_repeat: bool  # keys/values copied with repeat_kv before the attention
     eager: EagerAttention | None = None
+    found_kind: str = ""  # `kind` as discovered, before any rewrite ("eager" stays "eager" here)
+
+    def __post_init__(self) -> None:
+        self.found_kind = self.found_kind or self.kind
 
     @property
     def q_len(self):

@@ -261,3 +261,39 @@ def test_generate_declines_where_decode_masks_cover_the_full_prompt():
     declined = slimpass.compiled_graphs(model)[0].results[2].declined
     assert "masks decode steps over the full prompt length" in declined[0] and "use_cache=False" in declined[0]
     assert slimpass.last_keep_sets(model) == []
+
+
+def test_generate_with_eager_attention_declines_and_stays_exact():
+    """HF's eager attention builds a decode mask over the full prompt: generate's prefill stays dense."""
+    model = _model("qwen2", "eager")
+    oracle = twin(model)
+    slimpass.compile(model, options=_options(SCHEDULES["mixed"]))
+    ids = torch.randint(0, 128, (1, 300), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
+        want = oracle.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
+    assert torch.equal(got, want)
+    declined = slimpass.compiled_graphs(model)[0].results[2].declined
+    assert "use eager attention" in declined[0] and "attn_implementation='sdpa'" in declined[0]
+    # prefill alone (no cache writes) is pruned with eager attention too
+    _assert_matches_reference(model, oracle, ids, _config(SCHEDULES["mixed"]))
+
+
+def test_torch_compile_backend_by_name_prunes_once_the_length_is_dynamic():
+    """torch.compile's first graph has a static length: declined (dense, exact); the next is dynamic and pruned."""
+    model = _model()
+    oracle = twin(model)
+    compiled = torch.compile(model, backend="sliminfer", options=_options({3: 0.5}))
+    first = torch.randint(0, 128, (1, 100))
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(first, use_cache=False, logits_to_keep=1).logits,
+                                   oracle(first, use_cache=False, logits_to_keep=1).logits, atol=1e-4, rtol=0)
+    assert slimpass.last_keep_sets(model) == []
+    assert "the prompt length is static in this graph" in slimpass.compiled_graphs(model)[0].results[2].declined[0]
+    for length in (200, 333):
+        ids = torch.randint(0, 128, (1, length), generator=torch.Generator().manual_seed(length))
+        with torch.no_grad():
+            got = compiled(ids, use_cache=False, logits_to_keep=1).logits[:, -1]
+        want = reference.prefill(oracle, ids, _config({3: 0.5}))
+        torch.testing.assert_close(got, want.logits, atol=1e-4, rtol=0)
+        assert [k.tokens for k in slimpass.last_keep_sets(model)] == [k.tokens for k in want.keep_sets]
