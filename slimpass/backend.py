@@ -168,7 +168,7 @@ def compile_graph(
     record = GraphRecord(ctx.graph_id, kind, len(layer_map.layers) if layer_map else 0, ctx.results, list(ctx.guards), 0.0)
     state = state_of(model)
     if ctx.keep_layers:
-        state.configure_dump(ctx.graph_id, dumper.folder, config.block_size)
+        state.configure_dump(ctx.graph_id, dumper.folder, config.block_size, len(layer_map.layers))
         fast = KeepRecorder(fast, ctx.keep_layers, state, ctx.graph_id)
     elif config.prune and kind == "prefill":
         fast = DenseRecorder(fast, state, ctx.graph_id)

@@ -39,15 +39,15 @@ class SlimState:
 
     last_keep: list[KeepSet] | None = None
     last_graph: str | None = None
-    dumps: dict[str, tuple[str, int]] = dataclasses.field(default_factory=dict)
+    dumps: dict[str, tuple[str, int, int]] = dataclasses.field(default_factory=dict)
 
     def record_kept(self, graph_id: str, layers: list[int], positions: list[torch.Tensor]) -> None:
         self.last_keep = [KeepSet(layer, pos) for layer, pos in zip(layers, positions)]
         self.last_graph = graph_id
         if graph_id in self.dumps:
-            folder, block_size = self.dumps[graph_id]
+            folder, block_size, depth = self.dumps[graph_id]
             try:
-                plot_keep_sets(self.last_keep, os.path.join(folder, "keep_sets.png"), block_size)
+                plot_keep_sets(self.last_keep, os.path.join(folder, "keep_sets.png"), block_size, depth=depth)
             except ImportError:
                 pass  # matplotlib is an optional extra
 
@@ -56,9 +56,9 @@ class SlimState:
         self.last_keep = []
         self.last_graph = graph_id
 
-    def configure_dump(self, graph_id: str, folder: str | None, block_size: int) -> None:
+    def configure_dump(self, graph_id: str, folder: str | None, block_size: int, depth: int) -> None:
         if folder:
-            self.dumps[graph_id] = (folder, block_size)
+            self.dumps[graph_id] = (folder, block_size, depth)
 
 
 def state_of(model: Any) -> SlimState:
