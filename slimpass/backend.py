@@ -174,7 +174,8 @@ def compile_graph(
         fast = DenseRecorder(fast, state, ctx.graph_id)
     compiled: Callable = fast
     if changed and ctx.guards:
-        compiled = GuardedGraph(fast, lower(gm, example_inputs, config, mode), ctx.guards, record,
+        fallback = lower(gm, example_inputs, dataclasses.replace(config, compiler=config.fallback_compiler), mode)
+        compiled = GuardedGraph(fast, fallback, ctx.guards, record,
                                 state if kind == "prefill" else None)
     record.compile_seconds = time.perf_counter() - start
     dumper.write_summary(_summary(ctx, record))

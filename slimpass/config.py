@@ -118,6 +118,10 @@ class SlimConfig:
     """SDPA backend for rewritten attention: 'auto' lets PyTorch choose, or flash/cudnn/efficient/math."""
     compiler: str = "inductor"
     """Inner compiler that lowers the edited graph: 'inductor' or 'eager' (debugging, fast tests)."""
+    fallback_compiler: str = "eager"
+    """How the unedited graph runs when a runtime guard fails (padded batch, prompt below the pruning
+    threshold): 'eager' runs Dynamo's graph as is (no compile time; HF-eager speed), 'inductor' lowers it
+    too (twice the compile time, and Inductor's guards on its N x N mask, e.g. a recompile from 64k)."""
     inductor_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     """Extra `torch._inductor.config` settings passed to compile_fx as config patches."""
     dump_dir: str | None = None
@@ -143,6 +147,7 @@ class SlimConfig:
         _check_bool("rewrite_attention", self.rewrite_attention)
         _check_choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
         _check_choice("compiler", self.compiler, INNER_COMPILERS)
+        _check_choice("fallback_compiler", self.fallback_compiler, INNER_COMPILERS)
         if not isinstance(self.inductor_options, Mapping):
             raise ConfigError(f"SlimConfig.inductor_options={self.inductor_options!r}: expected a dict")
         object.__setattr__(self, "inductor_options", MappingProxyType(dict(self.inductor_options)))
