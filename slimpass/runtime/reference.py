@@ -142,7 +142,9 @@ def prefill(model: torch.nn.Module, input_ids: torch.Tensor, config: SlimConfig 
         stage = stages.get(index)
         if stage is not None:
             settings = ScoreSettings(config.block_size, config.unit_size, config.local_window)
-            scores = get_scorer(config.scorer)(q, k, settings)
+            # the torch version of the paper's scorer (the compiled graph may run its Triton kernel)
+            name = "tokenunit_torch" if config.scorer == "tokenunit" else config.scorer
+            scores = get_scorer(name)(q, k, settings)
             length = h.shape[1]
             keep_middle = max(stage.budget(prompt_len) // config.block_size - config.sink_blocks - 1, 0)
             rows = [_positions_of(select_blocks(scores[b], length, keep_middle, config), length, config.block_size)
