@@ -94,6 +94,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=240.0, help="seconds per variant (all its lengths)")
     parser.add_argument("--seed", type=int, default=0, help="weights and prompts; the same in every worker")
     parser.add_argument("--tiny", action="store_true", help="tiny float32 model on CPU: test this script")
+    parser.add_argument("--options", type=json.loads, default={},
+                        help='more slimpass options for the sliminfer variants, as JSON, '
+                        'e.g. \'{"inductor_options": {"max_autotune_gemm": true}}\'')
     parser.add_argument("--worker", metavar="VARIANT", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -129,8 +132,9 @@ def build_model(args: argparse.Namespace, device: torch.device) -> torch.nn.Modu
     return model.eval()
 
 
-def prepare(model: torch.nn.Module, variant: str) -> torch.nn.Module:
-    """`model` as `variant` runs it; compilation happens lazily on the first call."""
+def prepare(model: torch.nn.Module, variant: str, extra: dict[str, Any] | None = None) -> torch.nn.Module:
+    """`model` as `variant` runs it; compilation happens lazily on the first call. `extra`: more
+    slimpass options for the sliminfer variants (e.g. inductor_options)."""
     if variant == "hf_eager":
         return model
     if variant == "stock_inductor":
@@ -146,6 +150,7 @@ def prepare(model: torch.nn.Module, variant: str) -> torch.nn.Module:
         options.update(prune=True, schedule="paper")
     elif variant.startswith("sliminfer_"):
         options["attention_backend"] = variant.removeprefix("sliminfer_")
+    options.update(extra or {})
     return slimpass.compile(model, options=options)
 
 
@@ -324,7 +329,7 @@ def worker_main(args: argparse.Namespace) -> None:
         "weights_checksum": weights_checksum(model),
         "lengths": {},
     }
-    model = prepare(model, args.worker)
+    model = prepare(model, args.worker, args.options)
     for length in args.lengths:
         result = run_length(model, length, args, device)
         # Graphs Dynamo compiled so far: 0 for a compiled variant means it silently ran eager; more
@@ -353,6 +358,7 @@ def worker_command(variant: str, args: argparse.Namespace, workdir: Path) -> lis
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", variant, "--workdir", str(workdir),
                "--lengths", ",".join(map(str, args.lengths)), "--warmup", str(args.warmup),
                "--repeats", str(args.repeats), "--seed", str(args.seed)]
+    command += ["--options", json.dumps(args.options)]
     return command + (["--tiny"] if args.tiny else []) + (["--no-mask"] if args.no_mask else [])
 
 
@@ -525,7 +531,7 @@ def main(argv: list[str] | None = None) -> None:
         "environment": environment(reports),
         "settings": {"lengths": args.lengths, "variants": args.variants, "attention_mask": not args.no_mask,
                      "warmup": args.warmup, "repeats": args.repeats, "timeout_s": args.timeout,
-                     "seed": args.seed,
+                     "seed": args.seed, "options": args.options,
                      "model": "tiny" if args.tiny else "llama-3.1-8b-shape",
                      "dtype": "float32" if args.tiny else "bfloat16"},
         "results": reports,

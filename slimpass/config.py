@@ -114,6 +114,9 @@ class SlimConfig:
     """Name of the block scorer in the scorer registry."""
     rewrite_attention: bool = True
     """Replace provably causal masked attention by mask-free causal attention in prefill graphs."""
+    sink_selection: bool = True
+    """Run row-wise work after a token selection on the selected rows only: the scoring layer's o_proj and
+    MLP on the kept tokens, the last layer's on the logits rows (`logits_to_keep`). Exact."""
     attention_backend: str = "auto"
     """SDPA backend for rewritten attention: 'auto' lets PyTorch choose, or flash/cudnn/efficient/math."""
     compiler: str = "inductor"
@@ -145,6 +148,7 @@ class SlimConfig:
         if not isinstance(self.scorer, str) or not self.scorer:
             raise ConfigError(f"SlimConfig.scorer={self.scorer!r}: expected the name of a registered scorer")
         _check_bool("rewrite_attention", self.rewrite_attention)
+        _check_bool("sink_selection", self.sink_selection)
         _check_choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
         _check_choice("compiler", self.compiler, INNER_COMPILERS)
         _check_choice("fallback_compiler", self.fallback_compiler, INNER_COMPILERS)

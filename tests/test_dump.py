@@ -22,6 +22,7 @@ PASS_FILES = [
     "01_find_decoder_layers.before.py", "01_find_decoder_layers.after.py",
     "02_rewrite_attention.before.py", "02_rewrite_attention.after.py",
     "03_insert_pruning.before.py", "03_insert_pruning.after.py",
+    "04_sink_selection.before.py", "04_sink_selection.after.py",
 ]
 
 
@@ -174,7 +175,7 @@ def test_info_log_is_one_line_per_graph(caplog):
         assert "find_decoder_layers: matched 2" in message and "rewrite_attention: matched" in message
     assert "rewrite_attention: matched 2, inserted 0, replaced 2" in infos[0].getMessage()
     debug = [r for r in ours if r.levelno == logging.DEBUG and r.name == "slimpass.passes.manager"]
-    assert len(debug) == 3 * len(records)  # one line per pass per graph
+    assert len(debug) == 4 * len(records)  # one line per pass per graph
 
 
 def test_empty_env_variable_is_off(monkeypatch):

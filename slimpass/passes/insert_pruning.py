@@ -67,6 +67,21 @@ def _mentions(value: Any, length: Any) -> bool:
     return any(isinstance(s, torch.SymInt) and s.node.expr.free_symbols & symbols for s in sizes)
 
 
+class Inserter:
+    """Appends call_function nodes one after another, starting after `anchor`, tagged with the stage's layer."""
+
+    def __init__(self, graph: torch.fx.Graph, anchor: torch.fx.Node, layer: int) -> None:
+        self.graph, self.anchor, self.layer = graph, anchor, layer
+        self.nodes: list[torch.fx.Node] = []
+
+    def add(self, target: Any, *args: Any) -> torch.fx.Node:
+        with self.graph.inserting_after(self.nodes[-1] if self.nodes else self.anchor):
+            node = self.graph.call_function(target, args)
+        node.meta["slimpass"] = {"layer": self.layer, "role": "pruning"}
+        self.nodes.append(node)
+        return node
+
+
 class InsertPruning(GraphPass):
     """SlimInfer pruning as graph edits; see the module docstring."""
 
@@ -202,35 +217,35 @@ class InsertPruning(GraphPass):
         for stage in stages:
             residual = layers[stage.layer].input
             q, k = layers[stage.layer - 1].q, layers[stage.layer - 1].k
-            inserted: list[torch.fx.Node] = []
-
-            def add(target, *args, **kwargs):
-                anchor = inserted[-1] if inserted else residual
-                with graph.inserting_after(anchor):
-                    node = graph.call_function(target, args, kwargs)
-                node.meta["slimpass"] = {"layer": stage.layer, "role": "pruning"}
-                inserted.append(node)
-                return node
-
-            current = add(torch.ops.aten.sym_size.int, residual, 1) if previous is None else previous
-            if prompt_len is None:
+            # The selection goes right after the scoring layer's q and k, not after its output, so that a
+            # later pass (sink_selection) can run that layer's attention output, o_proj and MLP on the
+            # kept rows only; the gathers of what crosses the cut go after the residual.
+            order = {node: i for i, node in enumerate(graph.nodes)}
+            selection = Inserter(graph, max(q, k, *( [previous] if previous is not None else []), key=order.get),
+                                 stage.layer)
+            gathers = Inserter(graph, residual, stage.layer)
+            if previous is None:
+                current = selection.add(torch.ops.aten.sym_size.int, q, 2)  # [B, H, N, D]: the prompt length
                 prompt_len = current
                 threshold = min_prune_length(config)
-                add(torch._check, add(operator.ge, current, threshold))
+                selection.add(torch._check, selection.add(operator.ge, current, threshold))
+            else:
+                current = previous
             ratio = stage.ratio
-            keep = add(pruning_ops.keep_middle, prompt_len, stage.tokens, ratio.numerator if ratio else 0,
-                       ratio.denominator if ratio else 0, config.block_size, config.sink_blocks)
-            scores = add(pruning_ops.score_blocks, q, k, config.scorer, config.block_size, config.unit_size,
-                         config.local_window, code_version)
-            index = add(pruning_ops.select_tokens, scores, current, keep, config.block_size, config.sink_blocks)
-            kept = add(torch.ops.aten.sym_size.int, index, 1)
-            positions = index if positions is None else add(pruning_ops.take_tokens, positions, index, 1)
+            keep = selection.add(pruning_ops.keep_middle, prompt_len, stage.tokens, ratio.numerator if ratio else 0,
+                                 ratio.denominator if ratio else 0, config.block_size, config.sink_blocks)
+            scores = selection.add(pruning_ops.score_blocks, q, k, config.scorer, config.block_size, config.unit_size,
+                                   config.local_window, code_version)
+            index = selection.add(pruning_ops.select_tokens, scores, current, keep, config.block_size,
+                                  config.sink_blocks)
+            kept = selection.add(torch.ops.aten.sym_size.int, index, 1)
+            positions = index if positions is None else selection.add(pruning_ops.take_tokens, positions, index, 1)
             keep_outputs.append(stage.layer)
-            boundary = set(inserted)
-            self._redirect(graph, residual, boundary, index, current, kept, length, tracked, add, previous is None)
+            boundary = set(selection.nodes) | set(gathers.nodes)
+            self._redirect(graph, residual, boundary, index, current, kept, length, tracked, gathers, previous is None)
             previous = kept
             result.matched += 1
-            result.inserted += len(inserted)
+            result.inserted += len(selection.nodes) + len(gathers.nodes)
             self._keep_output(graph, positions)
         ctx.keep_layers = keep_outputs
         where = length_input(gm, length)
@@ -238,12 +253,13 @@ class InsertPruning(GraphPass):
             ctx.guards.append(InputGuard(where[0], "min_len", where[1], min_prune_length(config)))
         result.summary = f"{len(stages)} pruning stage(s): " + "; ".join(s.describe() for s in stages)
 
-    def _redirect(self, graph, residual, boundary, index, current, kept, length, tracked, add, first_stage) -> None:
+    def _redirect(self, graph, residual, boundary, index, current, kept, length, tracked, gathers, first_stage) -> None:
         """Point every use after the cut at the kept tokens: the residual, token-indexed tensors, lengths."""
         nodes = list(graph.nodes)
         start = nodes.index(residual)
         before = set(nodes[: start + 1]) | boundary
         replaced: dict[torch.fx.Node, torch.fx.Node] = {}
+        add = gathers.add
         gathered_residual = add(pruning_ops.take_tokens, residual, index, 1)
         tracked[gathered_residual] = 1
 
@@ -264,7 +280,7 @@ class InsertPruning(GraphPass):
             return new
 
         for node in nodes[start + 1 :]:
-            if node in boundary or node.op == "output" or node in tracked:
+            if node in boundary or node in gathers.nodes or node.op == "output" or node in tracked:
                 continue
             if not isinstance(fake(node), torch.Tensor) and all(user.op == "output" for user in node.users):
                 continue  # a count returned to the cache (tokens seen): the original length, not the kept one

@@ -33,7 +33,7 @@ class LayerInfo:
     index: int
     path: str  # e.g. "model.layers.3"
     input: torch.fx.Node  # residual stream entering the layer
-    output: torch.fx.Node  # residual stream leaving the layer
+    output: torch.fx.Node  # residual stream leaving the layer (after sink_selection: its selected rows)
     q: torch.fx.Node  # query after RoPE, [B, Hq, Nq, D]
     k: torch.fx.Node  # this step's keys after RoPE, [B, Hkv, Nq, D]
     v: torch.fx.Node  # this step's values, [B, Hkv, Nq, D]

@@ -16,6 +16,7 @@ from slimpass.passes.dump import GraphDumper
 from slimpass.passes.find_decoder_layers import FindDecoderLayers
 from slimpass.passes.insert_pruning import InsertPruning
 from slimpass.passes.rewrite_attention import RewriteAttention
+from slimpass.passes.sink_selection import SinkSelection
 from slimpass.registry import REGISTRY
 
 log = logging.getLogger(__name__)
@@ -28,6 +29,8 @@ BUILTIN_PASSES: tuple[type[GraphPass], ...] = (
     RewriteAttention,
     # Scoring, selection and gathers after the schedule's layers; shrinks everything downstream.
     InsertPruning,
+    # After pruning: moves its gathers (and the logits_to_keep slice) above the row-wise ops that feed them.
+    SinkSelection,
 )
 
 
