@@ -88,11 +88,6 @@ def selection_of(node: torch.fx.Node) -> tuple[torch.fx.Node, Selection] | None:
     return None
 
 
-def _ndim(node: Any) -> int | None:
-    value = fake(node)
-    return value.dim() if isinstance(value, torch.Tensor) else None
-
-
 class SinkSelection(GraphPass):
     """Move row selections above row-wise ops; see the module docstring."""
 
@@ -108,6 +103,9 @@ class SinkSelection(GraphPass):
             return result
         moved: Counter[tuple[str, str]] = Counter()  # (layer, "matmul" | "op") -> ops moved
         self.layers = ctx.layer_map.layers
+        # A node this pass creates has no example value; it stands for the rows of the node it replaced,
+        # so it gets that node's (consistent, pre-selection) shape for the later decisions.
+        self.virtual: dict[torch.fx.Node, Any] = {}
         renamed: dict[torch.fx.Node, torch.fx.Node] = {}
         while any(self._sink(gm.graph, node, *found, moved, renamed) for node in list(gm.graph.nodes)
                   if (found := selection_of(node)) is not None):
@@ -141,6 +139,7 @@ class SinkSelection(GraphPass):
         with graph.inserting_before(source):
             new = graph.create_node(source.op, source.target, args, kwargs)
         new.meta = {k: v for k, v in source.meta.items() if k not in ("example_value", "val", "tensor_meta")}
+        self.virtual[new] = self._fake(source)
         renamed.update({old: new for old, new_ in renamed.items() if new_ is source})
         renamed[source] = new
         for user in list(source.users):
@@ -153,9 +152,12 @@ class SinkSelection(GraphPass):
         moved[layer, "matmul" if ROW_WISE[(source.op, source.target)] == "linear" else "op"] += 1
         return True
 
+    def _fake(self, node: Any) -> Any:
+        return self.virtual[node] if node in self.virtual else fake(node)
+
     def _plan(self, node: torch.fx.Node, dim: int, kind: str) -> dict[Any, int] | None:
         """{operand position (int index or kwarg name): dimension to select}, or None if rows mix."""
-        out = fake(node)
+        out = self._fake(node)
         if not isinstance(out, torch.Tensor) or dim >= out.dim():
             return None
         size = out.shape[dim]
@@ -165,23 +167,23 @@ class SinkSelection(GraphPass):
             return None if source_dim is None else {0: source_dim}
         plan = {}
         for slot, value in slots:  # elementwise: each operand broadcasts against the output
-            ndim = _ndim(value) if isinstance(value, torch.fx.Node) else None
-            if ndim is None:
-                if isinstance(value, torch.fx.Node) and not isinstance(fake(value), (int, float, bool, torch.SymInt,
-                                                                                    torch.SymFloat)):
+            operand = self._fake(value) if isinstance(value, torch.fx.Node) else None
+            if not isinstance(operand, torch.Tensor):
+                if isinstance(value, torch.fx.Node) and not isinstance(operand, (int, float, bool, torch.SymInt,
+                                                                                 torch.SymFloat)):
                     return None
                 continue
-            aligned = dim - (out.dim() - ndim)
-            if aligned < 0 or fake(value).shape[aligned] == 1:
+            aligned = dim - (out.dim() - operand.dim())
+            if aligned < 0 or operand.shape[aligned] == 1:
                 continue  # constant along the selected dimension: every row reads the same values
-            if not same_size(fake(value).shape[aligned], size):
+            if not same_size(operand.shape[aligned], size):
                 return None
             plan[slot] = aligned
         return plan
 
     def _source_dim(self, node: torch.fx.Node, dim: int, kind: str) -> int | None:
         """The dimension of the first operand that the output's `dim` comes from, if rows stay whole."""
-        src, out = fake(node.args[0]), fake(node)
+        src, out = self._fake(node.args[0]), self._fake(node)
         if not isinstance(src, torch.Tensor):
             return None
         if kind == "first":

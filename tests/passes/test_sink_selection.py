@@ -54,10 +54,13 @@ def _selected(node: torch.fx.Node) -> bool:
 
 
 @pytest.mark.parametrize("length", [64, 65, 72, 100, 257, 600])
-def test_pruning_layer_runs_o_proj_and_mlp_on_kept_rows(capture, length):
+@pytest.mark.parametrize("cut", [3, 5])
+def test_pruning_layer_runs_o_proj_and_mlp_on_kept_rows(capture, length, cut):
+    """Cut at 3: layer 2 on the kept rows, layer 5 on the logits row. Cut at 5: layer 4 on the kept rows,
+    then layer 5 (already on the kept rows) on the logits row: the moves chain."""
     model = tiny_model(num_hidden_layers=6, max_position_embeddings=4096)
     oracle = twin(model)
-    schedule = {3: 0.5}
+    schedule = {cut: 0.5}
     backend = capture(prune=True, schedule=schedule, **GEOMETRY)
     ids = torch.randint(0, 128, (1, length), generator=torch.Generator().manual_seed(length))
     torch._dynamo.mark_dynamic(ids, 1)
@@ -67,12 +70,12 @@ def test_pruning_layer_runs_o_proj_and_mlp_on_kept_rows(capture, length):
     torch.testing.assert_close(got, want.logits, atol=1e-4, rtol=0)
     record = backend.graphs[-1]
     result = _result(record)
-    assert "layer 2: 4 matmuls" in result.summary and "layer 5: 4 matmuls" in result.summary, result.summary
-    inputs = _linear_inputs(record["after"], "model.layers.2.")
-    assert sorted(inputs) == ["model.layers.2.mlp.down_proj", "model.layers.2.mlp.gate_proj",
-                              "model.layers.2.mlp.up_proj", "model.layers.2.self_attn.k_proj",
-                              "model.layers.2.self_attn.o_proj", "model.layers.2.self_attn.q_proj",
-                              "model.layers.2.self_attn.v_proj"]
+    scoring = cut - 1
+    assert f"layer {scoring}: 4 matmuls" in result.summary and "layer 5: 4 matmuls" in result.summary, result.summary
+    inputs = _linear_inputs(record["after"], f"model.layers.{scoring}.")
+    assert sorted(p.split(".", 3)[3] for p in inputs) == ["mlp.down_proj", "mlp.gate_proj", "mlp.up_proj",
+                                                          "self_attn.k_proj", "self_attn.o_proj",
+                                                          "self_attn.q_proj", "self_attn.v_proj"]
     # q/k/v need every row (the keys and values of all tokens, and the scores); the rest only the kept ones
     assert {p.rsplit(".", 1)[1] for p, n in inputs.items() if _selected(n)} == {"o_proj", "gate_proj", "up_proj",
                                                                                 "down_proj"}
