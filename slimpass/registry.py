@@ -16,7 +16,7 @@ import torch
 from slimpass.config import ConfigError, SlimConfig
 
 # Points of the pipeline where a user pass can run; each builtin pass name means "right after it".
-PASS_POINTS = ("start", "find_decoder_layers", "rewrite_attention", "insert_pruning", "end")
+PASS_POINTS = ("start", "find_decoder_layers", "rewrite_attention", "insert_pruning", "sink_selection", "end")
 
 
 @dataclasses.dataclass
@@ -99,7 +99,7 @@ def register_pass(fn: Callable[..., Any] | None = None, /, *, after: str = "end"
     """Add a user graph pass to the pipeline, run right after the builtin pass `after`.
 
     ``after`` is one of ``"start"`` (before discovery), ``"find_decoder_layers"``,
-    ``"rewrite_attention"``, ``"insert_pruning"`` or ``"end"`` (just before lowering). The pass is called as
+    ``"rewrite_attention"``, ``"insert_pruning"``, ``"sink_selection"`` or ``"end"`` (just before lowering). The pass is called as
     ``fn(gm, ctx)`` where `ctx` is the `PassContext` (config, `layer_map`, graph kind); it edits
     ``gm.graph`` in place and may return a `PassResult` or the number of nodes it changed.
 
