@@ -122,3 +122,28 @@ def _kernel():
 
 
 register_scorer("tokenunit_torch")(tokenunit_torch)
+
+# SnapKV's observation window: the last queries whose attention decides what is kept.
+OBSERVATION_WINDOW = 32
+
+
+@register_scorer("window_attention")
+def window_attention(q: torch.Tensor, k: torch.Tensor, settings: ScoreSettings) -> torch.Tensor:
+    """SnapKV-style: softmax attention of the last `OBSERVATION_WINDOW` queries (causal among themselves),
+    averaged over those queries, the max over query heads, the max over each block's tokens.
+
+    Unlike TokenUnit it normalises per query (softmax), so a block is important when some head
+    attends to it, rather than when its mean-pooled RoPE'd keys have a large dot product with a mean
+    query (which decays with distance). `local_window` is not used.
+    """
+    batch, heads_q, length, dim = q.shape
+    heads_kv = k.shape[1]
+    window = min(OBSERVATION_WINDOW, length)
+    queries = q[:, :, length - window :].float().view(batch, heads_kv, heads_q // heads_kv, window, dim)
+    logits = torch.einsum("bhgwd,bhnd->bhgwn", queries, k.float()) * dim**-0.5  # [B, Hkv, G, W, L]
+    keys_at = torch.arange(length, device=q.device)
+    query_at = torch.arange(length - window, length, device=q.device)
+    logits = logits.masked_fill(keys_at[None, :] > query_at[:, None], float("-inf"))
+    per_token = logits.softmax(dim=-1).mean(dim=3).amax(dim=(1, 2))  # [B, L]
+    blocks = length // settings.block_size
+    return per_token[:, : blocks * settings.block_size].view(batch, blocks, settings.block_size).amax(dim=-1)

@@ -186,6 +186,17 @@ def test_custom_scorer_reaches_graph_and_reference():
     assert calls
 
 
+@pytest.mark.parametrize("scorer", ["tokenunit_torch", "window_attention"])
+def test_builtin_scorers_compiled_match_reference(scorer):
+    """Every builtin scorer: the compiled pruned path and the reference keep the same tokens and logits."""
+    model = _model("llama")
+    oracle = twin(model)
+    slimpass.compile(model, options=_options(SCHEDULES["ratios"], scorer=scorer))
+    for length in (64, 100, 257, 480):
+        ids = torch.randint(0, 128, (1, length), generator=torch.Generator().manual_seed(length))
+        _assert_matches_reference(model, oracle, ids, _config(SCHEDULES["ratios"], scorer=scorer))
+
+
 def test_unknown_scorer_is_a_config_error():
     model = _model()
     slimpass.compile(model, options=_options(SCHEDULES["ratios"], scorer="nope"))
