@@ -93,7 +93,10 @@ def tokenunit_torch(q: torch.Tensor, k: torch.Tensor, settings: ScoreSettings) -
     blocks = length // settings.block_size
     units_per_block = settings.block_size // settings.unit_size
     local = q[:, :, length - settings.local_window :].float().mean(dim=2)  # [B, Hq, D]
-    keys = k[:, :, : blocks * settings.block_size].float()
+    # A copy, not a view: viewing the slice lets the tracer choose its layout by whether the length is a
+    # multiple of the block size (in float32 `.float()` is a no-op), a shape guard that recompiled the
+    # prefill graph under Inductor each time that flipped; see test_one_inductor_graph_for_all_lengths.
+    keys = k[:, :, : blocks * settings.block_size].clone(memory_format=torch.contiguous_format).float()
     unit_keys = keys.reshape(batch, heads_kv, blocks * units_per_block, settings.unit_size, dim).mean(dim=3)
     local = local.view(batch, heads_kv, heads_q // heads_kv, dim)
     unit_scores = torch.einsum("bhgd,bhud->bhgu", local, unit_keys).abs()  # [B, Hkv, G, units]
@@ -146,4 +149,5 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, settings: ScoreSettings) 
     logits = logits.masked_fill(keys_at[None, :] > query_at[:, None], float("-inf"))
     per_token = logits.softmax(dim=-1).mean(dim=3).amax(dim=(1, 2))  # [B, L]
     blocks = length // settings.block_size
-    return per_token[:, : blocks * settings.block_size].view(batch, blocks, settings.block_size).amax(dim=-1)
+    full = per_token[:, : blocks * settings.block_size].clone(memory_format=torch.contiguous_format)  # as above
+    return full.view(batch, blocks, settings.block_size).amax(dim=-1)
