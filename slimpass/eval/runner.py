@@ -28,7 +28,8 @@ from slimpass.eval import fidelity, models, tasks
 
 @dataclasses.dataclass(frozen=True)
 class EvalSettings:
-    """What to evaluate. `schedules`: name -> a `SlimConfig.schedule` value (preset name or mapping)."""
+    """What to evaluate. `schedules`: name -> a `SlimConfig.schedule` value (preset name or mapping), or a
+    dict of SlimConfig options holding "schedule" (e.g. ``{"schedule": {9: 0.5}, "scorer": "tokenunit"}``)."""
 
     model: str = models.DEFAULT_MODEL
     tasks: tuple[str, ...] = ("passkey",)
@@ -54,9 +55,16 @@ class EvalSettings:
             raise ValueError("give samples >= 1 and at least one schedule")
         slimpass.SlimConfig(prune=True, **self.options)  # bad options fail here, before any model work
         for name, schedule in self.schedules.items():
-            slimpass.SlimConfig(prune=True, schedule=schedule, **self.options)
+            slimpass.SlimConfig(prune=True, **{**self.options, **variant_options(schedule)})
             if name == "full":
                 raise ValueError("'full' names the unpruned model; give the schedule another name")
+
+
+def variant_options(value: Any) -> dict[str, Any]:
+    """SlimConfig options of one pruned variant: a schedule value, or a dict of options with "schedule"."""
+    if isinstance(value, dict) and "schedule" in value:
+        return {str(k): v for k, v in value.items()}
+    return {"schedule": value}
 
 
 class FirstTokenTimer(transformers.LogitsProcessor):
@@ -111,7 +119,7 @@ def _variants(model: torch.nn.Module, settings: EvalSettings) -> Iterator[tuple[
     yield "full", model
     for name, schedule in settings.schedules.items():
         torch._dynamo.reset()
-        options = {"prune": True, "schedule": schedule, "compiler": settings.compiler, **settings.options}
+        options = {"prune": True, "compiler": settings.compiler, **settings.options, **variant_options(schedule)}
         slimpass.compile(model, options=options)
         try:
             yield name, model

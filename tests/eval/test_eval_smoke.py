@@ -75,6 +75,10 @@ def test_cli_parsers():
     assert cli.parse_lengths("1k,2k,1500") == (1024, 2048, 1500)
     assert cli.parse_schedule('gentle={"9": 0.5, "19": [512, 0.25]}') == ("gentle", {9: 0.5, 19: (512, 0.25)})
     assert cli.parse_schedule("paper") == ("paper", "paper")
+    assert cli.parse_schedule('t={"schedule": {"9": 0.5}, "scorer": "tokenunit"}') == (
+        "t", {"schedule": {9: 0.5}, "scorer": "tokenunit"})
+    assert runner.variant_options({"schedule": {9: 0.5}, "scorer": "tokenunit"})["scorer"] == "tokenunit"
+    assert runner.variant_options("paper") == {"schedule": "paper"}
     with pytest.raises(argparse.ArgumentTypeError, match="expected token counts"):
         cli.parse_lengths("1x")
     with pytest.raises(argparse.ArgumentTypeError, match="bad JSON"):
