@@ -110,8 +110,9 @@ class SlimConfig:
     """Leading blocks always kept (attention sink)."""
     min_prompt_len: int = 1024
     """Prompts shorter than this are never pruned."""
-    scorer: str = "tokenunit"
-    """Name of the block scorer in the scorer registry."""
+    scorer: str = "window_attention"
+    """Name of the block scorer in the scorer registry: "window_attention" (SnapKV-style; kept needles far
+    more often than the paper's on SmolLM2, docs/QUALITY.md) or "tokenunit" (the paper's, Triton on GPU)."""
     rewrite_attention: bool = True
     """Replace provably causal masked attention by mask-free causal attention in prefill graphs."""
     sink_selection: bool = True

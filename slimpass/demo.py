@@ -101,8 +101,8 @@ def real_model_demo(args: argparse.Namespace) -> int:
         if key_position is not None:
             survived = [k.layer for k in kept if key_position in set(k.positions[0].tolist())]
             print(f"the pass key's first token (position {key_position}) reached cut layers: {survived or 'none'}")
-    print("\nThe paper's scorer (tokenunit) is known to rank needles low on this small model; "
-          "the quality study (issue #4) measures it and compares scorers.")
+    print("\nThe default scorer is SnapKV-style window attention; the paper's (scorer='tokenunit') loses most "
+          "needles on this small model: docs/QUALITY.md measures both.")
     return 0
 
 

@@ -111,6 +111,7 @@ def plot(results: dict[str, Any], path: Path) -> bool:
             ax.errorbar(xs, [r["accuracy"] for r in cells], capsize=3, marker="o", label=schedule,
                         yerr=[[r["accuracy"] - r["low"] for r in cells], [r["high"] - r["accuracy"] for r in cells]])
         ax.set(title=task, xlabel="prompt tokens", ylabel="accuracy", ylim=(-0.05, 1.05), xscale="log", xticks=xs)
+        ax.minorticks_off()  # log-scale minor labels would overprint the lengths
         ax.set_xticklabels([str(x) for x in xs])
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
