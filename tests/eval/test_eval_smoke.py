@@ -11,6 +11,7 @@ import json
 
 import pytest
 
+import slimpass
 from slimpass import cli
 from slimpass.eval import models, report, runner, tasks
 
@@ -94,3 +95,28 @@ def test_cli_eval_writes_the_report(smollm, tmp_path, capsys, monkeypatch):
     assert (tmp_path / "report.md").is_file() and "| passkey | 320" in capsys.readouterr().out
     assert cli.main(["eval", "--tasks", "nope", "--out", str(tmp_path), "--quiet"]) == 2
     assert "unknown task(s) ['nope']" in capsys.readouterr().err
+
+
+def test_cli_run_and_dump(smollm, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(models, "load", lambda name=models.DEFAULT_MODEL: smollm)
+    document = tmp_path / "doc.txt"
+    filler = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+    document.write_text(filler * 10 + "The pass key is 40213. Remember it. " + filler * 10)
+    try:
+        code = cli.main(["run", "--prompt-file", str(document), "--question", "What is the pass key?", "--compare",
+                         "--max-new-tokens", "6", "--option", "min_prompt_len=128"])
+        out = capsys.readouterr().out
+        assert code == 0 and "without SlimInfer: TTFT" in out and "with SlimInfer (default): TTFT" in out
+        assert "kept tokens per cut layer: layer 9:" in out
+    finally:
+        slimpass.restore(smollm[0])  # the module-scoped model stays plain for the other tests
+    try:
+        code = cli.main(["dump", "--length", "300", "--prune", "--option", "min_prompt_len=128", "--out",
+                         str(tmp_path / "dumps")])
+        assert code == 0
+        summaries = list((tmp_path / "dumps").glob("*/summary.md"))
+        assert summaries and "insert_pruning" in summaries[0].read_text()
+    finally:
+        slimpass.restore(smollm[0])
+    assert cli.main(["run", "--prompt-file", str(tmp_path / "missing.txt")]) == 2
+    assert "missing.txt" in capsys.readouterr().err
