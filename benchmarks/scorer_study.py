@@ -45,6 +45,8 @@ def main() -> None:
     parser.add_argument("--tasks", default="passkey:repeat,niah_single:natural")
     parser.add_argument("--schedules", nargs="+", default=["9:0.5,19:0.25"])
     parser.add_argument("--scorers", default="tokenunit,window_attention_w8,window_attention_w16,window_attention_w32")
+    parser.add_argument("--block-size", type=int, default=64)
+    parser.add_argument("--unit-size", type=int, default=8)
     parser.add_argument("--out")
     args = parser.parse_args()
     for window in (8, 16, 32, 64):
@@ -58,7 +60,8 @@ def main() -> None:
         for schedule_text in args.schedules:
             for scorer in args.scorers.split(","):
                 config = SlimConfig(prune=True, schedule=parse_schedule(schedule_text), min_prompt_len=256,
-                                    scorer=scorer)
+                                    scorer=scorer, block_size=args.block_size,
+                                    unit_size=min(args.unit_size, args.block_size))
                 survived = None
                 for sample in samples:
                     needle = {p for start, end in sample.needle_spans for p in range(start, end)}
@@ -67,6 +70,7 @@ def main() -> None:
                     got = [needle <= set(k.positions[0].tolist()) for k in state.keep_sets]
                     survived = got if survived is None else [a + b for a, b in zip(survived, got)]
                 rows.append({"task": task, "haystack": haystack, "length": args.length, "schedule": schedule_text,
+                             "block_size": args.block_size,
                              "scorer": scorer, "samples": args.samples, "survived_per_stage": survived})
                 print(f"{task:12s} {haystack:8s} {args.length:5d} {schedule_text:16s} {scorer:22s} "
                       + " / ".join(f"{s}/{args.samples}" for s in survived), flush=True)
