@@ -221,8 +221,7 @@ class InsertPruning(GraphPass):
             # later pass (sink_selection) can run that layer's attention output, o_proj and MLP on the
             # kept rows only; the gathers of what crosses the cut go after the residual.
             order = {node: i for i, node in enumerate(graph.nodes)}
-            selection = Inserter(graph, max(q, k, *( [previous] if previous is not None else []), key=order.get),
-                                 stage.layer)
+            selection = Inserter(graph, max(q, k, key=order.get), stage.layer)  # earlier stages come before
             gathers = Inserter(graph, residual, stage.layer)
             if previous is None:
                 current = selection.add(torch.ops.aten.sym_size.int, q, 2)  # [B, H, N, D]: the prompt length
@@ -241,8 +240,7 @@ class InsertPruning(GraphPass):
             kept = selection.add(torch.ops.aten.sym_size.int, index, 1)
             positions = index if positions is None else selection.add(pruning_ops.take_tokens, positions, index, 1)
             keep_outputs.append(stage.layer)
-            boundary = set(selection.nodes) | set(gathers.nodes)
-            self._redirect(graph, residual, boundary, index, current, kept, length, tracked, gathers, previous is None)
+            self._redirect(graph, residual, index, current, kept, length, tracked, gathers, previous is None)
             previous = kept
             result.matched += 1
             result.inserted += len(selection.nodes) + len(gathers.nodes)
@@ -253,11 +251,14 @@ class InsertPruning(GraphPass):
             ctx.guards.append(InputGuard(where[0], "min_len", where[1], min_prune_length(config)))
         result.summary = f"{len(stages)} pruning stage(s): " + "; ".join(s.describe() for s in stages)
 
-    def _redirect(self, graph, residual, boundary, index, current, kept, length, tracked, gathers, first_stage) -> None:
-        """Point every use after the cut at the kept tokens: the residual, token-indexed tensors, lengths."""
+    def _redirect(self, graph, residual, index, current, kept, length, tracked, gathers, first_stage) -> None:
+        """Point every use after the cut at the kept tokens: the residual, token-indexed tensors, lengths.
+
+        The selection nodes sit before the residual, and the gathers added here are not in `nodes`
+        (listed before they exist), so the walk below sees neither."""
         nodes = list(graph.nodes)
         start = nodes.index(residual)
-        before = set(nodes[: start + 1]) | boundary
+        before = set(nodes[: start + 1])
         replaced: dict[torch.fx.Node, torch.fx.Node] = {}
         add = gathers.add
         gathered_residual = add(pruning_ops.take_tokens, residual, index, 1)
@@ -280,7 +281,7 @@ class InsertPruning(GraphPass):
             return new
 
         for node in nodes[start + 1 :]:
-            if node in boundary or node in gathers.nodes or node.op == "output" or node in tracked:
+            if node.op == "output" or node in tracked:
                 continue
             if not isinstance(fake(node), torch.Tensor) and all(user.op == "output" for user in node.users):
                 continue  # a count returned to the cache (tokens seen): the original length, not the kept one

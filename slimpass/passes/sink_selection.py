@@ -66,10 +66,6 @@ class Selection:
             return graph.call_function(pruning_ops.take_tokens, (node, self.index, dim))
         return graph.call_function(operator.getitem, (node, (slice(None),) * dim + (self.rows,)))
 
-    def key(self) -> tuple:
-        rows = None if self.rows is None else (self.rows.start, self.rows.stop, self.rows.step)
-        return (self.index, rows)
-
 
 def selection_of(node: torch.fx.Node) -> tuple[torch.fx.Node, Selection] | None:
     """(source, selection) when `node` selects rows of one dimension of a tensor, else None."""
@@ -107,9 +103,10 @@ class SinkSelection(GraphPass):
         # so it gets that node's (consistent, pre-selection) shape for the later decisions.
         self.virtual: dict[torch.fx.Node, Any] = {}
         renamed: dict[torch.fx.Node, torch.fx.Node] = {}
-        while any(self._sink(gm.graph, node, *found, moved, renamed) for node in list(gm.graph.nodes)
-                  if (found := selection_of(node)) is not None):
-            pass  # one move per scan: a move erases nodes the scan's list still holds
+        moving = True
+        while moving:  # one move per scan (any() stops at it): a move erases nodes the scan's list still holds
+            moving = any(self._sink(gm.graph, node, *found, moved, renamed) for node in list(gm.graph.nodes)
+                         if (found := selection_of(node)) is not None)
         for layer in ctx.layer_map.layers:  # the residual nodes the layer map names may have moved
             layer.input = renamed.get(layer.input, layer.input)
             layer.output = renamed.get(layer.output, layer.output)

@@ -21,7 +21,7 @@ def smollm():
     try:
         return models.load()
     except models.ModelNotFound as err:
-        pytest.skip(str(err))
+        pytest.skip(f"needs the embedded SmolLM2 model (make installs it): {err}")
 
 
 def _settings(**extra):
