@@ -57,6 +57,14 @@ def _schedule_value(mapping: dict[str, Any]) -> Any:
     return {int(layer): tuple(b) if isinstance(b, list) else b for layer, b in mapping.items()}
 
 
+def parse_seeds(text: str) -> tuple[int, ...]:
+    """--seed 0,1,2 -> (0, 1, 2)."""
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seed {text!r}: give comma-separated integers, e.g. 0,1,2") from None
+
+
 def _options(pairs: list[str] | None) -> dict[str, Any]:
     """--option key=value (value parsed as JSON when it parses, else a string)."""
     options = {}
@@ -75,7 +83,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     schedules = dict(args.schedule or [("default", "default")])
     settings = runner.EvalSettings(
         model=args.model, tasks=tuple(args.tasks.split(",")), lengths=args.lengths, schedules=schedules,
-        samples=args.samples, seed=args.seed, haystack=args.haystack, max_new_tokens=args.max_new_tokens,
+        samples=args.samples, seeds=args.seed, haystack=args.haystack, device=args.device, max_new_tokens=args.max_new_tokens,
         fidelity_samples=args.fidelity_samples, compiler=args.compiler,
         options={"min_prompt_len": 256, **_options(args.option)})
     results = runner.run(settings, progress=not args.quiet)
@@ -176,7 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lengths", type=parse_lengths, default=parse_lengths("1k"))
     p.add_argument("--schedule", type=parse_schedule, action="append", help="NAME=VALUE, repeatable")
     p.add_argument("--samples", type=int, default=20)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", "--seeds", type=parse_seeds, default=(0,), metavar="SEEDS",
+                   help="comma-separated seeds; each gives --samples samples per cell (default 0)")
+    p.add_argument("--device", default="cpu", help="where the model runs: cpu (default), cuda, cuda:1, ...")
     p.add_argument("--haystack", default="natural", choices=("natural", "repeat"))
     p.add_argument("--max-new-tokens", type=int, default=24)
     p.add_argument("--fidelity-samples", type=int, default=0, help="natural-text prompts per length for fidelity")

@@ -30,7 +30,13 @@ def cache_dir() -> Path:
 
 
 def default_gguf() -> Path:
-    """Path of the GGUF file inside the installed wheel, or `ModelNotFound` with the install command."""
+    """Path of the GGUF file inside the installed wheel (or `SLIMPASS_GGUF`), or `ModelNotFound` with the
+    install command."""
+    given = os.environ.get("SLIMPASS_GGUF")
+    if given:
+        if not Path(given).is_file():
+            raise ModelNotFound(f"SLIMPASS_GGUF={given} is not a file; point it at {_GGUF} or unset it")
+        return Path(given)
     try:
         dist = importlib.metadata.distribution(_WHEEL)
     except importlib.metadata.PackageNotFoundError:

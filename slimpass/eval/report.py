@@ -27,7 +27,8 @@ def interval(scores: list[float]) -> tuple[float, float, float]:
     if all(s in (0.0, 1.0) for s in scores):
         centre = (mean + Z95**2 / (2 * n)) / (1 + Z95**2 / n)
         half = Z95 * math.sqrt(mean * (1 - mean) / n + Z95**2 / (4 * n * n)) / (1 + Z95**2 / n)
-        return mean, max(0.0, centre - half), min(1.0, centre + half)
+        # min/max: rounding may put a bound a hair on the wrong side of a mean of exactly 0 or 1
+        return mean, min(mean, max(0.0, centre - half)), max(mean, min(1.0, centre + half))
     half = Z95 * (statistics.stdev(scores) / math.sqrt(n) if n > 1 else 0.0)
     return mean, max(0.0, mean - half), min(1.0, mean + half)
 
@@ -53,6 +54,25 @@ def summarize(results: dict[str, Any]) -> list[dict[str, Any]]:
     return summary
 
 
+FULL_SCORES_WELL = 0.8
+
+
+def retention_summary(results: dict[str, Any], threshold: float = FULL_SCORES_WELL) -> list[dict[str, Any]]:
+    """Per (length, schedule): retention averaged over the task families where the full model scores at
+    least `threshold` at that length, and the lowest family's (the issue's acceptance measure)."""
+    rows = summarize(results)
+    full = {(r["task"], r["length"]): r["accuracy"] for r in rows if r["schedule"] == "full"}
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        if r["schedule"] != "full" and full.get((r["task"], r["length"]), 0.0) >= threshold:
+            groups[r["length"], r["schedule"]].append(r)
+    return [{"length": length, "schedule": schedule, "families": sorted(r["task"] for r in cells),
+             "mean": sum(r["retention"] for r in cells) / len(cells),
+             "worst": min(cells, key=lambda r: r["retention"])["task"],
+             "min": min(r["retention"] for r in cells)}
+            for (length, schedule), cells in sorted(groups.items())]
+
+
 def fidelity_summary(results: dict[str, Any]) -> list[dict[str, Any]]:
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for row in results["fidelity"]:
@@ -69,7 +89,10 @@ def _pct(value: float | None) -> str:
 def to_markdown(results: dict[str, Any]) -> str:
     rows = summarize(results)
     settings = results["settings"]
-    lines = [f"Model `{settings['model']}`, {settings['samples']} samples per cell, seed {settings['seed']}, "
+    seeds = settings["seeds"]
+    lines = [f"Model `{settings['model']}`, {settings['samples'] * len(seeds)} samples per cell "
+             f"({settings['samples']} from each of seeds {', '.join(map(str, seeds))}), device "
+             f"{results['environment'].get('device', 'cpu')}, "
              f"haystack {settings['haystack']}, options {settings['options']}; "
              f"torch {results['environment']['torch']}, transformers {results['environment']['transformers']}, "
              f"{results['environment']['date']}.", "",
@@ -81,6 +104,12 @@ def to_markdown(results: dict[str, Any]) -> str:
         lines.append(f"| {r['task']} | {r['length']} ({r['tokens']:.0f}) | {r['schedule']} | "
                      f"{_pct(r['accuracy'])} [{_pct(r['low'])}, {_pct(r['high'])}] | {_pct(r['retention'])} | "
                      f"{survival} | {kept} | {r['ttft_ms']:.0f} ms |")
+    kept = retention_summary(results)
+    if kept:
+        lines += ["", f"Retention over the families where the full model scores >= {FULL_SCORES_WELL:.0%}:", "",
+                  "| length | schedule | families | mean retention | lowest (family) |", "|---|---|---|---|---|"]
+        lines += [f"| {k['length']} | {k['schedule']} | {len(k['families'])} ({', '.join(k['families'])}) | "
+                  f"{_pct(k['mean'])} | {_pct(k['min'])} ({k['worst']}) |" for k in kept]
     fid = fidelity_summary(results)
     if fid:
         tokens = settings["fidelity_tokens"]

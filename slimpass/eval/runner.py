@@ -36,7 +36,8 @@ class EvalSettings:
     lengths: tuple[int, ...] = (1024,)
     schedules: dict[str, Any] = dataclasses.field(default_factory=lambda: {"default": "default"})
     samples: int = 20
-    seed: int = 0
+    """Samples per seed: a cell holds samples * len(seeds) of them."""
+    seeds: tuple[int, ...] = (0,)
     haystack: str = "natural"
     max_new_tokens: int = 24
     fidelity_samples: int = 0
@@ -44,6 +45,8 @@ class EvalSettings:
     options: dict[str, Any] = dataclasses.field(default_factory=lambda: {"min_prompt_len": 256})
     """Extra SlimConfig options for every pruned variant (scorer, block_size, ...)."""
     compiler: str = "eager"
+    device: str = "cpu"
+    """Where the model runs ("cpu", "cuda", ...); float32 everywhere, so answers match across devices up to rounding."""
 
     def __post_init__(self) -> None:
         unknown = [t for t in self.tasks if t not in tasks.TASKS]
@@ -51,8 +54,10 @@ class EvalSettings:
             raise ValueError(f"unknown task(s) {unknown}; known: {', '.join(tasks.TASKS)}")
         if not self.lengths or min(self.lengths) < 64:
             raise ValueError(f"lengths {self.lengths}: give prompt lengths of at least 64 tokens")
-        if self.samples < 1 or not self.schedules:
-            raise ValueError("give samples >= 1 and at least one schedule")
+        if self.samples < 1 or not self.schedules or not self.seeds:
+            raise ValueError("give samples >= 1, at least one seed and at least one schedule")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds {self.seeds} repeat a seed: its samples would count twice")
         slimpass.SlimConfig(prune=True, **self.options)  # bad options fail here, before any model work
         for name, schedule in self.schedules.items():
             slimpass.SlimConfig(prune=True, **{**self.options, **variant_options(schedule)})
@@ -76,6 +81,8 @@ class FirstTokenTimer(transformers.LogitsProcessor):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if self.first is None:
+            if scores.is_cuda:
+                torch.cuda.synchronize(scores.device)  # the logits exist, not just their kernels' launches
             self.first = time.perf_counter()
         return scores
 
@@ -98,7 +105,8 @@ def survival(sample: tasks.Sample, keep_sets: list[Any] | None) -> list[bool] | 
 
 def answer(model: torch.nn.Module, tokenizer: Any, sample: tasks.Sample, max_new_tokens: int) -> dict[str, Any]:
     """Greedy answer of one sample, its score, TTFT and (pruned models) the kept counts and needle survival."""
-    ids = sample.input_ids
+    device = next(model.parameters()).device
+    ids = sample.input_ids.to(device)
     timer = FirstTokenTimer()
     with torch.inference_mode():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
@@ -131,13 +139,16 @@ def _variants(model: torch.nn.Module, settings: EvalSettings) -> Iterator[tuple[
 def run(settings: EvalSettings, progress: bool = True, loaded: tuple[Any, Any] | None = None) -> dict[str, Any]:
     """Evaluate; returns {"settings", "environment", "tasks": [rows], "fidelity": [rows]} (see report)."""
     model, tokenizer = loaded or models.load(settings.model)
-    samples = {(t, n): tasks.make_samples(t, tokenizer, n, settings.samples, seed=settings.seed,
-                                          haystack=settings.haystack)
+    model.to(settings.device)
+    samples = {(t, n): [s for seed in settings.seeds
+                        for s in tasks.make_samples(t, tokenizer, n, settings.samples, seed=seed,
+                                                    haystack=settings.haystack)]
                for t in settings.tasks for n in settings.lengths}
     natural = tokenizer(tasks.haystack_text("natural"), add_special_tokens=False).input_ids \
         if settings.fidelity_samples else []
     variants = 1 + len(settings.schedules)
-    total = variants * (len(samples) * settings.samples + len(settings.lengths) * settings.fidelity_samples)
+    prompts = [(seed, i) for seed in settings.seeds for i in range(settings.fidelity_samples)]
+    total = variants * (sum(map(len, samples.values())) + len(settings.lengths) * len(prompts))
     bar = _progress(total, progress)
     task_rows, fidelity_rows, full_views = [], [], {}
     for variant, runner in _variants(model, settings):
@@ -147,14 +158,14 @@ def run(settings: EvalSettings, progress: bool = True, loaded: tuple[Any, Any] |
                                   **answer(runner, tokenizer, sample, settings.max_new_tokens)})
                 bar and bar.update()
         for length in settings.lengths if settings.fidelity_samples else ():
-            for i in range(settings.fidelity_samples):
-                ids = fidelity.natural_prompt(natural, length, settings.seed * 7919 + i)
+            for seed, i in prompts:
+                ids = fidelity.natural_prompt(natural, length, seed * 7919 + i).to(settings.device)
                 view = fidelity.continuation(runner, ids, settings.fidelity_tokens, tokenizer.eos_token_id)
                 if variant == "full":
-                    full_views[length, i] = view
+                    full_views[length, seed, i] = view
                 else:
-                    fidelity_rows.append({"length": length, "schedule": variant, "sample": i,
-                                          **fidelity.compare(full_views[length, i], view)})
+                    fidelity_rows.append({"length": length, "schedule": variant, "seed": seed, "sample": i,
+                                          **fidelity.compare(full_views[length, seed, i], view)})
                 bar and bar.update()
     bar and bar.close()
     return {"settings": _jsonable(dataclasses.asdict(settings)), "environment": environment(model),
@@ -167,6 +178,7 @@ def environment(model: torch.nn.Module) -> dict[str, Any]:
         "model_type": config.model_type, "layers": config.num_hidden_layers, "torch": torch.__version__,
         "transformers": transformers.__version__, "python": platform.python_version(),
         "machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+        "device": torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else "cpu",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 

@@ -25,11 +25,14 @@ def fingerprint(scorer: str) -> str:
     """
     digest = hashlib.sha256(inspect.getsource(sys.modules[__name__]).encode())
     fn = get_scorer(scorer)
-    try:
-        digest.update(inspect.getsource(fn).encode())
+    try:  # the scorer's whole module: it covers helpers the scorer calls and module constants
+        digest.update(inspect.getsource(inspect.getmodule(fn) or fn).encode())
     except (OSError, TypeError):
         code = getattr(fn, "__code__", None)
         digest.update(repr((code.co_code, code.co_consts) if code else id(fn)).encode())
+    # a scorer made by a factory differs from its siblings only in the values it closed over
+    cells = getattr(fn, "__closure__", None) or ()
+    digest.update(repr([c.cell_contents for c in cells if isinstance(c.cell_contents, (int, float, str, bool))]).encode())
     return digest.hexdigest()[:16]
 
 

@@ -25,9 +25,9 @@ def smollm():
 
 
 def _settings(**extra):
-    return runner.EvalSettings(tasks=("passkey",), lengths=(320,), schedules={"half": {9: 0.5}}, samples=2,
-                               max_new_tokens=8, fidelity_samples=1, fidelity_tokens=4,
-                               options={"min_prompt_len": 128}, **extra)
+    given = {"tasks": ("passkey",), "lengths": (320,), "schedules": {"half": {9: 0.5}}, "samples": 2,
+             "max_new_tokens": 8, "fidelity_samples": 1, "fidelity_tokens": 4, "options": {"min_prompt_len": 128}}
+    return runner.EvalSettings(**{**given, **extra})
 
 
 def test_runner_rows_and_report(smollm, tmp_path):
@@ -61,6 +61,30 @@ def test_interval_is_wilson_for_binary_scores():
     assert mean == 0.95 and 0.763 < low < 0.764 and 0.991 < high < 0.992  # Wilson 95%: [0.7639, 0.9911]
     mean, low, high = report.interval([0.5, 1.0, 0.5, 1.0])
     assert mean == 0.75 and low < 0.75 < high
+    for scores in ([1.0] * 60, [0.0] * 60):  # the bounds never leave the mean outside (the plot's error bars)
+        mean, low, high = report.interval(scores)
+        assert low <= mean <= high and 0.0 <= low and high <= 1.0 and high - low > 0.03
+
+
+def test_retention_summary_counts_only_families_the_full_model_answers():
+    def rows(task, schedule, right, n=10):
+        return [{"task": task, "length": 512, "schedule": schedule, "score": float(i < right), "tokens": 512,
+                 "kept": None, "survived": None, "ttft_ms": 1.0} for i in range(n)]
+
+    results = {"tasks": rows("a", "full", 10) + rows("a", "cut", 9) + rows("b", "full", 8) + rows("b", "cut", 8)
+               + rows("c", "full", 5) + rows("c", "cut", 0)}
+    (kept,) = report.retention_summary(results)
+    assert kept["families"] == ["a", "b"]  # c: the full model scores 50%, below the 80% bar
+    assert kept["mean"] == pytest.approx((0.9 + 1.0) / 2) and kept["min"] == pytest.approx(0.9) and kept["worst"] == "a"
+
+
+def test_several_seeds_fill_one_cell(smollm):
+    results = runner.run(_settings(seeds=(3, 4), fidelity_samples=0), progress=False, loaded=smollm)
+    full = [r for r in results["tasks"] if r["schedule"] == "full"]
+    assert len(full) == 4 and len({r["seed"] for r in full}) == 4  # 2 samples from each seed, all different
+    assert report.summarize(results)[0]["n"] == 4
+    with pytest.raises(ValueError, match="repeat a seed"):
+        runner.EvalSettings(seeds=(1, 1))
 
 
 def test_settings_reject_bad_values():
@@ -74,6 +98,9 @@ def test_settings_reject_bad_values():
 
 def test_cli_parsers():
     assert cli.parse_lengths("1k,2k,1500") == (1024, 2048, 1500)
+    assert cli.parse_seeds("0,1,2") == (0, 1, 2)
+    with pytest.raises(argparse.ArgumentTypeError, match="comma-separated integers"):
+        cli.parse_seeds("0;1")
     assert cli.parse_schedule('gentle={"9": 0.5, "19": [512, 0.25]}') == ("gentle", {9: 0.5, 19: (512, 0.25)})
     assert cli.parse_schedule("paper") == ("paper", "paper")
     assert cli.parse_schedule('t={"schedule": {"9": 0.5}, "scorer": "tokenunit"}') == (
