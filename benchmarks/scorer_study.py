@@ -1,7 +1,8 @@
 """Needle survival per pruning stage for several scorers and schedules (plain-PyTorch reference loop).
 
-    PYTHONPATH=. python benchmarks/scorer_study.py --length 1000 --samples 20 \\
-        --tasks passkey:repeat,niah_single:natural --schedules 9:0.5,19:0.25 12:0.5,20:0.25
+    PYTHONPATH=. python benchmarks/scorer_study.py --lengths 1000,2000 --samples 20 --seeds 1,2,3 \\
+        --tasks passkey:repeat,niah_single:natural --schedules 9:0.5,19:0.25 15:0.5,19:0.25 \\
+        --scorers tokenunit,window_attention --block-sizes 16,64 [--device cuda] [--out rows.json]
 
 The primary metric of the scorer study (docs/QUALITY.md): for each sample, does every token of the
 needle sentence reach the layer after each cut? It measures the scorer even where the small model

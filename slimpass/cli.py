@@ -15,6 +15,7 @@ schedule, e.g. 'paper_scorer={"schedule": {"9": 0.5, "19": 0.25}, "scorer": "tok
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -147,6 +148,36 @@ def cmd_dump(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    import slimpass
+    from slimpass.eval import calibrate, models
+
+    model, tokenizer = models.load(args.model)
+    model.to(args.device)
+    config = slimpass.SlimConfig(prune=True, **_options(args.option))
+    try:
+        ratios = tuple(float(r) for r in args.ratios.split(","))
+    except ValueError:
+        raise ValueError(f"--ratios {args.ratios!r}: give comma-separated keep ratios, e.g. 0.5,0.25") from None
+    table = calibrate.layer_survival(model, tokenizer, config, tuple(args.tasks.split(",")), args.length,
+                                     args.samples, args.seed, ratios, progress=not args.quiet)
+    print(f"Needle survival of one cut scored at each layer ({table.samples} prompts: "
+          f"{', '.join(table.settings['tasks'])}; ~{args.length} tokens; scorer {config.scorer}, "
+          f"block {config.block_size}):\n")
+    print(table.to_markdown())
+    schedule = calibrate.recommend(table, args.target)
+    if schedule is None:
+        print(f"No layer keeps the needle in {args.target:.0%} of the prompts at every ratio: try a gentler ratio, "
+              "smaller blocks (--option block_size=16) or longer prompts.")
+    else:
+        text = json.dumps({str(layer): ratio for layer, ratio in schedule.items()})
+        print(f"Recommended: --schedule 'calibrated={text}'   (confirm with slimpass eval: survival per stage)")
+    if args.out:
+        Path(args.out).write_text(json.dumps({**dataclasses.asdict(table), "recommended": schedule}, indent=1))
+        print(f"wrote {args.out}")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace, extra: list[str]) -> int:
     folder = Path(__file__).resolve().parent.parent / "benchmarks"
     if not folder.is_dir():
@@ -167,7 +198,7 @@ def cmd_demo(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from slimpass.eval import models
+    from slimpass.eval import calibrate, models
 
     parser = argparse.ArgumentParser(prog="slimpass", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -208,6 +239,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prune", action="store_true")
     p.add_argument("--schedule", type=parse_schedule)
 
+    p = sub.add_parser("calibrate", help="per-layer needle survival of one cut, and the schedule it suggests")
+    common(p)
+    p.add_argument("--tasks", default=",".join(calibrate.DEFAULT_TASKS),
+                   help="comma-separated task:haystack needle tasks")
+    p.add_argument("--length", type=int, default=1024)
+    p.add_argument("--samples", type=int, default=10, help="prompts per task")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ratios", default="0.5,0.25", help="keep ratio of each stage, in order")
+    p.add_argument("--target", type=float, default=0.95, help="survival a stage's scoring layer must reach")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", help="also write the table as JSON here")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
     p = sub.add_parser("bench", help="benchmark suites: cpu (pytest-benchmark), prefill / scoring / profile (GPU)")
     p.add_argument("suite", choices=("cpu", "prefill", "scoring", "profile"))
     sub.add_parser("demo", help="the README's demo (python -m slimpass.demo)")
@@ -224,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command in ("bench", "demo"):
             return {"bench": cmd_bench, "demo": cmd_demo}[args.command](args, extra)
-        return {"eval": cmd_eval, "run": cmd_run, "dump": cmd_dump}[args.command](args)
+        return {"eval": cmd_eval, "run": cmd_run, "dump": cmd_dump, "calibrate": cmd_calibrate}[args.command](args)
     except (ModelNotFound, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -100,9 +100,10 @@ class SlimConfig:
     schedule: Mapping[int, Any] | str | None = None
     """Layer -> budget of that layer's input: int tokens, float keep ratio of the prompt, or (tokens, ratio)
     for the smaller of the two; or a preset, "default" (= None) or "paper". See `slimpass.schedule`."""
-    block_size: int = 32
-    """Tokens per block, the unit that is kept or dropped. 32: at ~1k tokens a 25% cut keeps only two middle
-    blocks of 64, too few to hold a needle that straddles a boundary (docs/QUALITY.md)."""
+    block_size: int = 16
+    """Tokens per block, the unit that is kept or dropped. 16: at ~1k tokens a 25% cut keeps 14 middle
+    blocks of 16 but only 2 of 64, too few to hold a needle that straddles a boundary; on the H100 16, 32
+    and 64 run at the same speed (docs/QUALITY.md, docs/PERF.md)."""
     unit_size: int = 8
     """Tokens per scoring unit; must divide `block_size`."""
     local_window: int = 4
