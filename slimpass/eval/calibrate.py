@@ -18,6 +18,7 @@ first stage's survivors, so confirm a recommendation with `slimpass eval` (needl
 from __future__ import annotations
 
 import dataclasses
+from fractions import Fraction
 from typing import Any
 
 import torch
@@ -26,6 +27,7 @@ from slimpass.config import SlimConfig
 from slimpass.eval import tasks
 from slimpass.runtime import reference
 from slimpass.runtime.scoring import ScoreSettings, get_scorer
+from slimpass.schedule import Stage, middle_budget
 
 DEFAULT_TASKS = ("passkey:repeat", "niah_single:natural", "niah_multikey:natural", "qa:natural")
 
@@ -55,21 +57,19 @@ class SurvivalTable:
 def _needle_kept_per_layer(model, input_ids: torch.Tensor, needle: set[int], config: SlimConfig,
                            ratios: tuple[float, ...]) -> list[list[bool]]:
     """For one prompt: per layer, per ratio, would a single cut scored at that layer keep the needle?"""
-    decoder = reference._decoder(model)
     length = input_ids.shape[1]
     settings = ScoreSettings(config.block_size, config.unit_size, config.local_window)
     scorer = get_scorer("tokenunit_torch" if config.scorer == "tokenunit" else config.scorer)
-    h = decoder.embed_tokens(input_ids)
-    positions = torch.arange(length, device=input_ids.device)[None]
-    cos, sin = decoder.rotary_emb(h, positions)
     needed_blocks = {p // config.block_size for p in needle}
+    depth = model.config.num_hidden_layers
     rows = []
-    for layer in decoder.layers[:-1]:  # the last layer's scores would cut nothing
-        h, q, k, _ = reference._layer(layer, h, cos, sin, positions, None)
+    for index, q, k in reference.layer_queries_keys(model, input_ids):
+        if index == depth - 1:  # the last layer's scores would cut nothing
+            break
         scores = scorer(q, k, settings)[0]
         row = []
         for ratio in ratios:
-            keep_middle = max(int(length * ratio) // config.block_size - config.sink_blocks - 1, 0)
+            keep_middle = middle_budget(Stage(index + 1, None, Fraction(ratio).limit_denominator(1 << 16)), length, config)
             row.append(needed_blocks <= set(reference.select_blocks(scores, length, keep_middle, config)))
         rows.append(row)
     return rows

@@ -26,6 +26,7 @@ Use::
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -159,6 +160,20 @@ def prefill(model: torch.nn.Module, input_ids: torch.Tensor, config: SlimConfig 
         values.append(v)
     logits = model.lm_head(decoder.norm(h[:, -1:]))[:, 0]
     return ReferenceState(logits, keep_sets, keys, values, prompt_len)
+
+
+@torch.no_grad()
+def layer_queries_keys(model: torch.nn.Module, input_ids: torch.Tensor) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """(layer index, post-RoPE queries, keys) of every decoder layer of an unpruned forward, in order.
+
+    What a scorer at that layer would see (`slimpass.eval.calibrate` ranks blocks at each layer)."""
+    decoder = _decoder(model)
+    h = decoder.embed_tokens(input_ids)
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand(input_ids.shape[0], -1)
+    cos, sin = decoder.rotary_emb(h, positions)
+    for index, layer in enumerate(decoder.layers):
+        h, q, k, _ = _layer(layer, h, cos, sin, positions, None)
+        yield index, q, k
 
 
 @torch.no_grad()

@@ -49,3 +49,14 @@ def test_pruned_prefill_keeps_original_positions():
         assert (rows[:, :8] == torch.arange(8)).all() and (rows[:, -3:] == torch.arange(200, 203)).all()
     assert set(second.positions[0].tolist()) <= set(first.positions[0].tolist())  # cumulative
     assert [k.shape[2] for k in state.keys] == [203, 203, 91, 91, 35, 35]  # each layer caches what reached it
+
+
+def test_layer_queries_keys_are_the_unpruned_prefill_keys():
+    model = tiny_model("llama")
+    ids = torch.randint(0, 128, (1, 96), generator=torch.Generator().manual_seed(3))
+    state = reference.prefill(model, ids)
+    seen = list(reference.layer_queries_keys(model, ids))
+    assert [index for index, _, _ in seen] == list(range(len(state.keys)))
+    for (index, q, k), keys in zip(seen, state.keys):
+        torch.testing.assert_close(k, keys)
+        assert q.shape[2] == 96 and q.shape[1] == model.config.num_attention_heads
