@@ -17,7 +17,7 @@ from .conftest import tiny_model, twin
     [
         ("block_size", 0, "block_size=0 is out of range"),
         ("block_size", 64.0, "expected an int"),
-        ("unit_size", 7, "must divide block_size=64"),
+        ("unit_size", 7, "must divide block_size=16"),
         ("local_window", -1, "local_window=-1"),
         ("compiler", "tvm", "expected one of 'inductor', 'eager'"),
         ("attention_backend", "xformers", "attention_backend='xformers'"),
