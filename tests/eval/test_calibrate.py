@@ -29,14 +29,6 @@ def test_bad_ratios_are_refused():
         calibrate.layer_survival(None, None, ratios=(0.5, 1.0))
 
 
-@pytest.fixture(scope="module")
-def smollm():
-    try:
-        return models.load()
-    except models.ModelNotFound as err:
-        pytest.skip(f"needs the embedded SmolLM2 model (make installs it): {err}")
-
-
 def test_layer_survival_on_the_real_model(smollm, capsys, monkeypatch):
     model, tokenizer = smollm
     table = calibrate.layer_survival(model, tokenizer, SlimConfig(prune=True), ("passkey:repeat",), length=512,

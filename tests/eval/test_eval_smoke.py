@@ -16,14 +16,6 @@ from slimpass import cli
 from slimpass.eval import models, report, runner, tasks
 
 
-@pytest.fixture(scope="module")
-def smollm():
-    try:
-        return models.load()
-    except models.ModelNotFound as err:
-        pytest.skip(f"needs the embedded SmolLM2 model (make installs it): {err}")
-
-
 def _settings(**extra):
     given = {"tasks": ("passkey",), "lengths": (320,), "schedules": {"half": {9: 0.5}}, "samples": 2,
              "max_new_tokens": 8, "fidelity_samples": 1, "fidelity_tokens": 4, "options": {"min_prompt_len": 128}}
