@@ -89,6 +89,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         options={"min_prompt_len": 256, **_options(args.option)})
     results = runner.run(settings, progress=not args.quiet)
     print(report.to_markdown(results))
+    for schedule in report.unpruned_schedules(results):
+        print(f"warning: schedule {schedule!r} pruned no prompt; its rows measure the full model", file=sys.stderr)
     for path in report.write(results, args.out):
         print(f"wrote {path}")
     return 0

@@ -54,6 +54,15 @@ def summarize(results: dict[str, Any]) -> list[dict[str, Any]]:
     return summary
 
 
+def unpruned_schedules(results: dict[str, Any]) -> list[str]:
+    """Pruned variants whose every task row ran dense (kept == []): their numbers are the full model's."""
+    by_schedule: dict[str, list[Any]] = defaultdict(list)
+    for row in results["tasks"]:
+        if row["schedule"] != "full":
+            by_schedule[row["schedule"]].append(row["kept"])
+    return sorted(name for name, kept in by_schedule.items() if all(k == [] for k in kept))
+
+
 FULL_SCORES_WELL = 0.8
 
 
@@ -104,6 +113,10 @@ def to_markdown(results: dict[str, Any]) -> str:
         lines.append(f"| {r['task']} | {r['length']} ({r['tokens']:.0f}) | {r['schedule']} | "
                      f"{_pct(r['accuracy'])} [{_pct(r['low'])}, {_pct(r['high'])}] | {_pct(r['retention'])} | "
                      f"{survival} | {kept} | {r['ttft_ms']:.0f} ms |")
+    for schedule in unpruned_schedules(results):
+        lines += ["", f"**Warning: schedule `{schedule}` pruned no prompt** (every call ran the dense graph: prompts "
+                      "shorter than min_prompt_len, or a pass declined, e.g. transformers 5.17 under generate; "
+                      "`slimpass.compiled_graphs(model)` says why). Its rows measure the full model."]
     kept = retention_summary(results)
     if kept:
         lines += ["", f"Retention over the families where the full model scores >= {FULL_SCORES_WELL:.0%}:", "",

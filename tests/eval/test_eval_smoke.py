@@ -139,3 +139,17 @@ def test_cli_run_and_dump(smollm, tmp_path, capsys, monkeypatch):
         slimpass.restore(smollm[0])
     assert cli.main(["run", "--prompt-file", str(tmp_path / "missing.txt")]) == 2
     assert "missing.txt" in capsys.readouterr().err
+
+
+def test_report_warns_when_a_schedule_pruned_nothing():
+    def row(schedule, kept):
+        return {"task": "passkey", "length": 512, "schedule": schedule, "score": 1.0, "tokens": 512, "kept": kept,
+                "survived": None, "ttft_ms": 1.0}
+
+    results = {"settings": {"model": "m", "samples": 1, "seeds": [0], "haystack": "repeat", "options": {},
+                            "fidelity_tokens": 32},
+               "environment": {"torch": "t", "transformers": "x", "date": "d"}, "fidelity": [],
+               "tasks": [row("full", None), row("dense", []), row("dense", []), row("cut", [[9, 256]]), row("cut", [])]}
+    assert report.unpruned_schedules(results) == ["dense"]
+    text = report.to_markdown(results)
+    assert "schedule `dense` pruned no prompt" in text and "schedule `cut` pruned" not in text
