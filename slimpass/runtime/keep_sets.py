@@ -84,7 +84,7 @@ def last_keep_sets(model: Any) -> list[KeepSet] | None:
         model = slimpass.compile(model, options={"prune": True})
         model.generate(ids, max_new_tokens=32)
         for keep in slimpass.last_keep_sets(model):
-            print(keep.layer, keep.tokens, keep.blocks(64)[0])
+            print(keep.layer, keep.tokens, keep.blocks(16)[0])
     """
     state = model.__dict__.get("_slimpass_state") if hasattr(model, "__dict__") else None
     return None if state is None else state.last_keep
