@@ -20,7 +20,7 @@ import torch
 
 import slimpass
 from slimpass.config import SlimConfig
-from slimpass.eval import models, tasks
+from slimpass.eval import models, runner, tasks
 from slimpass.runtime import reference, scoring
 
 
@@ -60,11 +60,12 @@ def main() -> None:
                                 scorer=scorer, block_size=block, unit_size=min(args.unit_size, block))
             survived = None
             for sample in samples:
-                needle = {p for start, end in sample.needle_spans for p in range(start, end)}
                 with torch.inference_mode():
                     state = reference.prefill(model, sample.input_ids.to(args.device), config)
-                got = [needle <= set(k.positions[0].tolist()) for k in state.keep_sets]
-                survived = got if survived is None else [a + b for a, b in zip(survived, got)]
+                got = runner.survival(sample, state.keep_sets)
+                if got is None:
+                    raise SystemExit(f"task {task!r} has no needle to follow; study needle tasks")
+                survived = [int(g) for g in got] if survived is None else [a + b for a, b in zip(survived, got)]
             rows.append({"task": task, "haystack": haystack, "length": length, "schedule": schedule_text,
                          "block_size": block,
                          "scorer": scorer, "samples": len(samples), "seeds": seeds, "survived_per_stage": survived})

@@ -170,7 +170,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     schedule = calibrate.recommend(table, args.target)
     if schedule is None:
         print(f"No layer keeps the needle in {args.target:.0%} of the prompts at every ratio: try a gentler ratio, "
-              "smaller blocks (--option block_size=16) or longer prompts.")
+              "smaller blocks (--option block_size=8) or longer prompts.")
     else:
         text = json.dumps({str(layer): ratio for layer, ratio in schedule.items()})
         print(f"Recommended: --schedule 'calibrated={text}'   (confirm with slimpass eval: survival per stage)")

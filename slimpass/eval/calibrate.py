@@ -24,9 +24,8 @@ from typing import Any
 import torch
 
 from slimpass.config import SlimConfig
-from slimpass.eval import tasks
+from slimpass.eval import runner, tasks
 from slimpass.runtime import reference
-from slimpass.runtime.scoring import ScoreSettings, get_scorer
 from slimpass.schedule import Stage, middle_budget
 
 DEFAULT_TASKS = ("passkey:repeat", "niah_single:natural", "niah_multikey:natural", "qa:natural")
@@ -58,15 +57,13 @@ def _needle_kept_per_layer(model, input_ids: torch.Tensor, needle: set[int], con
                            ratios: tuple[float, ...]) -> list[list[bool]]:
     """For one prompt: per layer, per ratio, would a single cut scored at that layer keep the needle?"""
     length = input_ids.shape[1]
-    settings = ScoreSettings(config.block_size, config.unit_size, config.local_window)
-    scorer = get_scorer("tokenunit_torch" if config.scorer == "tokenunit" else config.scorer)
     needed_blocks = {p // config.block_size for p in needle}
     depth = model.config.num_hidden_layers
     rows = []
     for index, q, k in reference.layer_queries_keys(model, input_ids):
         if index == depth - 1:  # the last layer's scores would cut nothing
             break
-        scores = scorer(q, k, settings)[0]
+        scores = reference.block_scores(q, k, config)[0]
         row = []
         for ratio in ratios:
             keep_middle = middle_budget(Stage(index + 1, None, Fraction(ratio).limit_denominator(1 << 16)), length, config)
@@ -88,16 +85,9 @@ def layer_survival(model, tokenizer, config: SlimConfig | None = None, task_spec
         task, _, haystack = spec.partition(":")
         prompts += tasks.make_samples(task, tokenizer, length, samples, seed=seed, haystack=haystack or "natural")
     total = None
-    bar = None
-    if progress:
-        try:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=len(prompts), unit="prompt", dynamic_ncols=True)
-        except ImportError:
-            pass
+    bar = runner.progress_bar(len(prompts), progress, unit="prompt")
     for sample in prompts:
-        needle = {p for start, end in sample.needle_spans for p in range(start, end)}
+        needle = sample.needle_positions
         if not needle:
             raise ValueError(f"task {sample.task!r} has no needle to follow; calibrate with needle tasks")
         kept = _needle_kept_per_layer(model, sample.input_ids.to(device), needle, config, ratios)

@@ -87,19 +87,19 @@ class FirstTokenTimer(transformers.LogitsProcessor):
         return scores
 
 
-def _progress(total: int, enabled: bool):
+def progress_bar(total: int, enabled: bool, unit: str = "run"):
     try:
         from tqdm.auto import tqdm
     except ImportError:  # optional: no bar without tqdm
         return None
-    return tqdm(total=total, disable=not enabled, unit="run", dynamic_ncols=True)
+    return tqdm(total=total, disable=not enabled, unit=unit, dynamic_ncols=True)
 
 
 def survival(sample: tasks.Sample, keep_sets: list[Any] | None) -> list[bool] | None:
     """Per pruning stage: did every token of every needle reach that layer? None if nothing to check."""
     if not sample.needle_spans or keep_sets is None:
         return None
-    needed = {p for start, end in sample.needle_spans for p in range(start, end)}
+    needed = sample.needle_positions
     return [needed <= set(k.positions[0].tolist()) for k in keep_sets]
 
 
@@ -149,7 +149,7 @@ def run(settings: EvalSettings, progress: bool = True, loaded: tuple[Any, Any] |
     variants = 1 + len(settings.schedules)
     prompts = [(seed, i) for seed in settings.seeds for i in range(settings.fidelity_samples)]
     total = variants * (sum(map(len, samples.values())) + len(settings.lengths) * len(prompts))
-    bar = _progress(total, progress)
+    bar = progress_bar(total, progress)
     task_rows, fidelity_rows, full_views = [], [], {}
     for variant, runner in _variants(model, settings):
         for (task, length), group in samples.items():

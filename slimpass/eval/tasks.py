@@ -61,6 +61,11 @@ class Sample:
     length: int
     info: dict
 
+    @property
+    def needle_positions(self) -> set[int]:
+        """Every token position of every needle (what must survive pruning)."""
+        return {p for start, end in self.needle_spans for p in range(start, end)}
+
 
 @dataclasses.dataclass(frozen=True)
 class _Placed:

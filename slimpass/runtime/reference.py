@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from slimpass.config import SlimConfig
 from slimpass.runtime.keep_sets import KeepSet  # a plain record, shared with the compiled path's report
 from slimpass.runtime.scoring import ScoreSettings, get_scorer
-from slimpass.schedule import Stage, min_prune_length, resolve_schedule
+from slimpass.schedule import Stage, middle_budget, min_prune_length, resolve_schedule
 
 
 @dataclasses.dataclass
@@ -103,6 +103,13 @@ def _layer(layer: torch.nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torc
     return h, q, k, v
 
 
+def block_scores(q: torch.Tensor, k: torch.Tensor, config: SlimConfig) -> torch.Tensor:
+    """[B, L // block] scores of the configured scorer; for "tokenunit" its torch version (the compiled
+    graph may run the Triton kernel; the reference stays plain PyTorch)."""
+    name = "tokenunit_torch" if config.scorer == "tokenunit" else config.scorer
+    return get_scorer(name)(q, k, ScoreSettings(config.block_size, config.unit_size, config.local_window))
+
+
 def select_blocks(scores: torch.Tensor, length: int, keep_middle: int, config: SlimConfig) -> list[int]:
     """The kept block indices of one row: sinks, the `keep_middle` best middle blocks, the last block."""
     block, sink = config.block_size, config.sink_blocks
@@ -142,12 +149,9 @@ def prefill(model: torch.nn.Module, input_ids: torch.Tensor, config: SlimConfig 
     for index, layer in enumerate(decoder.layers):
         stage = stages.get(index)
         if stage is not None:
-            settings = ScoreSettings(config.block_size, config.unit_size, config.local_window)
-            # the torch version of the paper's scorer (the compiled graph may run its Triton kernel)
-            name = "tokenunit_torch" if config.scorer == "tokenunit" else config.scorer
-            scores = get_scorer(name)(q, k, settings)
+            scores = block_scores(q, k, config)
             length = h.shape[1]
-            keep_middle = max(stage.budget(prompt_len) // config.block_size - config.sink_blocks - 1, 0)
+            keep_middle = middle_budget(stage, prompt_len, config)
             rows = [_positions_of(select_blocks(scores[b], length, keep_middle, config), length, config.block_size)
                     for b in range(batch)]
             index_t = torch.tensor(rows, device=h.device)  # [B, K] indices into the current sequence
