@@ -16,9 +16,10 @@ from slimpass.passes.base import GraphPass, PassContext, PassResult
 from slimpass.registry import configure, register_pass, unregister_pass
 from slimpass.runtime.keep_sets import KeepSet, last_keep_sets, plot_keep_sets
 from slimpass.runtime.scoring import ScoreSettings, make_window_attention, register_scorer
+from slimpass.runtime.slim_cache import MemoryReport, SlimCache
 
 __all__ = [
-    "ConfigError", "GraphPass", "KeepSet", "PassContext", "PassResult", "ScoreSettings", "SlimConfig", "compile",
+    "ConfigError", "GraphPass", "KeepSet", "MemoryReport", "PassContext", "PassResult", "ScoreSettings", "SlimCache", "SlimConfig", "compile",
     "compiled_graphs", "config", "configure", "last_keep_sets", "make_window_attention", "plot_keep_sets", "register_pass",
     "register_scorer",
     "restore", "sliminfer", "unregister_pass",

@@ -3,7 +3,9 @@
 ``torch.compile(model)`` returns a wrapper whose ``.generate`` still calls the uncompiled model;
 `compile` instead replaces ``model.forward`` on the instance, so HF's ``generate`` runs the
 compiled prefill and decode graphs. It also marks the prompt length (and the KV-cache length)
-dynamic, so one prefill graph and one decode graph serve every length.
+dynamic, so one prefill graph and one decode graph serve every length, and gives every ``generate``
+call that brings no cache a fresh `SlimCache` (per-layer kept positions, memory report), into which
+the prefill records its keep sets.
 """
 
 from __future__ import annotations
@@ -16,7 +18,10 @@ import torch
 
 from slimpass.backend import GraphRecord, compile_graph
 from slimpass.config import resolve
+from slimpass.hf_compat import cache_argument
 from slimpass.registry import REGISTRY
+from slimpass.runtime import slim_cache
+from slimpass.runtime.keep_sets import state_of
 
 # Inputs whose last dimension is the sequence length.
 _SEQUENCE_INPUTS = ("input_ids", "attention_mask", "position_ids", "cache_position", "token_type_ids")
@@ -52,6 +57,18 @@ def _drop_trivial_mask(kwargs: dict) -> None:
         kwargs["attention_mask"] = None
 
 
+def _cache_of(kwargs: dict) -> Any:
+    return kwargs.get("past_key_values", kwargs.get("cache"))
+
+
+def _prompt_length(args: tuple, kwargs: dict) -> int | None:
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    if isinstance(ids, torch.Tensor):
+        return int(ids.shape[-1])
+    embeds = kwargs.get("inputs_embeds")
+    return int(embeds.shape[1]) if isinstance(embeds, torch.Tensor) else None
+
+
 def compile(  # noqa: A001 - mirrors torch.compile
     model: torch.nn.Module,
     *,
@@ -76,16 +93,37 @@ def compile(  # noqa: A001 - mirrors torch.compile
     backend = functools.partial(compile_graph, options=options, mode=mode, model=model)
     compiled = torch.compile(original, backend=backend, fullgraph=fullgraph, dynamic=None)
 
+    state = state_of(model)
+
     @functools.wraps(original)
     def forward(*args: Any, **kwargs: Any) -> Any:
         if config.prune:
             _drop_trivial_mask(kwargs)
         if config.dynamic_prompt:
             _mark_dynamic(args, kwargs)
-        return compiled(*args, **kwargs)
+        cache = _cache_of(kwargs)
+        prefill = isinstance(cache, slim_cache.SlimCache) and cache.get_seq_length() == 0
+        if prefill:
+            state.last_keep = None  # set again by this call's prefill graph when pruning is compiled in
+        out = compiled(*args, **kwargs)
+        if prefill:
+            cache.record_prefill(_prompt_length(args, kwargs), state.last_keep or [])
+        return out
+
+    original_generate = model.__dict__.get("_slimpass_original_generate", model.generate)
+    cache_name = cache_argument(model)
+    with_slim_cache = slim_cache.supports(model.config)
+
+    @functools.wraps(original_generate)
+    def generate(*args: Any, **kwargs: Any) -> Any:
+        if with_slim_cache and _cache_of(kwargs) is None and kwargs.get("use_cache", True):
+            kwargs[cache_name] = slim_cache.SlimCache(model.config)  # every request a clean cache
+        return original_generate(*args, **kwargs)
 
     model.__dict__["_slimpass_original_forward"] = original
+    model.__dict__["_slimpass_original_generate"] = original_generate
     model.forward = forward
+    model.generate = generate
     return model
 
 
@@ -94,6 +132,8 @@ def restore(model: torch.nn.Module) -> torch.nn.Module:
     original = model.__dict__.pop("_slimpass_original_forward", None)
     if original is not None:
         model.__dict__.pop("forward", None)
+    if model.__dict__.pop("_slimpass_original_generate", None) is not None:
+        model.__dict__.pop("generate", None)
     return model
 
 

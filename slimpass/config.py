@@ -134,6 +134,17 @@ class SlimConfig:
     """Write per-graph dumps (graph before/after each pass, summary.md, skeleton) under this folder."""
     dynamic_prompt: bool = True
     """`slimpass.compile` marks the prompt length dynamic, so one prefill graph serves all lengths."""
+    reselect: bool = False
+    """Decode-time reselection (paper section 4.3): at each slim layer (a layer at or after the first
+    pruning stage) every decoding step re-scores the layer's cached prompt blocks with the current query
+    and attends to the sink blocks, the `active_tokens` best, the last prompt block and the generated
+    tokens. Needs a `SlimCache` (`slimpass.compile`'s `generate` passes one)."""
+    active_tokens: int = 2048
+    """Per slim layer, the prompt tokens a decoding step attends to under `reselect` (whole blocks; the
+    sink blocks and the last prompt block come on top)."""
+    gamma: float = 0.9
+    """Reselection hysteresis: a layer's active blocks change only when the share of the newly chosen
+    best blocks already active drops under `gamma` (1.0: follow every step's choice; 0.0: never change)."""
 
     def __post_init__(self) -> None:
         _check_bool("prune", self.prune)
@@ -163,6 +174,12 @@ class SlimConfig:
         if self.dump_dir is not None:
             object.__setattr__(self, "dump_dir", os.fspath(self.dump_dir))
         _check_bool("dynamic_prompt", self.dynamic_prompt)
+        _check_bool("reselect", self.reselect)
+        _check_range("active_tokens", self.active_tokens, 1)
+        if isinstance(self.gamma, bool) or not isinstance(self.gamma, (int, float)) or not 0.0 <= self.gamma <= 1.0:
+            raise ConfigError(f"SlimConfig.gamma={self.gamma!r}: expected a float in [0, 1] (the overlap under which "
+                              "a layer's active blocks are swapped)")
+        object.__setattr__(self, "gamma", float(self.gamma))
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:

@@ -18,3 +18,9 @@ def decode_mask_skipped_under_compile() -> bool:
     from transformers import masking_utils
 
     return "padding_mask is not None and is_tracing" in inspect.getsource(masking_utils._ignore_causal_mask_sdpa)
+
+
+def cache_argument(model) -> str:
+    """The name under which `forward` and `generate` take the KV cache: "cache" from transformers 5.24,
+    "past_key_values" before (5.24 still accepts it, with a deprecation warning)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"

@@ -1,0 +1,183 @@
+"""`SlimCache`: the KV cache of a pruned prompt — per layer the tokens that reached it, their original
+positions, and what they cost in memory.
+
+After a pruned prefill each decoder layer holds the K/V of a different set of prompt tokens: all of
+them before the first pruning stage, the survivors of each stage after it. `SlimCache` is a
+`transformers` cache (a `DynamicCache`, so `generate` and the compiled graphs use it unchanged) that
+also knows, per layer, the original positions of those tokens and the prompt's original length:
+
+- `get_seq_length()` is the original prompt length plus the generated tokens, for every layer (it is
+  what positions the next token), not the number of tokens a pruned layer holds;
+- `positions(layer)` are the original positions of the layer's cached tokens;
+- `memory_report()` gives per layer the tokens held and their bytes on the accelerator and on the CPU.
+
+`slimpass.compile` links it: its `generate` passes a fresh `SlimCache` to every request that brings no
+cache of its own, and after a prefill that ran on an empty `SlimCache` the keep sets that the pruned
+graph reported (`slimpass.last_keep_sets`) are recorded into it (`record_prefill`). Models with
+sliding-window or other non-global attention layers are not supported (`SlimCache` raises; `generate`
+then keeps transformers' own cache).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+
+from slimpass.runtime.keep_sets import KeepSet
+
+
+class SlimLayer(DynamicLayer):
+    """One decoder layer's K/V: the prompt tokens that reached the layer, then every generated token.
+
+    `prompt_positions` ([B, n], original positions of the cached prompt tokens) is None while the layer
+    holds the whole prompt (an unpruned layer, or before `SlimCache.record_prefill`).
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.prompt_positions: torch.Tensor | None = None
+
+    def reset(self) -> None:
+        super().reset()
+        self.prompt_positions = None
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerMemory:
+    """One layer's share of a `SlimCache`: tokens held (per row) and the bytes of its K and V."""
+
+    layer: int
+    tokens: int
+    gpu_bytes: int
+    cpu_bytes: int
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryReport:
+    """`SlimCache.memory_report()`: per layer, and the totals against an unpruned cache of the same length."""
+
+    layers: tuple[LayerMemory, ...]
+    dense_bytes: int
+    """What a cache holding every token at every layer would take (same dtype, heads, head size)."""
+
+    @property
+    def gpu_bytes(self) -> int:
+        return sum(m.gpu_bytes for m in self.layers)
+
+    @property
+    def cpu_bytes(self) -> int:
+        return sum(m.cpu_bytes for m in self.layers)
+
+    @property
+    def total_bytes(self) -> int:
+        return self.gpu_bytes + self.cpu_bytes
+
+    def __str__(self) -> str:
+        lines = ["layer  tokens  accelerator MB  cpu MB"]
+        lines += [f"{m.layer:5d}  {m.tokens:6d}  {m.gpu_bytes / 2**20:14.2f}  {m.cpu_bytes / 2**20:6.2f}" for m in self.layers]
+        share = self.total_bytes / self.dense_bytes if self.dense_bytes else 0.0
+        lines.append(f"total  {self.total_bytes / 2**20:.2f} MB = {share:.1%} of the unpruned cache "
+                     f"({self.dense_bytes / 2**20:.2f} MB)")
+        return "\n".join(lines)
+
+
+def _attention_layer_types(config: Any) -> list[str]:
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    types = getattr(text, "layer_types", None)
+    if types is None:
+        window = getattr(text, "sliding_window", None)
+        kind = "sliding_attention" if window is not None else "full_attention"
+        types = [kind] * text.num_hidden_layers
+    return list(types)
+
+
+def supports(config: Any) -> bool:
+    """Whether a model config has only global (full) attention layers, the layers `SlimCache` models."""
+    return all(kind == "full_attention" for kind in _attention_layer_types(config))
+
+
+class SlimCache(DynamicCache):
+    """A `DynamicCache` whose layers remember the original positions of the tokens they hold.
+
+    Use::
+
+        cache = slimpass.SlimCache(model.config)
+        out = model.generate(input_ids, past_key_values=cache, max_new_tokens=64)  # `cache=` from transformers 5.24
+        print(cache.memory_report())
+
+    A cache serves one request: pass a new one (or none: `slimpass.compile`'s `generate` makes one)
+    for every `generate` call.
+    """
+
+    def __init__(self, config: Any) -> None:
+        types = _attention_layer_types(config)
+        if not supports(config):
+            other = sorted({kind for kind in types if kind != "full_attention"})
+            raise ValueError(
+                f"SlimCache: the model has {', '.join(other)} layers; SlimCache models global-attention layers "
+                "only (sliding-window layers drop old tokens that pruning bookkeeping would keep). Use "
+                "transformers' own cache for this model (slimpass.compile's generate does so)")
+        Cache.__init__(self, layers=[SlimLayer() for _ in types])
+        self.prompt_len = 0
+        self.recorded = False
+
+    # --- what transformers asks -------------------------------------------------------------------------
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Original prompt length + generated tokens (the next token's position), whatever the layer.
+
+        Layer 0 is never pruned (a stage cuts the input of a layer >= 1), so its cache length is that
+        count; reading it keeps the value symbolic inside compiled graphs."""
+        return self.layers[0].get_seq_length() if self.layers else 0
+
+    # --- what slimpass records and reports --------------------------------------------------------------
+    def record_prefill(self, prompt_len: int, keep_sets: Sequence[KeepSet]) -> None:
+        """After the prefill of a `prompt_len`-token prompt: each layer from a stage's layer on holds
+        that stage's kept tokens (until the next stage). Checks that the caches agree."""
+        stages = {keep.layer: keep.positions for keep in keep_sets}
+        positions = None
+        for index, layer in enumerate(self.layers):
+            positions = stages.get(index, positions)
+            held = layer.get_seq_length()
+            expected = prompt_len if positions is None else positions.shape[-1]
+            if held != expected:
+                raise RuntimeError(
+                    f"SlimCache.record_prefill: layer {index} holds {held} tokens but the keep sets say {expected} "
+                    f"(prompt of {prompt_len}); was this cache used for an earlier request? Pass a new SlimCache "
+                    "to each generate call")
+            layer.prompt_positions = None if positions is None else positions.to(layer.keys.device)
+        self.prompt_len = prompt_len
+        self.recorded = True
+
+    def generated(self) -> int:
+        """Tokens appended after the prompt (0 before decoding)."""
+        return max(0, self.get_seq_length() - self.prompt_len) if self.recorded else 0
+
+    def positions(self, layer_idx: int) -> torch.Tensor:
+        """[B, n] original positions of the tokens cached at layer `layer_idx` (prompt, then generated)."""
+        layer = self.layers[layer_idx]
+        if not layer.is_initialized or layer.keys is None or layer.keys.numel() == 0:
+            raise ValueError(f"SlimCache.positions({layer_idx}): the layer holds no tokens yet (run a prefill first)")
+        batch, device = layer.keys.shape[0], layer.keys.device
+        if layer.prompt_positions is None:
+            return torch.arange(layer.get_seq_length(), device=device).expand(batch, -1)
+        prompt = layer.prompt_positions
+        tail = torch.arange(self.prompt_len, self.prompt_len + self.generated(), device=device).expand(batch, -1)
+        return torch.cat([prompt, tail], dim=1)
+
+    def memory_report(self) -> MemoryReport:
+        """Per layer: tokens held and the bytes of its K and V on the accelerator and on the CPU."""
+        rows, dense = [], 0
+        dense_tokens = self.get_seq_length()
+        for index, layer in enumerate(self.layers):
+            tensors = [t for t in (layer.keys, layer.values) if isinstance(t, torch.Tensor) and t.numel()]
+            size = sum(t.numel() * t.element_size() for t in tensors)
+            on_cpu = sum(t.numel() * t.element_size() for t in tensors if t.device.type == "cpu")
+            tokens = layer.get_seq_length()
+            rows.append(LayerMemory(index, tokens, size - on_cpu, on_cpu))
+            if tokens:
+                dense += size * dense_tokens // tokens
+        return MemoryReport(tuple(rows), dense)
