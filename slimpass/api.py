@@ -42,6 +42,10 @@ def _mark_dynamic(args: tuple, kwargs: dict) -> None:
         for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
             if isinstance(tensor, torch.Tensor) and tensor.dim() == 4 and tensor.shape[2] > 1:
                 torch._dynamo.maybe_mark_dynamic(tensor, 2)
+        for name, dim in (("prompt_positions", 1), ("active", 1), ("unit_keys", 2)):  # SlimLayer's
+            tensor = getattr(layer, name, None)
+            if isinstance(tensor, torch.Tensor) and tensor.shape[dim] > 1:
+                torch._dynamo.maybe_mark_dynamic(tensor, dim)
 
 
 def _drop_trivial_mask(kwargs: dict) -> None:
@@ -107,7 +111,7 @@ def compile(  # noqa: A001 - mirrors torch.compile
             state.last_keep = None  # set again by this call's prefill graph when pruning is compiled in
         out = compiled(*args, **kwargs)
         if prefill:
-            cache.record_prefill(_prompt_length(args, kwargs), state.last_keep or [])
+            cache.record_prefill(_prompt_length(args, kwargs), state.last_keep or [], config)
         return out
 
     original_generate = model.__dict__.get("_slimpass_original_generate", model.generate)

@@ -15,6 +15,7 @@ from slimpass.passes.base import GraphPass, PassContext, PassResult
 from slimpass.passes.dump import GraphDumper
 from slimpass.passes.find_decoder_layers import FindDecoderLayers
 from slimpass.passes.insert_pruning import InsertPruning
+from slimpass.passes.reselect_kv import ReselectKV
 from slimpass.passes.rewrite_attention import RewriteAttention
 from slimpass.passes.sink_selection import SinkSelection
 from slimpass.registry import REGISTRY
@@ -31,6 +32,8 @@ BUILTIN_PASSES: tuple[type[GraphPass], ...] = (
     InsertPruning,
     # After pruning: moves its gathers (and the logits_to_keep slice) above the row-wise ops that feed them.
     SinkSelection,
+    # Decode graphs on an armed SlimCache: slim layers attend to their reselected blocks.
+    ReselectKV,
 )
 
 
@@ -51,7 +54,10 @@ def _impure(node: torch.fx.Node) -> bool:
     if node.op == "call_method":
         return str(node.target).endswith("_")
     if node.op == "call_function":
-        schema = getattr(node.target, "_schema", None)
+        target = node.target
+        if isinstance(target, torch._ops.OpOverloadPacket):  # Dynamo graphs call packets: resolve the overload
+            target = getattr(target, "default", target)
+        schema = getattr(target, "_schema", None)
         if schema is not None:  # an ATen/custom op says whether it writes its inputs
             return schema.is_mutable
         if getattr(node.target, "__module__", None) == "_operator":

@@ -16,6 +16,18 @@ The method (one pruning point, after layer ``p - 1``, cutting the input of layer
    keeps its original position (RoPE is not re-indexed). Later stages cut what survived.
 4. Each layer's KV cache holds the tokens that reached it. Decoding appends each new token to every
    layer's cache (generated tokens are never pruned) at position prompt length + step.
+5. Decode-time reselection (``SlimConfig.reselect``, paper section 4.3). The slim layers are the
+   layers from the first pruning stage on. Each slim layer cuts its cached prompt tokens (in cache
+   order) into blocks as in 1 and, once after prefill, summarises every full block by its
+   representative keys: the mean of each ``unit_size`` keys (float32), what stays on the accelerator
+   when the cache is offloaded. At each decoding step the scorer scores the blocks from the step's
+   query (one query) against those representative keys (each unit one "token", blocks of
+   ``block_size // unit_size`` units); the best ``active_tokens // block_size`` middle blocks are the
+   candidates. The first step's candidates become the layer's active set. The step attends to the
+   sink blocks, the active blocks, the last prompt block and every generated token (this step's
+   included). After attending, when fewer than ``gamma`` of the candidates are already active, the
+   candidates become the active set of the *next* step (one step of lag: an offloading cache copies
+   the new blocks while the rest of the step runs).
 
 Use::
 
@@ -26,7 +38,7 @@ Use::
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -90,12 +102,21 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tens
 
 
 def _layer(layer: torch.nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q_pos: torch.Tensor,
-           past: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None):
-    """One decoder layer. Returns (new h, q, k, v) with k/v of this step only."""
+           past: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+           attend_to: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None):
+    """One decoder layer. Returns (new h, q, k, v) with k/v of this step only.
+
+    `attend_to(q, keys)`, if given, returns [B, n] indices of the cached + new keys the step attends to."""
     attn = layer.self_attn
     q, k, v = _project(attn, layer.input_layernorm(h), cos, sin)
     keys, values, k_pos = (k, v, q_pos) if past is None else (
         torch.cat([past[0], k], 2), torch.cat([past[1], v], 2), torch.cat([past[2], q_pos], 1))
+    if attend_to is not None:
+        index = attend_to(q, keys)
+        rows = torch.arange(keys.shape[0], device=keys.device)[:, None]
+        keys = keys.transpose(1, 2)[rows, index].transpose(1, 2)
+        values = values.transpose(1, 2)[rows, index].transpose(1, 2)
+        k_pos = k_pos[rows, index]
     out = _attend(q, keys, values, q_pos, k_pos, attn.scaling)
     out = attn.o_proj(out.transpose(1, 2).reshape(h.shape[0], h.shape[1], -1))
     h = h + out
@@ -180,10 +201,51 @@ def layer_queries_keys(model: torch.nn.Module, input_ids: torch.Tensor) -> Itera
         yield index, q, k
 
 
+@dataclasses.dataclass
+class Reselection:
+    """One slim layer's decode-time reselection state (section 5 of the module docstring)."""
+
+    keys: torch.Tensor  # [B, Hkv, n, D] the layer's cached prompt keys
+    config: SlimConfig
+    active: list[list[int]] | None = None  # per row, the active middle blocks (cache-order block indices)
+    swapped_in: int = 0  # blocks that entered an active set after the first step, summed over rows
+
+    def __post_init__(self) -> None:
+        batch, heads, n, dim = self.keys.shape
+        block, unit = self.config.block_size, self.config.unit_size
+        full = n // block * block
+        self.prompt_tokens = n
+        self.unit_keys = self.keys[:, :, :full].float().reshape(batch, heads, full // unit, unit, dim).mean(dim=3)
+
+    def __call__(self, q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        config, n = self.config, self.prompt_tokens
+        block = config.block_size
+        settings = ScoreSettings(block // config.unit_size, 1, config.local_window)
+        name = "tokenunit_torch" if config.scorer == "tokenunit" else config.scorer
+        scores = get_scorer(name)(q, self.unit_keys, settings)  # [B, full blocks]
+        keep_middle = config.active_tokens // block
+        candidates = [select_blocks(scores[b], n, keep_middle, config)[config.sink_blocks:-1]
+                      for b in range(keys.shape[0])]
+        if self.active is None:
+            self.active = candidates
+        last = (n - 1) // block
+        sinks = list(range(min(config.sink_blocks, last)))
+        rows = [_positions_of(sinks + active + [last], n, block) + list(range(n, keys.shape[2]))
+                for active in self.active]
+        for b, (now, new) in enumerate(zip(self.active, candidates)):  # for the next step
+            if new and len(set(now) & set(new)) < config.gamma * len(new):
+                self.swapped_in += len(set(new) - set(now))
+                self.active[b] = new
+        return torch.tensor(rows, device=keys.device)
+
+
 @torch.no_grad()
 def generate(model: torch.nn.Module, input_ids: torch.Tensor, config: SlimConfig | None = None,
-             max_new_tokens: int = 32) -> torch.Tensor:
-    """Greedy decoding after a (pruned) prefill: returns [B, prompt + max_new_tokens] token ids."""
+             max_new_tokens: int = 32, trace: list[dict[int, list[list[int]]]] | None = None) -> torch.Tensor:
+    """Greedy decoding after a (pruned) prefill: returns [B, prompt + max_new_tokens] token ids.
+
+    With ``config.reselect``, slim layers attend to their reselected blocks (section 5); `trace`, if
+    given, receives per decoding step {slim layer: per row its active middle blocks}."""
     decoder = _decoder(model)
     state = prefill(model, input_ids, config)
     batch = input_ids.shape[0]
@@ -194,6 +256,9 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, config: SlimConfig
     for index in range(len(decoder.layers)):
         positions = stages.get(index, positions)
         caches.append((state.keys[index], state.values[index], positions))
+    first_slim = state.keep_sets[0].layer if state.keep_sets else len(caches)
+    reselect = {index: Reselection(caches[index][0], config)
+                for index in range(first_slim, len(caches)) if config is not None and config.reselect}
     out = [input_ids, state.logits.argmax(-1, keepdim=True)]
     for step in range(max_new_tokens - 1):
         token = out[-1]
@@ -201,8 +266,10 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, config: SlimConfig
         h = decoder.embed_tokens(token)
         cos, sin = decoder.rotary_emb(h, pos)
         for index, layer in enumerate(decoder.layers):
-            h, _, k, v = _layer(layer, h, cos, sin, pos, caches[index])
+            h, _, k, v = _layer(layer, h, cos, sin, pos, caches[index], reselect.get(index))
             keys, values, kpos = caches[index]
             caches[index] = (torch.cat([keys, k], 2), torch.cat([values, v], 2), torch.cat([kpos, pos], 1))
+        if trace is not None:
+            trace.append({index: [list(row) for row in r.active] for index, r in reselect.items()})
         out.append(model.lm_head(decoder.norm(h)).argmax(-1))
     return torch.cat(out, dim=1)

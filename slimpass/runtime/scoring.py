@@ -3,7 +3,9 @@
 A scorer is a function ``fn(q, k, settings) -> scores`` registered under a name with
 `register_scorer`; ``SlimConfig.scorer`` picks one by name. The contract:
 
-- ``q``: ``[B, Hq, L, D]`` queries after RoPE, ``k``: ``[B, Hkv, L, D]`` keys after RoPE, ``Hq % Hkv == 0``
+- ``k``: ``[B, Hkv, L, D]`` keys after RoPE; ``q``: ``[B, Hq, Lq, D]`` the queries of the *last* ``Lq``
+  positions after RoPE: ``Lq = L`` at a pruning stage, ``Lq = 1`` when a decoding step reselects
+  (`slimpass.runtime.reselection`; its query comes after every key); ``Hq % Hkv == 0``
   (grouped-query attention: query head ``h`` reads key head ``h // (Hq // Hkv)``);
 - ``settings``: a `ScoreSettings` (block size, unit size, local window);
 - returns ``[B, L // block_size]`` float32 scores, one per *full* block, higher = more important.
@@ -88,11 +90,11 @@ def scorer_names() -> list[str]:
 
 def tokenunit_torch(q: torch.Tensor, k: torch.Tensor, settings: ScoreSettings) -> torch.Tensor:
     """The paper's TokenUnit scorer in plain PyTorch (the specification the Triton kernel must match)."""
-    batch, heads_q, length, dim = q.shape
-    heads_kv = k.shape[1]
+    batch, heads_q, queries, dim = q.shape
+    heads_kv, length = k.shape[1], k.shape[2]
     blocks = length // settings.block_size
     units_per_block = settings.block_size // settings.unit_size
-    local = q[:, :, length - settings.local_window :].float().mean(dim=2)  # [B, Hq, D]
+    local = q[:, :, max(queries - settings.local_window, 0) :].float().mean(dim=2)  # [B, Hq, D]
     # A copy, not a view: viewing the slice lets the tracer choose its layout by whether the length is a
     # multiple of the block size (in float32 `.float()` is a no-op), a shape guard that recompiled the
     # prefill graph under Inductor each time that flipped; see test_one_inductor_graph_for_all_lengths.
@@ -185,13 +187,13 @@ def make_window_attention(window: int = OBSERVATION_WINDOW, pool_radius: int = P
         raise ConfigError(f"make_window_attention: window={window} must be >= 1 and pool_radius={pool_radius} >= 0")
 
     def window_attention(q: torch.Tensor, k: torch.Tensor, settings: ScoreSettings) -> torch.Tensor:
-        batch, heads_q, length, dim = q.shape
-        heads_kv = k.shape[1]
-        seen = min(window, length)
-        queries = q[:, :, length - seen :].float().view(batch, heads_kv, heads_q // heads_kv, seen, dim)
+        batch, heads_q, count, dim = q.shape
+        heads_kv, length = k.shape[1], k.shape[2]
+        seen = min(window, count)
+        queries = q[:, :, count - seen :].float().view(batch, heads_kv, heads_q // heads_kv, seen, dim)
         logits = torch.einsum("bhgwd,bhnd->bhgwn", queries, k.float()) * dim**-0.5  # [B, Hkv, G, W, L]
         keys_at = torch.arange(length, device=q.device)
-        query_at = torch.arange(length - seen, length, device=q.device)
+        query_at = torch.arange(length - seen, length, device=q.device)  # the last queries of the sequence
         logits = logits.masked_fill(keys_at[None, :] > query_at[:, None], float("-inf"))
         per_token = logits.softmax(dim=-1).mean(dim=3).amax(dim=(1, 2))  # [B, L]
         if pool_radius:

@@ -27,6 +27,8 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
+from slimpass.config import SlimConfig
+from slimpass.runtime import reselection
 from slimpass.runtime.keep_sets import KeepSet
 
 
@@ -37,13 +39,24 @@ class SlimLayer(DynamicLayer):
     holds the whole prompt (an unpruned layer, or before `SlimCache.record_prefill`).
     """
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, index: int = 0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        self.index = index
         self.prompt_positions: torch.Tensor | None = None
+        self.active: torch.Tensor | None = None  # reselection state (slimpass.runtime.reselection), when armed
+        self.stats: torch.Tensor | None = None
+        self.unit_keys: torch.Tensor | None = None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+        keys, values = super().update(key_states, value_states, *args, **kwargs)
+        if self.active is not None:  # a decoding step at an armed slim layer: show the pass its state
+            torch.ops.slimpass.bind_layer_state(self.active, self.stats, self.prompt_positions, self.unit_keys,
+                                                self.index)
+        return keys, values
 
     def reset(self) -> None:
         super().reset()
-        self.prompt_positions = None
+        self.prompt_positions = self.active = self.stats = self.unit_keys = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,9 +134,10 @@ class SlimCache(DynamicCache):
                 f"SlimCache: the model has {', '.join(other)} layers; SlimCache models global-attention layers "
                 "only (sliding-window layers drop old tokens that pruning bookkeeping would keep). Use "
                 "transformers' own cache for this model (slimpass.compile's generate does so)")
-        Cache.__init__(self, layers=[SlimLayer() for _ in types])
+        Cache.__init__(self, layers=[SlimLayer(index) for index in range(len(types))])
         self.prompt_len = 0
         self.recorded = False
+        self.block_bytes = 0  # K + V bytes of one block of one row (for the reselection report)
 
     # --- what transformers asks -------------------------------------------------------------------------
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -134,9 +148,11 @@ class SlimCache(DynamicCache):
         return self.layers[0].get_seq_length() if self.layers else 0
 
     # --- what slimpass records and reports --------------------------------------------------------------
-    def record_prefill(self, prompt_len: int, keep_sets: Sequence[KeepSet]) -> None:
+    def record_prefill(self, prompt_len: int, keep_sets: Sequence[KeepSet], config: SlimConfig | None = None) -> None:
         """After the prefill of a `prompt_len`-token prompt: each layer from a stage's layer on holds
-        that stage's kept tokens (until the next stage). Checks that the caches agree."""
+        that stage's kept tokens (until the next stage). Checks that the caches agree. With
+        ``config.reselect``, arms decode-time reselection at every slim layer whose cached prompt has more
+        middle blocks than ``config.active_tokens`` allows (at the others it would change nothing)."""
         stages = {keep.layer: keep.positions for keep in keep_sets}
         positions = None
         for index, layer in enumerate(self.layers):
@@ -149,8 +165,36 @@ class SlimCache(DynamicCache):
                     f"(prompt of {prompt_len}); was this cache used for an earlier request? Pass a new SlimCache "
                     "to each generate call")
             layer.prompt_positions = None if positions is None else positions.to(layer.keys.device)
+            layer.active = layer.stats = layer.unit_keys = None
+            if config is not None and config.reselect and positions is not None:
+                self._arm(layer, config)
         self.prompt_len = prompt_len
         self.recorded = True
+
+    def _arm(self, layer: SlimLayer, config: SlimConfig) -> None:
+        block = config.block_size
+        last = (layer.prompt_positions.shape[1] - 1) // block
+        middle = last - min(config.sink_blocks, last)
+        count = min(config.active_tokens // block, middle)
+        if count < middle:
+            device = layer.keys.device
+            layer.active = torch.full((layer.keys.shape[0], count), -1, dtype=torch.long, device=device)
+            layer.stats = torch.zeros(2, dtype=torch.long, device=device)
+            layer.unit_keys = reselection.unit_keys(layer.keys, block, config.unit_size)
+            self.block_bytes = 2 * layer.keys[0, :, :block].numel() * layer.keys.element_size()
+
+    def reselection_report(self) -> dict[int, dict[str, int | float]]:
+        """Per armed slim layer: decoding steps, active tokens per row, blocks swapped in after the first
+        step (summed over rows) and the bytes those blocks hold per step (what an offloading cache moves)."""
+        out = {}
+        for index, layer in enumerate(self.layers):
+            if layer.active is None:
+                continue
+            steps, swapped = (int(x) for x in layer.stats.tolist())
+            moved = swapped * self.block_bytes
+            out[index] = {"steps": steps, "active_blocks": layer.active.shape[1], "swapped_blocks": swapped,
+                          "bytes_moved": moved, "bytes_per_step": moved / max(steps - 1, 1)}
+        return out
 
     def generated(self) -> int:
         """Tokens appended after the prompt (0 before decoding)."""

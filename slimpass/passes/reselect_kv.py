@@ -1,0 +1,97 @@
+"""Decode-time reselection in decode graphs: slim layers attend to their reselected blocks.
+
+When a decoding step runs on a `SlimCache` armed for reselection (``SlimConfig.reselect``), each armed
+layer's cache update leaves a `slimpass::bind_layer_state` marker in the traced graph carrying the
+layer's state tensors. For each marker this pass replaces the layer's attention call
+
+    out = scaled_dot_product_attention(q, k_all, v_all, scale=s)          # every cached token
+
+by
+
+    out = slimpass::reselect_attention(q, k_full, v_full, active, stats, prompt_positions, unit_keys, s, ...)
+
+(k_full / v_full: the cache after this step's write, before any GQA copy) and removes the marker.
+The op re-scores the cached prompt blocks with the step's query and attends to the active set; see
+`slimpass.runtime.reselection`. It declines a layer (its attention stays over every token, one log
+line says why) whose attention is not a mask-free SDPA call on a one-token query: the only shape it
+can prove equal to the reference's rule.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.fx
+
+from slimpass.passes.base import GraphPass, PassContext, PassResult
+from slimpass.passes.graph_utils import arg
+from slimpass.runtime import reselection  # noqa: F401 - registers the slimpass:: ops
+
+log = logging.getLogger(__name__)
+
+
+def _markers(graph: torch.fx.Graph) -> list[torch.fx.Node]:
+    op = torch.ops.slimpass.bind_layer_state
+    return [n for n in graph.nodes if n.op == "call_function" and n.target in (op, op.default)]
+
+
+class ReselectKV(GraphPass):
+    """Replace the attention of armed slim layers in decode graphs; see the module docstring."""
+
+    name = "reselect_kv"
+
+    def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+        result = PassResult(self.name)
+        markers = _markers(gm.graph)
+        if not markers:
+            if self.config.reselect and ctx.layer_map is not None and ctx.layer_map.kind == "decode":
+                result.declined.append("no armed SlimCache layers in this decode step (no pruned prompt, "
+                                       "or a cache that is not a SlimCache)")
+            return result
+        layers = {layer.index: layer for layer in ctx.layer_map.layers} if ctx.layer_map is not None else {}
+        config = self.config
+        for marker in markers:
+            active, stats, positions, units, index = marker.args[:5]
+            layer = layers.get(index)
+            reason = self._why_not(layer, ctx)
+            if reason:
+                result.declined.append(f"layer {index}: {reason}")
+                log.info("sliminfer: %s: reselect_kv declined layer %s: %s", ctx.graph_id, index, reason)
+                gm.graph.erase_node(marker)
+                continue
+            attention = layer.attention
+            scale = arg(attention, 6, "scale")
+            if scale is None:  # SDPA's default
+                scale = int(layer.q.meta["example_value"].shape[-1]) ** -0.5
+            with gm.graph.inserting_before(attention):
+                node = gm.graph.call_function(
+                    torch.ops.slimpass.reselect_attention.default,
+                    (layer.q, layer.k_full, layer.v_full, active, stats, positions, units, float(scale), config.scorer,
+                     config.block_size, config.unit_size, config.local_window, config.sink_blocks, config.gamma))
+            node.meta["slimpass"] = {"layer": index, "role": "reselect"}
+            attention.replace_all_uses_with(node)
+            gm.graph.erase_node(attention)
+            gm.graph.erase_node(marker)
+            layer.attention = node
+            result.matched += 1
+            result.replaced += 1
+        if result.replaced:
+            result.summary = f"reselected attention at {result.replaced} slim layer(s)"
+        return result
+
+    @staticmethod
+    def _why_not(layer, ctx: PassContext) -> str:
+        if layer is None:
+            return "no decoder layer with this index in the graph"
+        if ctx.layer_map.kind != "decode":
+            return f"a {ctx.layer_map.kind} graph, not a one-token decoding step"
+        if layer.kind != "sdpa":
+            return "eager attention (reselection rewrites SDPA calls)"
+        if layer.mask is not None:
+            return "the attention has a mask (padding, or a transformers that masks decode steps)"
+        if arg(layer.attention, 5, "is_causal"):
+            return "is_causal=True on a decoding step"
+        if arg(layer.attention, 4, "dropout_p"):
+            return "attention dropout"
+        return ""

@@ -1,0 +1,141 @@
+"""Decode-time reselection: the compiled decode graphs (reselect_kv + slimpass::reselect_attention) against
+the reference loop's plain-Python rule, with reselection on and off, and the op's pieces on their own."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+import slimpass
+from slimpass.config import SlimConfig
+from slimpass.hf_compat import cache_argument
+from slimpass.runtime import reference
+from slimpass.runtime.reselection import attended_tokens, candidate_blocks
+from tests.conftest import HF_ALWAYS_MASKS, tiny_model, twin
+
+GEOMETRY = dict(block_size=8, unit_size=2, min_prompt_len=64)
+SCHEDULE = {2: 0.5, 4: 0.25}
+pytestmark = pytest.mark.skipif(
+    HF_ALWAYS_MASKS, reason="this transformers masks decode steps over the full prompt: pruning declines for generate")
+
+
+def _options(**extra):
+    return {"prune": True, "schedule": SCHEDULE, "compiler": "eager", "reselect": True, "active_tokens": 32,
+            **GEOMETRY, **extra}
+
+
+def _config(**extra):
+    return SlimConfig(**{**_options(**extra), "compiler": "inductor"})
+
+
+def _ids(batch, length):
+    return torch.randint(0, 128, (batch, length), generator=torch.Generator().manual_seed(length + batch))
+
+
+def _generate(model, ids, new_tokens=10):
+    cache = slimpass.SlimCache(model.config)
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,
+                             **{cache_argument(model): cache})
+    return out, cache
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_compiled_reselection_matches_reference(family):
+    model = tiny_model(family, num_hidden_layers=6)
+    oracle = twin(model)
+    slimpass.compile(model, options=_options())
+    differs = 0
+    for batch, length in ((1, 120), (2, 300), (1, 517), (2, 800)):
+        ids = _ids(batch, length)
+        got, cache = _generate(model, ids)
+        trace = []
+        want = reference.generate(oracle, ids, _config(), max_new_tokens=10, trace=trace)
+        assert torch.equal(got, want), (batch, length)
+        for index, active in trace[-1].items():  # the reference reselects at every slim layer
+            layer = cache.layers[index]
+            if layer.active is not None:
+                assert layer.active.tolist() == active, (length, index)
+            else:  # not armed: every middle block of the layer's cached prompt fits the active budget
+                last = (layer.prompt_positions.shape[1] - 1) // 8
+                assert all(row == list(range(1, last)) for row in active), (length, index)
+        assert any(layer.active is not None for layer in cache.layers)
+        differs += not torch.equal(want, reference.generate(oracle, ids, _config(reselect=False), max_new_tokens=10))
+    assert differs  # reselection changed some answer: the comparison above is not the plain decode's
+
+
+def test_swap_accounting_matches_reference_trace():
+    model = tiny_model("llama", num_hidden_layers=6)
+    oracle = twin(model)
+    slimpass.compile(model, options=_options(gamma=1.0))
+    ids = _ids(1, 600)
+    _, cache = _generate(model, ids, new_tokens=12)
+    trace = []
+    reference.generate(oracle, ids, _config(gamma=1.0), max_new_tokens=12, trace=trace)
+    report = cache.reselection_report()
+    block_bytes = 2 * model.config.num_key_value_heads * 8 * 16 * 4  # K + V, 8 tokens, head dim 16, float32
+    for index, row in report.items():
+        changes = sum(len(set(now[index][0]) - set(before[index][0])) for before, now in zip(trace, trace[1:]))
+        assert row["steps"] == 11 and row["active_blocks"] == 32 // 8
+        assert row["swapped_blocks"] == changes
+        assert row["bytes_moved"] == changes * block_bytes
+    assert any(row["swapped_blocks"] for row in report.values())
+
+
+def test_gamma_zero_keeps_the_first_active_set():
+    model = tiny_model("llama", num_hidden_layers=6)
+    oracle = twin(model)
+    slimpass.compile(model, options=_options(gamma=0.0))
+    ids = _ids(2, 400)
+    got, cache = _generate(model, ids)
+    trace = []
+    assert torch.equal(got, reference.generate(oracle, ids, _config(gamma=0.0), max_new_tokens=10, trace=trace))
+    assert all(step == trace[0] for step in trace)
+    assert all(row["swapped_blocks"] == 0 for row in cache.reselection_report().values())
+
+
+def test_large_active_budget_changes_nothing():
+    """A layer whose cached prompt fits in active_tokens is not armed; the answer is the plain decode's."""
+    model = tiny_model("llama", num_hidden_layers=6)
+    oracle = twin(model)
+    slimpass.compile(model, options=_options(active_tokens=4096))
+    ids = _ids(1, 300)
+    got, cache = _generate(model, ids)
+    assert cache.reselection_report() == {}
+    assert torch.equal(got, reference.generate(oracle, ids, _config(active_tokens=4096), max_new_tokens=10))
+    assert torch.equal(got, reference.generate(oracle, ids, _config(reselect=False), max_new_tokens=10))
+
+
+def test_eager_attention_declines_and_decodes_as_the_model(caplog):
+    """Eager attention: pruning declines for generate, so no layer is armed and reselection says so."""
+    model = tiny_model("llama", "eager", num_hidden_layers=6)
+    oracle = twin(model)
+    slimpass.compile(model, options=_options())
+    ids = _ids(1, 300)
+    with caplog.at_level(logging.INFO, logger="slimpass"):
+        got, cache = _generate(model, ids)
+    with torch.no_grad():
+        want = oracle.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False)
+    assert torch.equal(got, want)
+    assert cache.reselection_report() == {}
+    decode = [g for g in slimpass.compiled_graphs(model) if g.kind == "decode"]
+    declined = [d for g in decode for r in g.results if r.name == "reselect_kv" for d in r.declined]
+    assert declined and all("no armed SlimCache layers" in d for d in declined)
+
+
+def test_candidate_blocks_prefer_earlier_on_ties_and_skip_sinks_and_last():
+    scores = torch.tensor([[9.0, 1.0, 5.0, 5.0, 0.0, 5.0, 9.0]])  # 7 full blocks of 4; prompt 28 tokens
+    assert candidate_blocks(scores, 28, 2, 4, 1).tolist() == [[2, 3]]  # block 0 sink, block 6 last
+    assert candidate_blocks(scores, 28, 3, 4, 1).tolist() == [[2, 3, 5]]
+    assert candidate_blocks(scores, 30, 3, 4, 2).tolist() == [[2, 3, 6]]  # last block 7 (partial): 6 competes
+
+
+def test_attended_tokens_layout():
+    active = torch.tensor([[2, 5], [1, 3]])
+    index = attended_tokens(active, prompt_tokens=30, length=33, block_size=4, sink_blocks=1)
+    assert index.tolist() == [
+        [0, 1, 2, 3, 8, 9, 10, 11, 20, 21, 22, 23, 28, 29, 30, 31, 32],
+        [0, 1, 2, 3, 4, 5, 6, 7, 12, 13, 14, 15, 28, 29, 30, 31, 32],
+    ]
