@@ -17,8 +17,8 @@ from typing import Any
 import torch
 
 from slimpass.backend import GraphRecord, compile_graph
-from slimpass.config import resolve
-from slimpass.hf_compat import cache_argument
+from slimpass.config import ConfigError, resolve
+from slimpass.hf_compat import cache_argument, decode_mask_skipped_under_compile
 from slimpass.registry import REGISTRY
 from slimpass.runtime import slim_cache
 from slimpass.runtime.keep_sets import state_of
@@ -94,10 +94,12 @@ def compile(  # noqa: A001 - mirrors torch.compile
         raise TypeError(f"slimpass.compile expects a torch.nn.Module, got {type(model).__name__}")
     config = resolve(options, REGISTRY.config_for(model))  # fail early on bad options
     original = model.__dict__.get("_slimpass_original_forward", model.forward)
-    backend = functools.partial(compile_graph, options=options, mode=mode, model=model)
+    with_slim_cache = slim_cache.supports(model.config) if hasattr(model, "config") else False
+    backend = functools.partial(compile_graph, options=options, mode=mode, model=model, slim_cache=with_slim_cache)
     compiled = torch.compile(original, backend=backend, fullgraph=fullgraph, dynamic=None)
 
     state = state_of(model)
+    cache_name = cache_argument(model) if with_slim_cache else ""
 
     @functools.wraps(original)
     def forward(*args: Any, **kwargs: Any) -> Any:
@@ -106,6 +108,14 @@ def compile(  # noqa: A001 - mirrors torch.compile
         if config.dynamic_prompt:
             _mark_dynamic(args, kwargs)
         cache = _cache_of(kwargs)
+        if with_slim_cache and cache is None and kwargs.get("use_cache") is not False:
+            cache = kwargs[cache_name] = slim_cache.SlimCache(model.config)  # what the model would make, and more
+        elif (with_slim_cache and config.prune and cache is not None and not isinstance(cache, slim_cache.SlimCache)
+              and not decode_mask_skipped_under_compile()):
+            raise ConfigError(
+                f"slimpass.compile: the model was called with a {type(cache).__name__}; this transformers builds "
+                "decode masks over the full prompt length, which a pruned cache does not hold: pass a "
+                "slimpass.SlimCache(model.config) or no cache (one is made)")
         prefill = isinstance(cache, slim_cache.SlimCache) and cache.get_seq_length() == 0
         if prefill:
             state.last_keep = None  # set again by this call's prefill graph when pruning is compiled in
@@ -115,8 +125,6 @@ def compile(  # noqa: A001 - mirrors torch.compile
         return out
 
     original_generate = model.__dict__.get("_slimpass_original_generate", model.generate)
-    cache_name = cache_argument(model)
-    with_slim_cache = slim_cache.supports(model.config)
 
     @functools.wraps(original_generate)
     def generate(*args: Any, **kwargs: Any) -> Any:

@@ -149,11 +149,14 @@ def compile_graph(
     options: Mapping[str, Any] | None = None,
     mode: str | None = None,
     model: Any = None,
+    slim_cache: bool = False,
 ) -> Callable:
-    """Run the slimpass pipeline on a Dynamo graph and lower it; see `sliminfer`."""
+    """Run the slimpass pipeline on a Dynamo graph and lower it; see `sliminfer`. `slim_cache`: the caller
+    (`slimpass.compile`) decodes with a `SlimCache` only."""
     start = time.perf_counter()
     config = resolve(options, REGISTRY.config_for(model))
-    ctx = PassContext(config=config, example_inputs=list(example_inputs), model=model, graph_id=_graph_id())
+    ctx = PassContext(config=config, example_inputs=list(example_inputs), model=model, graph_id=_graph_id(),
+                      slim_cache=slim_cache)
     work = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
     dumper = GraphDumper(config.dump_dir, ctx.graph_id)
     PassManager(config).run(work, ctx, dumper)

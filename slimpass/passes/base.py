@@ -54,6 +54,9 @@ class PassContext:
     notes: list[str] = dataclasses.field(default_factory=list)
     keep_layers: list[int] = dataclasses.field(default_factory=list)
     """Layers whose kept positions `insert_pruning` appended to the graph outputs, in order."""
+    slim_cache: bool = False
+    """Every KV cache this graph's caller decodes with is a `SlimCache` (`slimpass.compile` sees to it), whose
+    decode masks fit per-layer pruned caches on every transformers version."""
 
     @property
     def model_config(self) -> Any:

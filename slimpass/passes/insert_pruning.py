@@ -127,12 +127,14 @@ class InsertPruning(GraphPass):
             raise Decline(f"layers {eager} use eager attention, whose decode steps build a mask over the full prompt "
                           "length, which per-layer pruned caches cannot match; use attn_implementation='sdpa' "
                           "for generate, or use_cache=False for prefill only")
-        if any(layer.kv_writes for layer in layer_map.layers) and not decode_mask_skipped_under_compile():
+        if any(layer.kv_writes for layer in layer_map.layers) and not (decode_mask_skipped_under_compile()
+                                                                       or ctx.slim_cache):
             import transformers
 
             raise Decline(f"transformers {transformers.__version__} masks decode steps over the full prompt length "
-                          "under torch.compile, which per-layer pruned caches cannot match; use transformers >= 5.23 "
-                          "for generate, or use_cache=False for prefill only")
+                          "under torch.compile, which per-layer pruned caches cannot match; use slimpass.compile "
+                          "(it decodes with a SlimCache, whose masks fit), transformers >= 5.23, or use_cache=False "
+                          "for prefill only")
         first = layer_map.layers[stages[0].layer].input
         length = fake(first).shape[1]
         if not isinstance(length, torch.SymInt):

@@ -12,9 +12,12 @@ by
 
 (k_full / v_full: the cache after this step's write, before any GQA copy) and removes the marker.
 The op re-scores the cached prompt blocks with the step's query and attends to the active set; see
-`slimpass.runtime.reselection`. It declines a layer (its attention stays over every token, one log
-line says why) whose attention is not a mask-free SDPA call on a one-token query: the only shape it
-can prove equal to the reference's rule.
+`slimpass.runtime.reselection`. A mask on the attention is dropped when it is proven to hide nothing
+(transformers <= 5.17 builds one for every decoding step; `SlimCache` sizes it to one all-true
+column): the mask subgraph is evaluated at several cache lengths, as `causal_mask` does for prefill,
+and what the proof assumed about the inputs becomes runtime guards. It declines a layer (its attention
+stays over every token, one log line says why) whose attention is not SDPA on a one-token query
+without a provably empty mask: the only shape it can prove equal to the reference's rule.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import torch
 import torch.fx
 
 from slimpass.passes.base import GraphPass, PassContext, PassResult
+from slimpass.passes.causal_mask import NotCausal, prove_all_true
 from slimpass.passes.graph_utils import arg
 from slimpass.runtime import reselection  # noqa: F401 - registers the slimpass:: ops
 
@@ -51,10 +55,11 @@ class ReselectKV(GraphPass):
             return result
         layers = {layer.index: layer for layer in ctx.layer_map.layers} if ctx.layer_map is not None else {}
         config = self.config
+        proven: dict[torch.fx.Node, str] = {}  # mask producer -> "" (hides nothing) or why not
         for marker in markers:
             active, stats, positions, units, index = marker.args[:5]
             layer = layers.get(index)
-            reason = self._why_not(layer, ctx)
+            reason = self._why_not(layer, ctx) or self._mask_reason(gm, layer, ctx, proven)
             if reason:
                 result.declined.append(f"layer {index}: {reason}")
                 log.info("sliminfer: %s: reselect_kv declined layer %s: %s", ctx.graph_id, index, reason)
@@ -77,8 +82,25 @@ class ReselectKV(GraphPass):
             result.matched += 1
             result.replaced += 1
         if result.replaced:
-            result.summary = f"reselected attention at {result.replaced} slim layer(s)"
+            dropped = sum(1 for why in proven.values() if not why)
+            result.summary = f"reselected attention at {result.replaced} slim layer(s)" + (
+                f"; {dropped} decode mask(s) proven to hide nothing, dropped" if dropped else "")
         return result
+
+    @staticmethod
+    def _mask_reason(gm: torch.fx.GraphModule, layer, ctx: PassContext, proven: dict) -> str:
+        """"" when the layer's attention has no mask or one proven to hide nothing (its guards recorded)."""
+        if layer.mask is None:
+            return ""
+        if layer.mask not in proven:
+            try:
+                for guard in prove_all_true(gm, layer.mask, ctx.example_inputs):
+                    if guard not in ctx.guards:
+                        ctx.guards.append(guard)
+                proven[layer.mask] = ""
+            except NotCausal as err:
+                proven[layer.mask] = f"the attention has a mask that may hide keys ({err})"
+        return proven[layer.mask]
 
     @staticmethod
     def _why_not(layer, ctx: PassContext) -> str:
@@ -88,8 +110,6 @@ class ReselectKV(GraphPass):
             return f"a {ctx.layer_map.kind} graph, not a one-token decoding step"
         if layer.kind != "sdpa":
             return "eager attention (reselection rewrites SDPA calls)"
-        if layer.mask is not None:
-            return "the attention has a mask (padding, or a transformers that masks decode steps)"
         if arg(layer.attention, 5, "is_causal"):
             return "is_causal=True on a decoding step"
         if arg(layer.attention, 4, "dropout_p"):

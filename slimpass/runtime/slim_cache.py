@@ -147,6 +147,21 @@ class SlimCache(DynamicCache):
         count; reading it keeps the value symbolic inside compiled graphs."""
         return self.layers[0].get_seq_length() if self.layers else 0
 
+    def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
+        """(kv_length, kv_offset) of the mask transformers builds. After a pruned prefill each layer holds a
+        different number of tokens, so no single mask over the full length fits them all; a one-token
+        decoding step of an unpadded prompt (pruning runs only on those) sees every cached token, so its
+        mask is one all-true column that broadcasts over any layer's keys: (1, 0). transformers <= 5.17
+        builds that mask even under torch.compile; later versions skip it there."""
+        if query_length == 1 and self.pruned:
+            return 1, 0
+        return super().get_mask_sizes(query_length, layer_idx)
+
+    @property
+    def pruned(self) -> bool:
+        """Whether the recorded prefill pruned the prompt (some layer holds a subset of it)."""
+        return any(layer.prompt_positions is not None for layer in self.layers)
+
     # --- what slimpass records and reports --------------------------------------------------------------
     def record_prefill(self, prompt_len: int, keep_sets: Sequence[KeepSet], config: SlimConfig | None = None) -> None:
         """After the prefill of a `prompt_len`-token prompt: each layer from a stage's layer on holds
@@ -166,6 +181,9 @@ class SlimCache(DynamicCache):
                     "to each generate call")
             layer.prompt_positions = None if positions is None else positions.to(layer.keys.device)
             layer.active = layer.stats = layer.unit_keys = None
+            # Inductor's prefill may hand back K/V in another memory layout than the decode graph's `cat`
+            # makes; one layout for every step keeps a single compiled decode graph (one copy per request).
+            layer.keys, layer.values = layer.keys.contiguous(), layer.values.contiguous()
             if config is not None and config.reselect and positions is not None:
                 self._arm(layer, config)
         self.prompt_len = prompt_len

@@ -13,12 +13,10 @@ from slimpass.config import SlimConfig
 from slimpass.hf_compat import cache_argument
 from slimpass.runtime import reference
 from slimpass.runtime.reselection import attended_tokens, candidate_blocks
-from tests.conftest import HF_ALWAYS_MASKS, tiny_model, twin
+from tests.conftest import tiny_model, twin
 
 GEOMETRY = dict(block_size=8, unit_size=2, min_prompt_len=64)
 SCHEDULE = {2: 0.5, 4: 0.25}
-pytestmark = pytest.mark.skipif(
-    HF_ALWAYS_MASKS, reason="this transformers masks decode steps over the full prompt: pruning declines for generate")
 
 
 def _options(**extra):

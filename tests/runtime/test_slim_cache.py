@@ -16,12 +16,10 @@ import slimpass
 from slimpass.config import SlimConfig
 from slimpass.hf_compat import cache_argument
 from slimpass.runtime import reference, slim_cache
-from tests.conftest import HF_ALWAYS_MASKS, tiny_model, twin
+from tests.conftest import tiny_model, twin
 
 GEOMETRY = dict(block_size=8, unit_size=2, min_prompt_len=64)
 SCHEDULE = {2: 0.5, 4: (60, 0.25)}
-needs_decode_mask_skip = pytest.mark.skipif(
-    HF_ALWAYS_MASKS, reason="this transformers masks decode steps over the full prompt: pruning declines for generate")
 
 
 def _model(family="llama", seed=0):
@@ -43,7 +41,6 @@ def _generate(model, ids, new_tokens=6, cache=None):
                               **extra)
 
 
-@needs_decode_mask_skip
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_generate_with_slim_cache_matches_reference(family):
     model = _model(family)
@@ -68,7 +65,6 @@ def test_generate_with_slim_cache_matches_reference(family):
             assert cache.layers[index].keys.shape[2] == want_positions.shape[1]
 
 
-@needs_decode_mask_skip
 def test_memory_report_sums_tensor_sizes():
     model = _model()
     slimpass.compile(model, options=_options())
@@ -119,7 +115,6 @@ def test_reused_cache_is_refused_at_record():
         slimpass.SlimCache(_model().config).positions(0)
 
 
-@needs_decode_mask_skip
 def test_two_compiled_models_do_not_share_state():
     first, second = _model(seed=0), _model(seed=1)
     oracles = twin(first), twin(second)
@@ -134,7 +129,6 @@ def test_two_compiled_models_do_not_share_state():
         assert [k.layer for k in slimpass.last_keep_sets(second)] == [3]
 
 
-@needs_decode_mask_skip
 def test_no_growth_across_100_generate_calls():
     """Nothing keeps a request's cache alive, and the number of live tensors does not grow."""
     model = _model()

@@ -1,0 +1,197 @@
+"""End-to-end generation benchmark on one CUDA GPU: long prompt + N generated tokens, HF eager vs sliminfer.
+
+    PYTHONPATH=. python benchmarks/gpu_decode.py --length 32768 --new-tokens 128 --out results.json
+    PYTHONPATH=. python benchmarks/gpu_decode.py --tiny --length 300 --new-tokens 8   # CPU dry run
+
+Model: the Llama-3.1-8B-shaped LlamaForCausalLM of `gpu_prefill.py` (random bf16 weights built on the
+GPU). Workload: batch-1 greedy ``generate(ids, max_new_tokens=N, min_new_tokens=N)``. Variants, run one
+after another in this process (the weights are built once):
+
+- ``hf_eager``: the model's own generate;
+- ``sliminfer_dense``: `slimpass.compile`, pruning off (what compilation alone gives);
+- ``sliminfer``: pruning on, defaults (resident `SlimCache`);
+- ``sliminfer_reselect``: pruning and decode-time reselection (``active_tokens`` per slim layer).
+
+Per variant: one untimed warm-up generate (compiles), then ``--repeats`` timed generates and as many
+timed prefills (``max_new_tokens=1``): median end-to-end latency, median time to first token, decode
+time per token = (end-to-end - TTFT) / (N - 1), peak memory, the KV cache's bytes (`SlimCache.memory_report`:
+prompt KV against an unpruned cache of the same length) and, with reselection, the blocks and bytes swapped
+per step. Tokens are compared with hf_eager's (random weights: pruning may change them; the prefix that
+agrees is reported).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.metadata
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_prefill import build_model  # noqa: E402 - the same model as the prefill benchmark
+
+VARIANTS = ("hf_eager", "sliminfer_dense", "sliminfer", "sliminfer_reselect")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--length", type=int, default=32768, help="prompt tokens")
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--active-tokens", type=int, default=2048, help="per slim layer, with reselection")
+    parser.add_argument("--options", type=json.loads, default={}, help="more slimpass options, as JSON")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tiny", action="store_true", help="tiny float32 model on CPU: test this script")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
+    if unknown:
+        parser.error(f"--variants: unknown {unknown}; known: {', '.join(VARIANTS)}")
+    return args
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def options_for(variant: str, args: argparse.Namespace) -> dict[str, Any] | None:
+    if variant == "hf_eager":
+        return None
+    options: dict[str, Any] = {"compiler": "eager" if args.tiny else "inductor", "prune": variant != "sliminfer_dense"}
+    if args.tiny:
+        options.update(min_prompt_len=64)
+    if variant == "sliminfer_reselect":
+        options.update(reselect=True, active_tokens=args.active_tokens)
+    return {**options, **args.options}
+
+
+def generate(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int, cache: Any = None) -> torch.Tensor:
+    extra = {}
+    if cache is not None:
+        from slimpass.hf_compat import cache_argument
+
+        extra[cache_argument(model)] = cache
+    with torch.inference_mode():
+        return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                              min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, **extra)
+
+
+def timed(fn, device: torch.device) -> tuple[float, Any]:
+    sync(device)
+    start = time.perf_counter()
+    out = fn()
+    sync(device)
+    return (time.perf_counter() - start) * 1e3, out
+
+
+def run_variant(model: torch.nn.Module, variant: str, ids: torch.Tensor, args: argparse.Namespace,
+                device: torch.device) -> dict[str, Any]:
+    import slimpass
+
+    options = options_for(variant, args)
+    torch._dynamo.reset()
+    slimpass.restore(model)
+    if options is not None:
+        slimpass.compile(model, options=options)
+    first_s, out = timed(lambda: generate(model, ids, args.new_tokens), device)
+    generate(model, ids, 1)  # warm the one-token path too
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    e2e, ttft = [], []
+    for _ in range(args.repeats):
+        ms, out = timed(lambda: generate(model, ids, args.new_tokens), device)
+        e2e.append(ms)
+        ms, _ = timed(lambda: generate(model, ids, 1), device)
+        ttft.append(ms)
+    row: dict[str, Any] = {
+        "variant": variant, "options": options, "first_call_s": first_s / 1e3,
+        "e2e_ms": statistics.median(e2e), "e2e_all_ms": e2e, "ttft_ms": statistics.median(ttft), "ttft_all_ms": ttft,
+        "peak_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0,
+        "tokens": out[0, ids.shape[1]:].tolist(),
+    }
+    row["decode_ms_per_token"] = (row["e2e_ms"] - row["ttft_ms"]) / max(args.new_tokens - 1, 1)
+    if options is not None:  # one more generate on a cache we keep, for its reports
+        cache = slimpass.SlimCache(model.config)
+        generate(model, ids, args.new_tokens, cache)
+        report, generated = cache.memory_report(), cache.generated()
+        per_token = [(m.gpu_bytes + m.cpu_bytes) // m.tokens for m in report.layers]
+        prompt_bytes = sum(b * (m.tokens - generated) for b, m in zip(per_token, report.layers))
+        dense_prompt = sum(b * cache.prompt_len for b in per_token)
+        row.update(
+            kv_bytes=report.total_bytes, kv_dense_bytes=report.dense_bytes,
+            kv_share=report.total_bytes / report.dense_bytes if report.dense_bytes else None,
+            prompt_kv_bytes=prompt_bytes, prompt_kv_share=prompt_bytes / dense_prompt if dense_prompt else None,
+            kept_per_layer=[m.tokens for m in report.layers],
+            reselection=cache.reselection_report(),
+            graphs=[{"kind": g.kind, "passes": [r.line() for r in g.results]} for g in slimpass.compiled_graphs(model)],
+        )
+    return row
+
+
+def agreement(row: dict[str, Any], base: dict[str, Any]) -> int:
+    prefix = 0
+    for a, b in zip(row["tokens"], base["tokens"]):
+        if a != b:
+            break
+        prefix += 1
+    return prefix
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    def version(package: str) -> str | None:
+        try:
+            return importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    return {"torch": torch.__version__, "transformers": version("transformers"), "triton": version("triton"),
+            "python": sys.version.split()[0], "device": torch.cuda.get_device_name(device) if device.type == "cuda"
+            else "cpu", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    device = torch.device("cpu" if args.tiny else "cuda")
+    if not args.tiny:
+        torch.cuda.set_device(device)
+    model = build_model(args, device)
+    generator = torch.Generator().manual_seed(args.seed * 1_000_003 + args.length)
+    ids = torch.randint(0, model.config.vocab_size, (1, args.length), generator=generator).to(device)
+    rows = []
+    for variant in args.variants.split(","):
+        try:
+            rows.append(run_variant(model, variant, ids, args, device))
+        except torch.cuda.OutOfMemoryError as err:
+            rows.append({"variant": variant, "status": f"OOM: {str(err).splitlines()[0]}"})
+        print(json.dumps({k: v for k, v in rows[-1].items() if k not in ("tokens", "graphs")}, default=str), flush=True)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    base = next((r for r in rows if r["variant"] == "hf_eager" and "e2e_ms" in r), None)
+    print(f"\n{args.length}-token prompt + {args.new_tokens} tokens, batch 1")
+    print("| variant | end-to-end ms | vs hf_eager | TTFT ms | decode ms/token | peak GB | prompt KV vs dense | tokens = hf_eager |")
+    print("|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        if "e2e_ms" not in row:
+            print(f"| {row['variant']} | {row.get('status')} | | | | | | |")
+            continue
+        speed = f"{base['e2e_ms'] / row['e2e_ms']:.2f}x" if base else "-"
+        share = f"{row['prompt_kv_share']:.1%}" if row.get("prompt_kv_share") else "100%"
+        same = f"{agreement(row, base)}/{args.new_tokens}" if base else "-"
+        print(f"| {row['variant']} | {row['e2e_ms']:.1f} | {speed} | {row['ttft_ms']:.1f} | "
+              f"{row['decode_ms_per_token']:.2f} | {row['peak_gb']:.1f} | {share} | {same} |")
+    if args.out:
+        args.out.write_text(json.dumps({"length": args.length, "new_tokens": args.new_tokens,
+                                        "environment": environment(device), "rows": rows}, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
