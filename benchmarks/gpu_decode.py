@@ -160,7 +160,7 @@ def environment(device: torch.device) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    device = torch.device("cpu" if args.tiny else "cuda")
+    device = torch.device("cpu" if args.tiny else "cuda:0")
     if not args.tiny:
         torch.cuda.set_device(device)
     model = build_model(args, device)
