@@ -8,7 +8,7 @@ layer's state tensors. For each marker this pass replaces the layer's attention 
 
 by
 
-    out = slimpass::reselect_attention(q, k_full, v_full, active, stats, prompt_positions, unit_keys, s, ...)
+    out = reselection.reselect_attention(q, k_full, v_full, active, stats, prompt_positions, unit_keys, s, ...)
 
 (k_full / v_full: the cache after this step's write, before any GQA copy) and removes the marker.
 The op re-scores the cached prompt blocks with the step's query and attends to the active set; see
@@ -30,7 +30,7 @@ import torch.fx
 from slimpass.passes.base import GraphPass, PassContext, PassResult
 from slimpass.passes.causal_mask import NotCausal, prove_all_true
 from slimpass.passes.graph_utils import arg
-from slimpass.runtime import reselection  # noqa: F401 - registers the slimpass:: ops
+from slimpass.runtime import reselection
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class ReselectKV(GraphPass):
                 scale = int(layer.q.meta["example_value"].shape[-1]) ** -0.5
             with gm.graph.inserting_before(attention):
                 node = gm.graph.call_function(
-                    torch.ops.slimpass.reselect_attention.default,
+                    reselection.reselect_attention,
                     (layer.q, layer.k_full, layer.v_full, active, stats, positions, units, float(scale), config.scorer,
                      config.block_size, config.unit_size, config.local_window, config.sink_blocks, config.gamma))
             node.meta["slimpass"] = {"layer": index, "role": "reselect"}

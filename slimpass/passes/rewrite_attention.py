@@ -8,6 +8,11 @@ repeat_kv. The mask subgraph then has no users and is removed. What the proof as
 inputs (an all-ones attention_mask, ...) becomes runtime guards; padded batches fail them and run
 the unrewritten graph.
 
+In decode graphs (one query per row) a mask is dropped when `causal_mask.prove_all_true` shows it hides
+no key (transformers <= 5.17 builds one for every step under torch.compile), and repeat_kv copies are
+replaced by ``enable_gqa=True``: every step otherwise copies each layer's whole cache several times.
+Models with a sliding window are left alone there (their masks hide keys once the cache outgrows it).
+
 Before::
     mask = <N x N causal-and-padding mask from attention_mask>
     key = keys[:, :, None].expand(1, 2, 2, s0, 16).reshape(1, 4, s0, 16)      # repeat_kv
@@ -27,7 +32,7 @@ import torch
 import torch.fx
 
 from slimpass.passes.base import GraphPass, PassContext, PassResult
-from slimpass.passes.causal_mask import NotCausal, length_input, prove_causal
+from slimpass.passes.causal_mask import NotCausal, length_input, prove_all_true, prove_causal
 from slimpass.passes.graph_utils import arg, fake
 from slimpass.passes.layer_map import LayerInfo
 from slimpass.runtime import attention as _attention  # noqa: F401  (registers slimpass::causal_attention)
@@ -100,8 +105,10 @@ class RewriteAttention(GraphPass):
             result.declined.append("disabled by config (rewrite_attention=False)")
         elif layer_map is None:
             result.declined.append("no layer map (discovery declined)")
+        elif layer_map.kind == "decode":
+            return self._decode(gm, ctx, result)
         elif layer_map.kind != "prefill":
-            result.declined.append(f"{layer_map.kind} graph: only prefill attention (queries = keys) is rewritten")
+            result.declined.append(f"{layer_map.kind} graph: only prefill and one-token decode attention is rewritten")
         if result.declined:
             return result
         proofs = {}
@@ -154,6 +161,47 @@ class RewriteAttention(GraphPass):
         layer.attention, layer.kind, layer.eager, layer.mask = new, "sdpa", None, None
         result.replaced += 1
         return True
+
+    def _decode(self, gm: torch.fx.GraphModule, ctx: PassContext, result: PassResult) -> PassResult:
+        """Decode graphs: SDPA without provably empty masks and without repeat_kv copies."""
+        if sliding_window(ctx.model_config) is not None or ctx.model_config is None:
+            result.declined.append("decode graph of a model with a sliding window (or an unknown config): its "
+                                   "masks hide keys once the cache outgrows the window")
+            return result
+        proven: dict[torch.fx.Node, list[InputGuard] | str] = {}
+        for layer in ctx.layer_map.layers:
+            result.matched += 1
+            node = layer.attention
+            if layer.kind != "sdpa" or arg(node, 4, "dropout_p", 0.0) not in (0, 0.0) or arg(node, 5, "is_causal"):
+                result.declined.append(f"layer {layer.index}: not plain SDPA (eager attention, dropout or is_causal)")
+                continue
+            if layer.mask is None and not layer.gqa_repeat:
+                continue  # nothing to gain
+            if layer.mask is not None and layer.mask not in proven:
+                try:
+                    proven[layer.mask] = prove_all_true(gm, layer.mask, ctx.example_inputs)
+                except NotCausal as err:
+                    proven[layer.mask] = str(err)
+            if layer.mask is not None and isinstance(proven[layer.mask], str):
+                result.declined.append(f"layer {layer.index}: decode mask not proven empty ({proven[layer.mask]})")
+                continue
+            k, v, gqa = _kv(layer)
+            with gm.graph.inserting_before(node):
+                new = gm.graph.call_function(
+                    torch._C._nn.scaled_dot_product_attention, (layer.q, k, v),
+                    {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": _scale(layer), "enable_gqa": gqa})
+            new.meta.update({key: val for key, val in node.meta.items() if key in ("nn_module_stack", "example_value", "stack_trace")})
+            new.meta["slimpass"] = {"layer": layer.index, "role": "attention", "rewritten": True}
+            node.replace_all_uses_with(new)
+            gm.graph.erase_node(node)
+            layer.attention, layer.mask, layer.k_attn, layer.v_attn, layer.gqa_repeat = new, None, k, v, False
+            result.replaced += 1
+        guards = {g for value in proven.values() if not isinstance(value, str) for g in value}
+        ctx.guards.extend(sorted(guards - set(ctx.guards), key=lambda g: (g.index, g.role)))
+        dropped = sum(1 for value in proven.values() if not isinstance(value, str))
+        result.summary = (f"decode: {result.replaced} of {len(ctx.layer_map.layers)} attention calls without "
+                          f"mask / KV copies ({dropped} mask producer(s) proven to hide nothing)")
+        return result
 
     def _guards(self, gm: torch.fx.GraphModule, ctx: PassContext, proofs: list) -> list[InputGuard]:
         q_len = ctx.layer_map.layers[0].q_len

@@ -14,7 +14,8 @@ State lives in the request's `SlimCache` layer (never module-global): ``active``
 middle blocks, cache-order block indices; -1 before the first step), ``stats`` [2] (decoding steps
 seen, blocks swapped in after the first step, summed over rows) and ``unit_keys``. `SlimLayer.update`
 hands them to the graph through `bind_layer_state`, a marker with no effect that the pass replaces by
-`reselect_attention` at the layer's attention call.
+a call of `reselect_attention` (plain PyTorch, traced and fused by the compiler) at the layer's
+attention call.
 """
 
 from __future__ import annotations
@@ -67,13 +68,16 @@ def attended_tokens(active: torch.Tensor, prompt_tokens: int, length: int, block
     return torch.cat([sinks, inner, tail], dim=1)
 
 
-@torch.library.custom_op("slimpass::reselect_attention", mutates_args=("active", "stats"))
 def reselect_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, active: torch.Tensor, stats: torch.Tensor,
                        prompt_positions: torch.Tensor, unit_keys: torch.Tensor, scale: float, scorer: str,
                        block_size: int, unit_size: int, local_window: int, sink_blocks: int,
                        gamma: float) -> torch.Tensor:
     """One decoding step's attention at a slim layer: q [B, Hq, 1, D] over the active part of k, v
-    [B, Hkv, n, D] (the layer's cache including this step). Updates `active` (for the next step) and `stats`."""
+    [B, Hkv, n, D] (the layer's cache including this step). Updates `active` (for the next step) and `stats`.
+
+    Plain traceable PyTorch (no host syncs, sizes symbolic in the cache length): the pass calls it from the
+    decode graph, AOTAutograd traces through it (the writes to `active` and `stats` become the graph's
+    input mutations) and Inductor fuses it with its neighbours."""
     prompt_tokens = prompt_positions.shape[1]
     name = "tokenunit_torch" if scorer == "tokenunit" else scorer  # one query: the Triton kernel wants a window
     scores = get_scorer(name)(q, unit_keys, ScoreSettings(block_size // unit_size, 1, local_window))
@@ -90,12 +94,5 @@ def reselect_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, active
     shared = (best[:, :, None] == active[:, None, :]).any(dim=2).sum(dim=1)  # [B]
     swap = ~first & (shared < gamma * count)
     active.copy_(torch.where(swap[:, None], best, active))
-    stats[0] += 1
-    stats[1] += torch.where(swap, count - shared, 0).sum()
-    return out.contiguous()
-
-
-@reselect_attention.register_fake
-def _(q, k, v, active, stats, prompt_positions, unit_keys, scale, scorer, block_size, unit_size, local_window,
-      sink_blocks, gamma):
-    return q.new_empty(q.shape[0], q.shape[1], q.shape[2], v.shape[-1])
+    stats.add_(torch.stack([torch.ones_like(stats[0]), torch.where(swap, count - shared, 0).sum()]))
+    return out

@@ -91,7 +91,9 @@ def test_pruning_changes_the_answer_only_as_the_reference_does():
     assert [k.tokens for k in slimpass.last_keep_sets(model)] == [8 + 8 * 10 + 8]  # sink, 10 best, last
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", pytest.param("mistral", marks=pytest.mark.skipif(
+    HF_ALWAYS_MASKS, reason="sliding-window layers get transformers' cache, whose 5.17 decode masks cover the "
+    "full prompt: pruning declines for generate")), "qwen2"])
 def test_generate_matches_reference_decode(family):
     model = _model(family)
     oracle = twin(model)

@@ -1,4 +1,4 @@
-"""Decode-time reselection: the compiled decode graphs (reselect_kv + slimpass::reselect_attention) against
+"""Decode-time reselection: the compiled decode graphs (reselect_kv + reselection.reselect_attention) against
 the reference loop's plain-Python rule, with reselection on and off, and the op's pieces on their own."""
 
 from __future__ import annotations
