@@ -177,34 +177,36 @@ def prove_causal(gm: torch.fx.GraphModule, mask: torch.fx.Node, q_len: Any, exam
 
 def prove_all_true(gm: torch.fx.GraphModule, mask: torch.fx.Node, example_inputs: list[Any]) -> list[InputGuard]:
     """Return the guards under which `mask` lets every query see every key (a decoding step's mask of an
-    unpadded prompt), or raise `NotCausal`. Every length symbol is probed at several values."""
+    unpadded prompt), or raise `NotCausal`.
+
+    The mask is evaluated at the traced sizes and with every length symbol shifted by the same amounts
+    (a longer cache, an attention_mask one longer than it: sizes that grow together in decoding)."""
     program = _MaskProgram(gm, mask, example_inputs)
     if any(how in ("cache_position", "position_ids") for _node, _index, how in program.feeds):
         raise NotCausal("the mask reads positions: their canonical decoding values are not 0..N-1")
-    value = fake(mask)
-    symbols = set()
-    for node, _index, _how in program.feeds:
-        sizes = fake(node).shape if isinstance(fake(node), torch.Tensor) else [fake(node)]
-        symbols |= {sym for size in sizes if isinstance(size, torch.SymInt) for sym in size.node.expr.free_symbols}
-    shape_env = next((size.node.shape_env for size in value.shape if isinstance(size, torch.SymInt)), None)
-    if shape_env is None and symbols:
-        shape_env = next(size.node.shape_env for node, _i, _h in program.feeds
-                         for size in (fake(node).shape if isinstance(fake(node), torch.Tensor) else [fake(node)])
-                         if isinstance(size, torch.SymInt))
+    sizes = [size for node, _i, _h in program.feeds
+             for size in (fake(node).shape if isinstance(fake(node), torch.Tensor) else [fake(node)])
+             if isinstance(size, torch.SymInt)]
+    shape_env = sizes[0].node.shape_env if sizes else None
+    hints = {}
+    if shape_env is not None:
+        values = getattr(shape_env, "backed_var_to_val", None) or shape_env.var_to_val
+        hints = {sym: sympy.Integer(val) for sym, val in values.items()}
+    symbols = {sym for size in sizes for sym in size.node.expr.free_symbols}
     with torch.no_grad():
-        for n in PROBE_LENGTHS:
-            binding = {sym: sympy.Integer(n) for sym in symbols}
+        for shift in (0, 1, 15, 64, 1000):
+            binding = {**hints, **{sym: hints[sym] + shift for sym in symbols if sym in hints}}
             try:
                 result = program.evaluate(binding, shape_env)
             except Exception as err:  # noqa: BLE001 - any failure to evaluate means "not proven"
-                raise NotCausal(f"evaluating the mask at length {n} failed: {type(err).__name__}: {err}") from err
+                raise NotCausal(f"evaluating the mask (lengths + {shift}) failed: {type(err).__name__}: {err}") from err
             if not isinstance(result, torch.Tensor):
                 raise NotCausal("the mask is not a tensor")
             if result.dtype == torch.bool:
                 if not bool(result.all()):
-                    raise NotCausal(f"the mask hides some key at length {n}")
+                    raise NotCausal(f"the mask hides some key (lengths + {shift})")
             elif not (result.is_floating_point() and bool((result == 0).all())):
-                raise NotCausal(f"the additive mask is not zero everywhere at length {n}")
+                raise NotCausal(f"the additive mask is not zero everywhere (lengths + {shift})")
     return program.guards
 
 
