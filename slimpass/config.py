@@ -142,6 +142,10 @@ class SlimConfig:
     active_tokens: int = 2048
     """Per slim layer, the prompt tokens a decoding step attends to under `reselect` (whole blocks; the
     sink blocks and the last prompt block come on top)."""
+    reselect_unit: int = 1
+    """Keys per representative key that reselection scores against: 1 = the cached keys themselves; n > 1 =
+    the mean of each n keys (float32; what an offloading cache keeps on the accelerator). Must divide
+    `block_size`. On SmolLM2 QA at ~1k, 8 lost every answer that 1 kept (docs/QUALITY.md)."""
     gamma: float = 0.9
     """Reselection hysteresis: a layer's active blocks change only when the share of the newly chosen
     best blocks already active drops under `gamma` (1.0: follow every step's choice; 0.0: never change)."""
@@ -176,6 +180,10 @@ class SlimConfig:
         _check_bool("dynamic_prompt", self.dynamic_prompt)
         _check_bool("reselect", self.reselect)
         _check_range("active_tokens", self.active_tokens, 1)
+        _check_range("reselect_unit", self.reselect_unit, 1, 65536)
+        if self.block_size % self.reselect_unit:
+            raise ConfigError(f"SlimConfig.reselect_unit={self.reselect_unit} must divide block_size={self.block_size} "
+                              "(a block is a whole number of representative keys)")
         if isinstance(self.gamma, bool) or not isinstance(self.gamma, (int, float)) or not 0.0 <= self.gamma <= 1.0:
             raise ConfigError(f"SlimConfig.gamma={self.gamma!r}: expected a float in [0, 1] (the overlap under which "
                               "a layer's active blocks are swapped)")

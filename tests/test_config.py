@@ -27,6 +27,10 @@ from .conftest import tiny_model, twin
         ("schedule", {10: 0}, "token budget must be >= 1"),
         ("schedule", [10, 20], "expected a mapping"),
         ("dump_dir", 3, "expected a folder path"),
+        ("reselect", 1, "expected True or False"),
+        ("active_tokens", 0, "active_tokens=0 is out of range"),
+        ("gamma", 1.5, "expected a float in [0, 1]"),
+        ("reselect_unit", 3, "must divide block_size=16"),
     ],
 )
 def test_bad_values_name_field_value_and_range(field, value, message):
@@ -113,10 +117,11 @@ def test_register_pass_runs_at_its_point():
     slimpass.compile(model, options={"compiler": "eager"})
     with torch.no_grad():
         model(torch.randint(0, 128, (1, 20)))
-    assert seen == [("discovery", True, 1), ("end", 5)]
+    assert seen == [("discovery", True, 1), ("end", 6)]
     record = slimpass.compiled_graphs(model)[0]
     assert [r.name for r in record.results] == [
-        "find_decoder_layers", "after_discovery", "rewrite_attention", "insert_pruning", "sink_selection", "at_end"]
+        "find_decoder_layers", "after_discovery", "rewrite_attention", "insert_pruning", "sink_selection",
+        "reselect_kv", "at_end"]
 
 
 def test_register_pass_bad_point():

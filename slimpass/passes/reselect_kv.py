@@ -73,7 +73,8 @@ class ReselectKV(GraphPass):
                 node = gm.graph.call_function(
                     reselection.reselect_attention,
                     (layer.q, layer.k_full, layer.v_full, active, stats, positions, units, float(scale), config.scorer,
-                     config.block_size, config.unit_size, config.local_window, config.sink_blocks, config.gamma))
+                     config.block_size, config.unit_size, config.local_window, config.sink_blocks, config.gamma,
+                     config.reselect_unit))
             node.meta["slimpass"] = {"layer": index, "role": "reselect"}
             attention.replace_all_uses_with(node)
             gm.graph.erase_node(attention)

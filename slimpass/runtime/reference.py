@@ -18,12 +18,11 @@ The method (one pruning point, after layer ``p - 1``, cutting the input of layer
    layer's cache (generated tokens are never pruned) at position prompt length + step.
 5. Decode-time reselection (``SlimConfig.reselect``, paper section 4.3). The slim layers are the
    layers from the first pruning stage on. Each slim layer cuts its cached prompt tokens (in cache
-   order) into blocks as in 1 and, once after prefill, summarises every full block by its
-   representative keys: the mean of each ``unit_size`` keys (float32), what stays on the accelerator
-   when the cache is offloaded. At each decoding step the scorer scores the blocks from the step's
-   query (one query) against those representative keys (each unit one "token", blocks of
-   ``block_size // unit_size`` units); the best ``active_tokens // block_size`` middle blocks are the
-   candidates. The first step's candidates become the layer's active set. The step attends to the
+   order) into blocks as in 1. At each decoding step the scorer scores the full blocks from the step's
+   query (one query) and the cached prompt keys; with ``reselect_unit = n > 1``, against representative
+   keys instead (once after prefill, the mean of each n keys in float32, each one "token", blocks of
+   ``block_size // n`` of them: what stays on the accelerator when the cache is offloaded). The best
+   ``active_tokens // block_size`` middle blocks are the candidates. The first step's candidates become the layer's active set. The step attends to the
    sink blocks, the active blocks, the last prompt block and every generated token (this step's
    included). After attending, when fewer than ``gamma`` of the candidates are already active, the
    candidates become the active set of the *next* step (one step of lag: an offloading cache copies
@@ -212,17 +211,21 @@ class Reselection:
 
     def __post_init__(self) -> None:
         batch, heads, n, dim = self.keys.shape
-        block, unit = self.config.block_size, self.config.unit_size
+        block, unit = self.config.block_size, self.config.reselect_unit
         full = n // block * block
         self.prompt_tokens = n
-        self.unit_keys = self.keys[:, :, :full].float().reshape(batch, heads, full // unit, unit, dim).mean(dim=3)
+        self.unit_keys = None if unit == 1 else \
+            self.keys[:, :, :full].float().reshape(batch, heads, full // unit, unit, dim).mean(dim=3)
 
     def __call__(self, q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         config, n = self.config, self.prompt_tokens
         block = config.block_size
-        settings = ScoreSettings(block // config.unit_size, 1, config.local_window)
-        name = "tokenunit_torch" if config.scorer == "tokenunit" else config.scorer
-        scores = get_scorer(name)(q, self.unit_keys, settings)  # [B, full blocks]
+        if self.unit_keys is None:
+            scores = block_scores(q, keys[:, :, :n], config)  # [B, full blocks]
+        else:
+            name = "tokenunit_torch" if config.scorer == "tokenunit" else config.scorer
+            settings = ScoreSettings(block // config.reselect_unit, 1, config.local_window)
+            scores = get_scorer(name)(q, self.unit_keys, settings)
         keep_middle = config.active_tokens // block
         candidates = [select_blocks(scores[b], n, keep_middle, config)[config.sink_blocks:-1]
                       for b in range(keys.shape[0])]

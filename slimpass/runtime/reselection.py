@@ -2,8 +2,9 @@
 
 At a slim layer (one at or after the first pruning stage) the cache holds the prompt tokens that
 survived pruning. Each decoding step re-scores their blocks with the step's query through the scorer
-registry, against the blocks' representative keys (the mean of each `unit_size` keys, computed once
-after prefill: what stays on the accelerator when the cache is offloaded), and attends to the sink
+registry, against the cached keys (or, with ``reselect_unit = n > 1``, representative keys: the mean of
+each n keys, computed once after prefill: what stays on the accelerator when the cache is offloaded),
+and attends to the sink
 blocks, an *active set* of middle blocks, the last prompt block and every generated token. The active
 set follows the step's best blocks only when fewer than `gamma` of those are already active, and
 only from the next step on, so consecutive steps mostly reuse the same blocks and a changed set has
@@ -28,7 +29,7 @@ from slimpass.runtime.scoring import ScoreSettings, get_scorer
 
 @torch.library.custom_op("slimpass::bind_layer_state", mutates_args=("active", "stats"))
 def bind_layer_state(active: torch.Tensor, stats: torch.Tensor, prompt_positions: torch.Tensor,
-                     unit_keys: torch.Tensor, layer: int) -> None:
+                     unit_keys: torch.Tensor | None, layer: int) -> None:
     """Marks, in a traced decode step, the reselection state of decoder layer `layer`. No effect: the
     `reselect_kv` pass replaces it; in a graph that pass declined the layer attends to all its tokens.
     (Declared as writing its state so that no compiler drops it before the pass sees it.)"""
@@ -69,9 +70,9 @@ def attended_tokens(active: torch.Tensor, prompt_tokens: int, length: int, block
 
 
 def reselect_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, active: torch.Tensor, stats: torch.Tensor,
-                       prompt_positions: torch.Tensor, unit_keys: torch.Tensor, scale: float, scorer: str,
+                       prompt_positions: torch.Tensor, unit_keys: torch.Tensor | None, scale: float, scorer: str,
                        block_size: int, unit_size: int, local_window: int, sink_blocks: int,
-                       gamma: float) -> torch.Tensor:
+                       gamma: float, reselect_unit: int = 1) -> torch.Tensor:
     """One decoding step's attention at a slim layer: q [B, Hq, 1, D] over the active part of k, v
     [B, Hkv, n, D] (the layer's cache including this step). Updates `active` (for the next step) and `stats`.
 
@@ -80,7 +81,10 @@ def reselect_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, active
     input mutations) and Inductor fuses it with its neighbours."""
     prompt_tokens = prompt_positions.shape[1]
     name = "tokenunit_torch" if scorer == "tokenunit" else scorer  # one query: the Triton kernel wants a window
-    scores = get_scorer(name)(q, unit_keys, ScoreSettings(block_size // unit_size, 1, local_window))
+    if unit_keys is None:  # the cached prompt keys themselves
+        scores = get_scorer(name)(q, k[:, :, :prompt_tokens], ScoreSettings(block_size, unit_size, local_window))
+    else:
+        scores = get_scorer(name)(q, unit_keys, ScoreSettings(block_size // reselect_unit, 1, local_window))
     count = active.shape[1]
     best = candidate_blocks(scores.float(), prompt_tokens, count, block_size, sink_blocks)
     first = stats[0] == 0

@@ -198,7 +198,8 @@ class SlimCache(DynamicCache):
             device = layer.keys.device
             layer.active = torch.full((layer.keys.shape[0], count), -1, dtype=torch.long, device=device)
             layer.stats = torch.zeros(2, dtype=torch.long, device=device)
-            layer.unit_keys = reselection.unit_keys(layer.keys, block, config.unit_size)
+            if config.reselect_unit > 1:
+                layer.unit_keys = reselection.unit_keys(layer.keys, block, config.reselect_unit)
             self.block_bytes = 2 * layer.keys[0, :, :block].numel() * layer.keys.element_size()
 
     def reselection_report(self) -> dict[int, dict[str, int | float]]:

@@ -40,18 +40,20 @@ def _generate(model, ids, new_tokens=10):
     return out, cache
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_compiled_reselection_matches_reference(family):
+@pytest.mark.parametrize(("family", "unit"), [("llama", 1), ("qwen2", 1), ("llama", 2)])
+def test_compiled_reselection_matches_reference(family, unit):
+    """Scoring against the cached keys (reselect_unit=1) or against means of 2 keys."""
     model = tiny_model(family, num_hidden_layers=6)
     oracle = twin(model)
-    slimpass.compile(model, options=_options())
+    slimpass.compile(model, options=_options(reselect_unit=unit))
     differs = 0
     for batch, length in ((1, 120), (2, 300), (1, 517), (2, 800)):
         ids = _ids(batch, length)
         got, cache = _generate(model, ids)
         trace = []
-        want = reference.generate(oracle, ids, _config(), max_new_tokens=10, trace=trace)
+        want = reference.generate(oracle, ids, _config(reselect_unit=unit), max_new_tokens=10, trace=trace)
         assert torch.equal(got, want), (batch, length)
+        assert all((layer.unit_keys is None) == (unit == 1) for layer in cache.layers if layer.active is not None)
         for index, active in trace[-1].items():  # the reference reselects at every slim layer
             layer = cache.layers[index]
             if layer.active is not None:
@@ -60,7 +62,8 @@ def test_compiled_reselection_matches_reference(family):
                 last = (layer.prompt_positions.shape[1] - 1) // 8
                 assert all(row == list(range(1, last)) for row in active), (length, index)
         assert any(layer.active is not None for layer in cache.layers)
-        differs += not torch.equal(want, reference.generate(oracle, ids, _config(reselect=False), max_new_tokens=10))
+        differs += not torch.equal(want, reference.generate(oracle, ids, _config(reselect=False, reselect_unit=unit),
+                                                            max_new_tokens=10))
     assert differs  # reselection changed some answer: the comparison above is not the plain decode's
 
 
