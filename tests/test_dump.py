@@ -23,6 +23,7 @@ PASS_FILES = [
     "02_rewrite_attention.before.py", "02_rewrite_attention.after.py",
     "03_insert_pruning.before.py", "03_insert_pruning.after.py",
     "04_sink_selection.before.py", "04_sink_selection.after.py",
+    "05_reselect_kv.before.py", "05_reselect_kv.after.py",
 ]
 
 
@@ -48,7 +49,8 @@ def _generate(model, ids, mask):
 
 
 def test_dump_dir_option_writes_each_graph(tmp_path):
-    """A masked prefill (rewritten) and the decode graph of generate (declined): files, readable graphs, skeleton."""
+    """A masked prefill (rewritten) and the decode graph of generate (a decode mask, where this transformers
+    builds one, proven empty and dropped under a guard): files, readable graphs, skeleton."""
     model = tiny_model("llama", "sdpa")
     oracle = twin(model)
     slimpass.compile(model, options={"compiler": "eager", "dump_dir": tmp_path})  # a Path is accepted
@@ -93,11 +95,14 @@ def test_dump_dir_option_writes_each_graph(tmp_path):
     summary = (tmp_path / decode.graph_id / "summary.md").read_text()
     assert "- graph kind: decode" in summary
     rows = _pass_rows(summary)
-    assert rows["rewrite_attention"]["replaced"] == "0"
-    assert "decode graph: only prefill attention" in rows["rewrite_attention"]["declined"]
-    assert (tmp_path / decode.graph_id / "01_find_decoder_layers.after.py").read_text() == (
-        tmp_path / decode.graph_id / "02_rewrite_attention.after.py"
-    ).read_text()
+    assert not rows["rewrite_attention"]["declined"]
+    decode_before = (tmp_path / decode.graph_id / "01_find_decoder_layers.after.py").read_text()
+    decode_after = (tmp_path / decode.graph_id / "02_rewrite_attention.after.py").read_text()
+    if "attn_mask = attention_mask" in decode_before or "attn_mask=attention_mask" in decode_before:
+        assert rows["rewrite_attention"]["replaced"] == "2"
+        assert "'rewritten': True" in decode_after and "attn_mask=None" in decode_after
+    else:  # no mask and no KV copies in this transformers' decode graph: nothing to rewrite
+        assert rows["rewrite_attention"]["replaced"] == "0" and decode_after == decode_before
 
     (dot,) = pydot.graph_from_dot_data((prefill / "skeleton.dot").read_text())
     nodes = {n.get_name(): n.get("label") for n in dot.get_nodes()}
@@ -175,7 +180,7 @@ def test_info_log_is_one_line_per_graph(caplog):
         assert "find_decoder_layers: matched 2" in message and "rewrite_attention: matched" in message
     assert "rewrite_attention: matched 2, inserted 0, replaced 2" in infos[0].getMessage()
     debug = [r for r in ours if r.levelno == logging.DEBUG and r.name == "slimpass.passes.manager"]
-    assert len(debug) == 4 * len(records)  # one line per pass per graph
+    assert len(debug) == 5 * len(records)  # one line per pass per graph
 
 
 def test_empty_env_variable_is_off(monkeypatch):

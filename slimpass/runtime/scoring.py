@@ -94,7 +94,7 @@ def tokenunit_torch(q: torch.Tensor, k: torch.Tensor, settings: ScoreSettings) -
     heads_kv, length = k.shape[1], k.shape[2]
     blocks = length // settings.block_size
     units_per_block = settings.block_size // settings.unit_size
-    local = q[:, :, max(queries - settings.local_window, 0) :].float().mean(dim=2)  # [B, Hq, D]
+    local = q[:, :, queries - settings.local_window :].float().mean(dim=2)  # [B, Hq, D] (as the kernel reads it)
     # A copy, not a view: viewing the slice lets the tracer choose its layout by whether the length is a
     # multiple of the block size (in float32 `.float()` is a no-op), a shape guard that recompiled the
     # prefill graph under Inductor each time that flipped; see test_one_inductor_graph_for_all_lengths.
