@@ -108,7 +108,10 @@ def compile(  # noqa: A001 - mirrors torch.compile
         if config.dynamic_prompt:
             _mark_dynamic(args, kwargs)
         cache = _cache_of(kwargs)
-        if with_slim_cache and cache is None and kwargs.get("use_cache") is not False:
+        use_cache = kwargs.get("use_cache")
+        if use_cache is None:
+            use_cache = getattr(model.config, "use_cache", True)
+        if with_slim_cache and cache is None and use_cache:
             cache = kwargs[cache_name] = slim_cache.SlimCache(model.config)  # what the model would make, and more
         elif (with_slim_cache and config.prune and cache is not None and not isinstance(cache, slim_cache.SlimCache)
               and not decode_mask_skipped_under_compile()):
