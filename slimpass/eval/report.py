@@ -115,7 +115,7 @@ def to_markdown(results: dict[str, Any]) -> str:
                      f"{survival} | {kept} | {r['ttft_ms']:.0f} ms |")
     for schedule in unpruned_schedules(results):
         lines += ["", f"**Warning: schedule `{schedule}` pruned no prompt** (every call ran the dense graph: prompts "
-                      "shorter than min_prompt_len, or a pass declined, e.g. transformers 5.17 under generate; "
+                      "shorter than min_prompt_len, or a pass declined, e.g. eager attention under generate; "
                       "`slimpass.compiled_graphs(model)` says why). Its rows measure the full model."]
     kept = retention_summary(results)
     if kept:
