@@ -27,6 +27,10 @@ from slimpass.runtime.keep_sets import state_of
 _SEQUENCE_INPUTS = ("input_ids", "attention_mask", "position_ids", "cache_position", "token_type_ids")
 
 
+def _cache_of(kwargs: dict) -> Any:
+    return kwargs.get("past_key_values", kwargs.get("cache"))  # renamed `cache` in transformers 5.24
+
+
 def _mark_dynamic(args: tuple, kwargs: dict) -> None:
     tensors = [kwargs.get(name) for name in _SEQUENCE_INPUTS]
     if args:
@@ -37,7 +41,7 @@ def _mark_dynamic(args: tuple, kwargs: dict) -> None:
     embeds = kwargs.get("inputs_embeds")
     if isinstance(embeds, torch.Tensor) and embeds.dim() == 3 and embeds.shape[1] > 1:
         torch._dynamo.maybe_mark_dynamic(embeds, 1)
-    cache = kwargs.get("past_key_values", kwargs.get("cache"))  # renamed `cache` in transformers 5.24
+    cache = _cache_of(kwargs)
     for layer in getattr(cache, "layers", None) or ():
         for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
             if isinstance(tensor, torch.Tensor) and tensor.dim() == 4 and tensor.shape[2] > 1:
@@ -59,10 +63,6 @@ def _drop_trivial_mask(kwargs: dict) -> None:
     mask = kwargs.get("attention_mask")
     if isinstance(mask, torch.Tensor) and mask.dim() == 2 and bool(mask.bool().all()):
         kwargs["attention_mask"] = None
-
-
-def _cache_of(kwargs: dict) -> Any:
-    return kwargs.get("past_key_values", kwargs.get("cache"))
 
 
 def _prompt_length(args: tuple, kwargs: dict) -> int | None:

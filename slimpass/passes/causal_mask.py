@@ -210,6 +210,20 @@ def prove_all_true(gm: torch.fx.GraphModule, mask: torch.fx.Node, example_inputs
     return program.guards
 
 
+def empty_mask_reason(gm: torch.fx.GraphModule, mask: torch.fx.Node, ctx: Any, proven: dict) -> str:
+    """"" when `mask` is proven to hide nothing (its guards added to ``ctx.guards`` once), else why not.
+    `proven` caches the answer per mask producer across the layers that share it."""
+    if mask not in proven:
+        try:
+            for guard in prove_all_true(gm, mask, ctx.example_inputs):
+                if guard not in ctx.guards:
+                    ctx.guards.append(guard)
+            proven[mask] = ""
+        except NotCausal as err:
+            proven[mask] = str(err)
+    return proven[mask]
+
+
 def length_input(gm: torch.fx.GraphModule, q_len: Any) -> tuple[int, int] | None:
     """(input index, dim) of a graph input whose size is the symbolic prompt length."""
     if isinstance(q_len, int):

@@ -28,7 +28,7 @@ import torch
 import torch.fx
 
 from slimpass.passes.base import GraphPass, PassContext, PassResult
-from slimpass.passes.causal_mask import NotCausal, prove_all_true
+from slimpass.passes.causal_mask import empty_mask_reason
 from slimpass.passes.graph_utils import arg
 from slimpass.runtime import reselection
 
@@ -93,15 +93,8 @@ class ReselectKV(GraphPass):
         """"" when the layer's attention has no mask or one proven to hide nothing (its guards recorded)."""
         if layer.mask is None:
             return ""
-        if layer.mask not in proven:
-            try:
-                for guard in prove_all_true(gm, layer.mask, ctx.example_inputs):
-                    if guard not in ctx.guards:
-                        ctx.guards.append(guard)
-                proven[layer.mask] = ""
-            except NotCausal as err:
-                proven[layer.mask] = f"the attention has a mask that may hide keys ({err})"
-        return proven[layer.mask]
+        why = empty_mask_reason(gm, layer.mask, ctx, proven)
+        return f"the attention has a mask that may hide keys ({why})" if why else ""
 
     @staticmethod
     def _why_not(layer, ctx: PassContext) -> str:

@@ -32,7 +32,7 @@ import torch
 import torch.fx
 
 from slimpass.passes.base import GraphPass, PassContext, PassResult
-from slimpass.passes.causal_mask import NotCausal, length_input, prove_all_true, prove_causal
+from slimpass.passes.causal_mask import NotCausal, empty_mask_reason, length_input, prove_causal
 from slimpass.passes.graph_utils import arg, fake
 from slimpass.passes.layer_map import LayerInfo
 from slimpass.runtime import attention as _attention  # noqa: F401  (registers slimpass::causal_attention)
@@ -168,7 +168,7 @@ class RewriteAttention(GraphPass):
             result.declined.append("decode graph of a model with a sliding window (or an unknown config): its "
                                    "masks hide keys once the cache outgrows the window")
             return result
-        proven: dict[torch.fx.Node, list[InputGuard] | str] = {}
+        proven: dict[torch.fx.Node, str] = {}  # mask producer -> "" (hides nothing) or why not
         for layer in ctx.layer_map.layers:
             result.matched += 1
             node = layer.attention
@@ -177,13 +177,9 @@ class RewriteAttention(GraphPass):
                 continue
             if layer.mask is None and not layer.gqa_repeat:
                 continue  # nothing to gain
-            if layer.mask is not None and layer.mask not in proven:
-                try:
-                    proven[layer.mask] = prove_all_true(gm, layer.mask, ctx.example_inputs)
-                except NotCausal as err:
-                    proven[layer.mask] = str(err)
-            if layer.mask is not None and isinstance(proven[layer.mask], str):
-                result.declined.append(f"layer {layer.index}: decode mask not proven empty ({proven[layer.mask]})")
+            why = empty_mask_reason(gm, layer.mask, ctx, proven) if layer.mask is not None else ""
+            if why:
+                result.declined.append(f"layer {layer.index}: decode mask not proven empty ({why})")
                 continue
             k, v, gqa = _kv(layer)
             with gm.graph.inserting_before(node):
@@ -196,9 +192,7 @@ class RewriteAttention(GraphPass):
             gm.graph.erase_node(node)
             layer.attention, layer.mask, layer.k_attn, layer.v_attn, layer.gqa_repeat = new, None, k, v, False
             result.replaced += 1
-        guards = {g for value in proven.values() if not isinstance(value, str) for g in value}
-        ctx.guards.extend(sorted(guards - set(ctx.guards), key=lambda g: (g.index, g.role)))
-        dropped = sum(1 for value in proven.values() if not isinstance(value, str))
+        dropped = sum(1 for why in proven.values() if not why)
         result.summary = (f"decode: {result.replaced} of {len(ctx.layer_map.layers)} attention calls without "
                           f"mask / KV copies ({dropped} mask producer(s) proven to hide nothing)")
         return result

@@ -32,6 +32,14 @@ def _ids(batch, length):
     return torch.randint(0, 128, (batch, length), generator=torch.Generator().manual_seed(length + batch))
 
 
+def _compiled(family="llama", attn="sdpa", **options):
+    """A tiny 6-layer model compiled with reselection (`options` on top) and its uncompiled twin."""
+    model = tiny_model(family, attn, num_hidden_layers=6)
+    oracle = twin(model)
+    slimpass.compile(model, options=_options(**options))
+    return model, oracle
+
+
 def _generate(model, ids, new_tokens=10):
     cache = slimpass.SlimCache(model.config)
     with torch.no_grad():
@@ -43,9 +51,7 @@ def _generate(model, ids, new_tokens=10):
 @pytest.mark.parametrize(("family", "unit"), [("llama", 1), ("qwen2", 1), ("llama", 2)])
 def test_compiled_reselection_matches_reference(family, unit):
     """Scoring against the cached keys (reselect_unit=1) or against means of 2 keys."""
-    model = tiny_model(family, num_hidden_layers=6)
-    oracle = twin(model)
-    slimpass.compile(model, options=_options(reselect_unit=unit))
+    model, oracle = _compiled(family, reselect_unit=unit)
     differs = 0
     for batch, length in ((1, 120), (2, 300), (1, 517), (2, 800)):
         ids = _ids(batch, length)
@@ -68,9 +74,7 @@ def test_compiled_reselection_matches_reference(family, unit):
 
 
 def test_swap_accounting_matches_reference_trace():
-    model = tiny_model("llama", num_hidden_layers=6)
-    oracle = twin(model)
-    slimpass.compile(model, options=_options(gamma=1.0))
+    model, oracle = _compiled(gamma=1.0)
     ids = _ids(1, 600)
     _, cache = _generate(model, ids, new_tokens=12)
     trace = []
@@ -86,9 +90,7 @@ def test_swap_accounting_matches_reference_trace():
 
 
 def test_gamma_zero_keeps_the_first_active_set():
-    model = tiny_model("llama", num_hidden_layers=6)
-    oracle = twin(model)
-    slimpass.compile(model, options=_options(gamma=0.0))
+    model, oracle = _compiled(gamma=0.0)
     ids = _ids(2, 400)
     got, cache = _generate(model, ids)
     trace = []
@@ -99,9 +101,7 @@ def test_gamma_zero_keeps_the_first_active_set():
 
 def test_large_active_budget_changes_nothing():
     """A layer whose cached prompt fits in active_tokens is not armed; the answer is the plain decode's."""
-    model = tiny_model("llama", num_hidden_layers=6)
-    oracle = twin(model)
-    slimpass.compile(model, options=_options(active_tokens=4096))
+    model, oracle = _compiled(active_tokens=4096)
     ids = _ids(1, 300)
     got, cache = _generate(model, ids)
     assert cache.reselection_report() == {}
@@ -111,9 +111,7 @@ def test_large_active_budget_changes_nothing():
 
 def test_eager_attention_declines_and_decodes_as_the_model(caplog):
     """Eager attention: pruning declines for generate, so no layer is armed and reselection says so."""
-    model = tiny_model("llama", "eager", num_hidden_layers=6)
-    oracle = twin(model)
-    slimpass.compile(model, options=_options())
+    model, oracle = _compiled("llama", "eager")
     ids = _ids(1, 300)
     with caplog.at_level(logging.INFO, logger="slimpass"):
         got, cache = _generate(model, ids)
