@@ -10,14 +10,19 @@ after another in this process (the weights are built once):
 - ``hf_eager``: the model's own generate;
 - ``sliminfer_dense``: `slimpass.compile`, pruning off (what compilation alone gives);
 - ``sliminfer``: pruning on, defaults (resident `SlimCache`);
-- ``sliminfer_reselect``: pruning and decode-time reselection (``active_tokens`` per slim layer).
+- ``sliminfer_reselect``: pruning and decode-time reselection (``active_tokens`` per slim layer);
+- ``sliminfer_offload``: the same with ``offload=True``: slim layers' prompt K/V in pinned host memory,
+  their active blocks copied on a side stream (``--prefetch-depth`` layers ahead).
 
 Per variant: one untimed warm-up generate (compiles), then ``--repeats`` timed generates and as many
 timed prefills (``max_new_tokens=1``): median end-to-end latency, median time to first token, decode
 time per token = (end-to-end - TTFT) / (N - 1), peak memory, the KV cache's bytes (`SlimCache.memory_report`:
 prompt KV against an unpruned cache of the same length) and, with reselection, the blocks and bytes swapped
-per step. Tokens are compared with hf_eager's (random weights: pruning may change them; the prefix that
-agrees is reported).
+per step. With offload also: the KV bytes on the GPU against an unpruned cache, the scored keys kept there,
+the host->device bytes per step, and (``--profile``) a profiler summary of one short generate: the side
+stream's copy kernels and how much of their time overlapped kernels on the compute stream. Tokens are
+compared with hf_eager's (random weights: pruning may change them; the prefix that agrees is reported),
+and offload's with sliminfer_reselect's (they must be equal).
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_prefill import build_model  # noqa: E402 - the same model as the prefill benchmark
 
-VARIANTS = ("hf_eager", "sliminfer_dense", "sliminfer", "sliminfer_reselect")
+VARIANTS = ("hf_eager", "sliminfer_dense", "sliminfer", "sliminfer_reselect", "sliminfer_offload")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -47,6 +52,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--active-tokens", type=int, default=2048, help="per slim layer, with reselection")
+    parser.add_argument("--prefetch-depth", type=int, default=2, help="with offload")
+    parser.add_argument("--profile", action="store_true", help="with offload: profile one 16-token generate")
     parser.add_argument("--options", type=json.loads, default={}, help="more slimpass options, as JSON")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tiny", action="store_true", help="tiny float32 model on CPU: test this script")
@@ -69,8 +76,10 @@ def options_for(variant: str, args: argparse.Namespace) -> dict[str, Any] | None
     options: dict[str, Any] = {"compiler": "eager" if args.tiny else "inductor", "prune": variant != "sliminfer_dense"}
     if args.tiny:
         options.update(min_prompt_len=64)
-    if variant == "sliminfer_reselect":
+    if variant in ("sliminfer_reselect", "sliminfer_offload"):
         options.update(reselect=True, active_tokens=args.active_tokens)
+    if variant == "sliminfer_offload":
+        options.update(offload=True, prefetch_depth=args.prefetch_depth)
     return {**options, **args.options}
 
 
@@ -132,9 +141,54 @@ def run_variant(model: torch.nn.Module, variant: str, ids: torch.Tensor, args: a
             prompt_kv_bytes=prompt_bytes, prompt_kv_share=prompt_bytes / dense_prompt if dense_prompt else None,
             kept_per_layer=[m.tokens for m in report.layers],
             reselection=cache.reselection_report(),
+            gpu_kv_bytes=report.gpu_bytes, gpu_kv_share=report.gpu_bytes / report.dense_bytes,
+            score_bytes=report.score_bytes, score_share=report.score_bytes / report.dense_bytes,
+            offload=cache.offload_report(),
             graphs=[{"kind": g.kind, "passes": [r.line() for r in g.results]} for g in slimpass.compiled_graphs(model)],
         )
+        if args.profile and variant == "sliminfer_offload" and device.type == "cuda":
+            row["profile"] = profile_overlap(lambda: generate(model, ids, 16), device)
     return row
+
+
+def profile_overlap(fn, device: torch.device) -> dict[str, Any]:
+    """Kernels of one call under the profiler: the offload copy kernels on the side stream and the share of
+    their time during which a kernel ran on the compute stream (the stream with the most other kernel time)."""
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        sync(device)
+    with tempfile.NamedTemporaryFile(suffix=".json") as trace:
+        prof.export_chrome_trace(trace.name)
+        events = json.load(open(trace.name))["traceEvents"]
+    kernels = [(e["ts"], e["ts"] + e["dur"], e["args"].get("stream"), e["name"]) for e in events
+               if e.get("cat") == "kernel" and "dur" in e]
+    busy_by_stream: dict[Any, float] = {}
+    for start, end, stream, name in kernels:
+        if "copy_blocks" not in name:
+            busy_by_stream[stream] = busy_by_stream.get(stream, 0.0) + end - start
+    compute = max(busy_by_stream, key=busy_by_stream.get) if busy_by_stream else None
+    # the first step's copies run on the compute stream (they cannot be hidden): count the side stream's
+    copies = [k for k in kernels if "copy_blocks" in k[3] and k[2] != compute]
+    side = {k[2] for k in copies}
+    others = sorted((start, end) for start, end, stream, _ in kernels if stream == compute)
+    merged: list[list[float]] = []
+    for start, end in others:
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    covered = 0.0
+    for start, end, _, _ in copies:
+        covered += sum(max(0.0, min(end, b) - max(start, a)) for a, b in merged if a < end and b > start)
+    busy = sum(end - start for start, end, _, _ in copies)
+    return {"copy_kernels": len(copies), "copy_streams": sorted(map(str, side)), "compute_stream": str(compute),
+            "copy_us": busy,
+            "overlapped_us": covered, "overlap_share": covered / busy if busy else None,
+            "compute_kernel_us": sum(b - a for a, b in merged)}
 
 
 def agreement(row: dict[str, Any], base: dict[str, Any]) -> int:
@@ -188,6 +242,20 @@ def main(argv: list[str] | None = None) -> None:
         same = f"{agreement(row, base)}/{args.new_tokens}" if base else "-"
         print(f"| {row['variant']} | {row['e2e_ms']:.1f} | {speed} | {row['ttft_ms']:.1f} | "
               f"{row['decode_ms_per_token']:.2f} | {row['peak_gb']:.1f} | {share} | {same} |")
+    resident = next((r for r in rows if r["variant"] == "sliminfer_reselect" and "e2e_ms" in r), None)
+    for row in rows:
+        if row.get("offload"):
+            print(f"\n{row['variant']}: KV on the GPU {row['gpu_kv_share']:.1%} of an unpruned cache "
+                  f"(+ scored keys {row['score_share']:.1%}); host->device {row['offload']['h2d_bytes_per_step'] / 2**20:.2f} "
+                  f"MiB per step after the first")
+            if resident:
+                print(f"decode step {row['decode_ms_per_token']:.2f} ms vs resident {resident['decode_ms_per_token']:.2f} ms "
+                      f"({row['decode_ms_per_token'] / resident['decode_ms_per_token'] - 1:+.1%}); tokens equal to "
+                      f"sliminfer_reselect's: {row['tokens'] == resident['tokens']}")
+            if row.get("profile"):
+                p = row["profile"]
+                print(f"profile (16 tokens): {p['copy_kernels']} copy kernels on stream(s) {p['copy_streams']}, "
+                      f"{p['copy_us']:.0f} us, {p['overlap_share']:.1%} of it overlapped compute kernels")
     if args.out:
         args.out.write_text(json.dumps({"length": args.length, "new_tokens": args.new_tokens,
                                         "environment": environment(device), "rows": rows}, indent=1, default=str))

@@ -150,6 +150,14 @@ class SlimConfig:
     gamma: float = 0.9
     """Reselection hysteresis: a layer's active blocks change only when the share of the newly chosen
     best blocks already active drops under `gamma` (1.0: follow every step's choice; 0.0: never change)."""
+    offload: bool = False
+    """Offload mode (needs `reselect`): after the prefill the K/V of every armed slim layer move to host
+    memory (pinned on CUDA); the accelerator keeps the layers before the first pruning stage, per slim layer
+    its sink and active blocks plus the last prompt block and the generated tokens, and the keys reselection
+    scores against (`reselect_unit`). Changed blocks are copied on a side stream `prefetch_depth` slim layers
+    ahead (`slimpass.runtime.offload`)."""
+    prefetch_depth: int = 2
+    """Under `offload`: how many slim layers ahead the side stream copies a layer's changed blocks."""
 
     def __post_init__(self) -> None:
         _check_bool("prune", self.prune)
@@ -189,6 +197,11 @@ class SlimConfig:
             raise ConfigError(f"SlimConfig.gamma={self.gamma!r}: expected a float in [0, 1] (the overlap under which "
                               "a layer's active blocks are swapped)")
         object.__setattr__(self, "gamma", float(self.gamma))
+        _check_bool("offload", self.offload)
+        _check_range("prefetch_depth", self.prefetch_depth, 1, 64)
+        if self.offload and not self.reselect:
+            raise ConfigError("SlimConfig.offload=True needs reselect=True: an offloaded slim layer keeps only its "
+                              "active blocks on the accelerator, and reselection is what chooses them")
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:

@@ -58,8 +58,13 @@ class ReselectKV(GraphPass):
         proven: dict[torch.fx.Node, str] = {}  # mask producer -> "" (hides nothing) or why not
         for marker in markers:
             active, stats, positions, units, index = marker.args[:5]
+            handle = marker.args[5] if len(marker.args) > 5 else marker.kwargs.get("offload")
             layer = layers.get(index)
             reason = self._why_not(layer, ctx) or self._mask_reason(gm, layer, ctx, proven)
+            if reason and handle is not None:
+                raise RuntimeError(f"reselect_kv: layer {index} is offloaded (SlimConfig.offload) and holds only its "
+                                   f"last prompt block on the accelerator, but its attention cannot be rewritten: "
+                                   f"{reason}. Run with offload=False")
             if reason:
                 result.declined.append(f"layer {index}: {reason}")
                 log.info("sliminfer: %s: reselect_kv declined layer %s: %s", ctx.graph_id, index, reason)
@@ -74,7 +79,7 @@ class ReselectKV(GraphPass):
                     reselection.reselect_attention,
                     (layer.q, layer.k_full, layer.v_full, active, stats, positions, units, float(scale), config.scorer,
                      config.block_size, config.unit_size, config.local_window, config.sink_blocks, config.gamma,
-                     config.reselect_unit))
+                     config.reselect_unit, index, handle))
             node.meta["slimpass"] = {"layer": index, "role": "reselect"}
             attention.replace_all_uses_with(node)
             gm.graph.erase_node(attention)

@@ -24,19 +24,28 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from slimpass.runtime import offload as _offload  # noqa: F401 - registers the slimpass::offload_* ops
 from slimpass.runtime.scoring import ScoreSettings, get_scorer
 
 
 @torch.library.custom_op("slimpass::bind_layer_state", mutates_args=("active", "stats"))
 def bind_layer_state(active: torch.Tensor, stats: torch.Tensor, prompt_positions: torch.Tensor,
-                     unit_keys: torch.Tensor | None, layer: int) -> None:
-    """Marks, in a traced decode step, the reselection state of decoder layer `layer`. No effect: the
-    `reselect_kv` pass replaces it; in a graph that pass declined the layer attends to all its tokens.
-    (Declared as writing its state so that no compiler drops it before the pass sees it.)"""
+                     unit_keys: torch.Tensor | None, layer: int, offload: torch.Tensor | None = None) -> None:
+    """Marks, in a traced decode step, the reselection state of decoder layer `layer` (`offload`: the
+    handle of the cache's `OffloadManager` when the layer is offloaded). No effect: the `reselect_kv`
+    pass replaces it; in a graph that pass declined the layer attends to all its tokens (an offloaded
+    layer cannot: the cache raises). (Declared as writing its state so that no compiler drops it before
+    the pass sees it.)"""
+    if offload is not None:
+        raise RuntimeError(
+            f"slimpass: decoder layer {layer} is offloaded (SlimConfig.offload) but this decoding step ran outside "
+            "the sliminfer backend's compiled graph, so it would attend to the layer's last block only. Decode "
+            "through the model slimpass.compile returned; if it was, torch._dynamo ran the step eagerly (e.g. it "
+            "hit torch._dynamo.config.recompile_limit: raise it); or run with offload=False")
 
 
 @bind_layer_state.register_fake
-def _(active, stats, prompt_positions, unit_keys, layer):
+def _(active, stats, prompt_positions, unit_keys, layer, offload=None):
     return None
 
 
@@ -69,34 +78,58 @@ def attended_tokens(active: torch.Tensor, prompt_tokens: int, length: int, block
     return torch.cat([sinks, inner, tail], dim=1)
 
 
+def assign_slots(active: torch.Tensor, best: torch.Tensor) -> torch.Tensor:
+    """[B, m] the next active set `best` laid out in the slots of `active`: a block that stays keeps its
+    slot, the new ones fill the freed slots in ascending order (so an offloading cache rewrites only the
+    slots whose block changed)."""
+    stays = (active[:, :, None] == best[:, None, :]).any(dim=2)  # per slot
+    fresh = ~(best[:, :, None] == active[:, None, :]).any(dim=2)  # per candidate
+    freed = torch.argsort(stays.to(torch.int8), dim=1, stable=True)  # freed slots first
+    entering = torch.argsort((~fresh).to(torch.int8), dim=1, stable=True)  # new blocks first
+    rank = torch.arange(active.shape[1], device=active.device)
+    values = torch.where(rank < (~stays).sum(dim=1, keepdim=True), best.gather(1, entering), active.gather(1, freed))
+    return active.scatter(1, freed, values)
+
+
 def reselect_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, active: torch.Tensor, stats: torch.Tensor,
                        prompt_positions: torch.Tensor, unit_keys: torch.Tensor | None, scale: float, scorer: str,
                        block_size: int, unit_size: int, local_window: int, sink_blocks: int,
-                       gamma: float, reselect_unit: int = 1) -> torch.Tensor:
+                       gamma: float, reselect_unit: int = 1, layer: int = 0,
+                       offload: torch.Tensor | None = None) -> torch.Tensor:
     """One decoding step's attention at a slim layer: q [B, Hq, 1, D] over the active part of k, v
     [B, Hkv, n, D] (the layer's cache including this step). Updates `active` (for the next step) and `stats`.
+    With `offload` (an `OffloadManager` handle) k, v hold only the last prompt block and the generated
+    tokens, `unit_keys` the keys scored, and the sink and active blocks come from the manager
+    (`slimpass.runtime.offload`).
 
     Plain traceable PyTorch (no host syncs, sizes symbolic in the cache length): the pass calls it from the
     decode graph, AOTAutograd traces through it (the writes to `active` and `stats` become the graph's
     input mutations) and Inductor fuses it with its neighbours."""
     prompt_tokens = prompt_positions.shape[1]
     name = "tokenunit_torch" if scorer == "tokenunit" else scorer  # one query: the Triton kernel wants a window
-    if unit_keys is None:  # the cached prompt keys themselves
-        scores = get_scorer(name)(q, k[:, :, :prompt_tokens], ScoreSettings(block_size, unit_size, local_window))
+    scored = k[:, :, :prompt_tokens] if unit_keys is None else unit_keys
+    if reselect_unit == 1:  # the cached prompt keys themselves
+        scores = get_scorer(name)(q, scored, ScoreSettings(block_size, unit_size, local_window))
     else:
-        scores = get_scorer(name)(q, unit_keys, ScoreSettings(block_size // reselect_unit, 1, local_window))
+        scores = get_scorer(name)(q, scored, ScoreSettings(block_size // reselect_unit, 1, local_window))
     count = active.shape[1]
     best = candidate_blocks(scores.float(), prompt_tokens, count, block_size, sink_blocks)
     first = stats[0] == 0
     active.copy_(torch.where(first, best, active))
-    index = attended_tokens(active, prompt_tokens, k.shape[2], block_size, sink_blocks)
-    rows = torch.arange(k.shape[0], device=k.device)[:, None]
-    keys = k.transpose(1, 2)[rows, index].transpose(1, 2)
-    values = v.transpose(1, 2)[rows, index].transpose(1, 2)
+    if offload is None:
+        index = attended_tokens(active, prompt_tokens, k.shape[2], block_size, sink_blocks)
+        rows = torch.arange(k.shape[0], device=k.device)[:, None]
+        keys = k.transpose(1, 2)[rows, index].transpose(1, 2)
+        values = v.transpose(1, 2)[rows, index].transpose(1, 2)
+    else:
+        sinks = min(sink_blocks, (prompt_tokens - 1) // block_size) * block_size
+        keys, values = torch.ops.slimpass.offload_gather(offload, layer, active, k, v, sinks + count * block_size)
     out = F.scaled_dot_product_attention(q, keys, values, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
     # for the next step: follow the candidates where too few of them are active
     shared = (best[:, :, None] == active[:, None, :]).any(dim=2).sum(dim=1)  # [B]
     swap = ~first & (shared < gamma * count)
-    active.copy_(torch.where(swap[:, None], best, active))
+    active.copy_(torch.where(swap[:, None], assign_slots(active, best), active))
     stats.add_(torch.stack([torch.ones_like(stats[0]), torch.where(swap, count - shared, 0).sum()]))
+    if offload is not None:
+        out = torch.ops.slimpass.offload_done(offload, layer, active, out)
     return out

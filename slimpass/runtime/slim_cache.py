@@ -9,7 +9,9 @@ also knows, per layer, the original positions of those tokens and the prompt's o
 - `get_seq_length()` is the original prompt length plus the generated tokens, for every layer (it is
   what positions the next token), not the number of tokens a pruned layer holds;
 - `positions(layer)` are the original positions of the layer's cached tokens;
-- `memory_report()` gives per layer the tokens held and their bytes on the accelerator and on the CPU.
+- `memory_report()` gives per layer the tokens held and their bytes on the accelerator and on the CPU;
+- with `SlimConfig.offload` the prompt K/V of armed slim layers move to host memory after the prefill
+  (`slimpass.runtime.offload`): the layer keeps its last prompt block and generated tokens.
 
 `slimpass.compile` links it: its `generate` passes a fresh `SlimCache` to every request that brings no
 cache of its own, and after a prefill that ran on an empty `SlimCache` the keep sets that the pruned
@@ -28,7 +30,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from slimpass.config import SlimConfig
-from slimpass.runtime import reselection
+from slimpass.runtime import offload, reselection
 from slimpass.runtime.keep_sets import KeepSet
 
 
@@ -46,27 +48,32 @@ class SlimLayer(DynamicLayer):
         self.active: torch.Tensor | None = None  # reselection state (slimpass.runtime.reselection), when armed
         self.stats: torch.Tensor | None = None
         self.unit_keys: torch.Tensor | None = None
+        self.offload: torch.Tensor | None = None  # the OffloadManager's handle, when the layer is offloaded
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
         keys, values = super().update(key_states, value_states, *args, **kwargs)
         if self.active is not None:  # a decoding step at an armed slim layer: show the pass its state
             torch.ops.slimpass.bind_layer_state(self.active, self.stats, self.prompt_positions, self.unit_keys,
-                                                self.index)
+                                                self.index, self.offload)
         return keys, values
 
     def reset(self) -> None:
         super().reset()
-        self.prompt_positions = self.active = self.stats = self.unit_keys = None
+        self.prompt_positions = self.active = self.stats = self.unit_keys = self.offload = None
 
 
 @dataclasses.dataclass(frozen=True)
 class LayerMemory:
-    """One layer's share of a `SlimCache`: tokens held (per row) and the bytes of its K and V."""
+    """One layer's share of a `SlimCache`: tokens held (per row), the bytes of its K and V on the accelerator
+    and on the CPU (an offloaded layer: its front and tail on the accelerator, its prompt in host memory),
+    and the bytes of the keys reselection scores against (under offload with ``reselect_unit = 1``, the
+    layer's prompt keys, kept on the accelerator; not counted as KV)."""
 
     layer: int
     tokens: int
     gpu_bytes: int
     cpu_bytes: int
+    score_bytes: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,12 +96,18 @@ class MemoryReport:
     def total_bytes(self) -> int:
         return self.gpu_bytes + self.cpu_bytes
 
+    @property
+    def score_bytes(self) -> int:
+        return sum(m.score_bytes for m in self.layers)
+
     def __str__(self) -> str:
-        lines = ["layer  tokens  accelerator MB  cpu MB"]
-        lines += [f"{m.layer:5d}  {m.tokens:6d}  {m.gpu_bytes / 2**20:14.2f}  {m.cpu_bytes / 2**20:6.2f}" for m in self.layers]
-        share = self.total_bytes / self.dense_bytes if self.dense_bytes else 0.0
-        lines.append(f"total  {self.total_bytes / 2**20:.2f} MB = {share:.1%} of the unpruned cache "
-                     f"({self.dense_bytes / 2**20:.2f} MB)")
+        lines = ["layer  tokens  accelerator MB  cpu MB  scored keys MB"]
+        lines += [f"{m.layer:5d}  {m.tokens:6d}  {m.gpu_bytes / 2**20:14.2f}  {m.cpu_bytes / 2**20:6.2f}  "
+                  f"{m.score_bytes / 2**20:14.2f}" for m in self.layers]
+        dense = self.dense_bytes or 1
+        lines.append(f"total  {self.total_bytes / 2**20:.2f} MB = {self.total_bytes / dense:.1%} of the unpruned cache "
+                     f"({self.dense_bytes / 2**20:.2f} MB); on the accelerator {self.gpu_bytes / dense:.1%} "
+                     f"(+ {self.score_bytes / dense:.1%} scored keys)")
         return "\n".join(lines)
 
 
@@ -138,6 +151,7 @@ class SlimCache(DynamicCache):
         self.prompt_len = 0
         self.recorded = False
         self.block_bytes = 0  # K + V bytes of one block of one row (for the reselection report)
+        self.offload: offload.OffloadManager | None = None
 
     # --- what transformers asks -------------------------------------------------------------------------
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -186,6 +200,8 @@ class SlimCache(DynamicCache):
             layer.keys, layer.values = layer.keys.contiguous(), layer.values.contiguous()
             if config is not None and config.reselect and positions is not None:
                 self._arm(layer, config)
+                if config.offload and layer.active is not None:
+                    self._offload(layer, config)
         self.prompt_len = prompt_len
         self.recorded = True
 
@@ -201,6 +217,26 @@ class SlimCache(DynamicCache):
             if config.reselect_unit > 1:
                 layer.unit_keys = reselection.unit_keys(layer.keys, block, config.reselect_unit)
             self.block_bytes = 2 * layer.keys[0, :, :block].numel() * layer.keys.element_size()
+
+    def _offload(self, layer: SlimLayer, config: SlimConfig) -> None:
+        """Move an armed slim layer's prompt K/V to the host (`slimpass.runtime.offload`): the layer keeps
+        its last prompt block (the tail every step attends to) and the keys reselection scores against."""
+        if self.offload is None:
+            self.offload = offload.OffloadManager(layer.keys.device, config.prefetch_depth)
+        block = config.block_size
+        prompt = layer.prompt_positions.shape[1]
+        last = (prompt - 1) // block
+        sinks = min(config.sink_blocks, last) * block
+        self.offload.add_layer(layer.index, layer.keys, layer.values, layer.active.shape[1], sinks, block)
+        if layer.unit_keys is None:  # reselect_unit == 1 scores the prompt keys themselves: they stay
+            layer.unit_keys = layer.keys
+        layer.keys = layer.keys[:, :, last * block:].clone()
+        layer.values = layer.values[:, :, last * block:].clone()
+        layer.offload = self.offload.handle
+
+    def offload_report(self) -> dict[str, float]:
+        """Under offload: the host -> accelerator block copies so far (`OffloadManager.report`); {} otherwise."""
+        return self.offload.report() if self.offload is not None else {}
 
     def reselection_report(self) -> dict[int, dict[str, int | float]]:
         """Per armed slim layer: decoding steps, active tokens per row, blocks swapped in after the first
@@ -232,15 +268,29 @@ class SlimCache(DynamicCache):
         return torch.cat([prompt, tail], dim=1)
 
     def memory_report(self) -> MemoryReport:
-        """Per layer: tokens held and the bytes of its K and V on the accelerator and on the CPU."""
+        """Per layer: tokens held and the bytes of its K and V on the accelerator and on the CPU (an offloaded
+        layer: its front and tail on the accelerator, its prompt in host memory), and the scored keys."""
         rows, dense = [], 0
         dense_tokens = self.get_seq_length()
+        managed = self.offload.layers if self.offload is not None else {}
         for index, layer in enumerate(self.layers):
             tensors = [t for t in (layer.keys, layer.values) if isinstance(t, torch.Tensor) and t.numel()]
-            size = sum(t.numel() * t.element_size() for t in tensors)
-            on_cpu = sum(t.numel() * t.element_size() for t in tensors if t.device.type == "cpu")
-            tokens = layer.get_seq_length()
-            rows.append(LayerMemory(index, tokens, size - on_cpu, on_cpu))
-            if tokens:
-                dense += size * dense_tokens // tokens
+            moved = managed.get(index)
+            if moved is not None:
+                tensors += [moved.front_k, moved.front_v, moved.host_k, moved.host_v]
+            size = sum(_nbytes(t) for t in tensors)
+            on_cpu = sum(_nbytes(t) for t in tensors if t.device.type == "cpu")
+            scored = _nbytes(layer.unit_keys) if layer.unit_keys is not None else 0
+            if moved is not None:  # the front's sinks and slots are copies of host tokens: count tokens once
+                tokens = layer.prompt_positions.shape[1] + self.generated()
+            else:
+                tokens = layer.get_seq_length()
+            rows.append(LayerMemory(index, tokens, size - on_cpu, on_cpu, scored))
+            if tensors:
+                per_token = 2 * _nbytes(tensors[0]) // max(tensors[0].shape[2], 1)
+                dense += per_token * dense_tokens
         return MemoryReport(tuple(rows), dense)
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()

@@ -63,7 +63,7 @@ def test_compiled_reselection_matches_reference(family, unit):
         for index, active in trace[-1].items():  # the reference reselects at every slim layer
             layer = cache.layers[index]
             if layer.active is not None:
-                assert layer.active.tolist() == active, (length, index)
+                assert [sorted(row) for row in layer.active.tolist()] == active, (length, index)
             else:  # not armed: every middle block of the layer's cached prompt fits the active budget
                 last = (layer.prompt_positions.shape[1] - 1) // 8
                 assert all(row == list(range(1, last)) for row in active), (length, index)
