@@ -228,7 +228,8 @@ if triton is not None:
             changed = block >= 0
         tokens = tl.arange(0, BLOCK)[:, None]
         dims = tl.arange(0, DIM_P2)[None, :]
-        mask = changed & (dims < DIM)
+        # the flag broadcast by hand: Triton's interpreter rejects a scalar & block mask
+        mask = (dims < DIM) & ((tl.zeros([BLOCK, DIM_P2], dtype=tl.int32) + changed.to(tl.int32)) != 0)
         src = row_head * src_tokens * DIM + (block * BLOCK + tokens) * DIM + dims
         dst = row_head * dst_tokens * DIM + (dst_start + slot * BLOCK + tokens) * DIM + dims
         tl.store(dst_k + dst, tl.load(src_k + src, mask=mask), mask=mask)
@@ -256,7 +257,7 @@ def offload_gather(handle: torch.Tensor, layer: int, active: torch.Tensor, k: to
 
 
 @offload_gather.register_fake
-def _(handle, layer, active, k, v, front_tokens):
+def _gather_fake(handle, layer, active, k, v, front_tokens):
     shape = (k.shape[0], k.shape[1], front_tokens + k.shape[2], k.shape[3])
     return k.new_empty(shape), v.new_empty(shape)
 
@@ -270,5 +271,5 @@ def offload_done(handle: torch.Tensor, layer: int, active: torch.Tensor, out: to
 
 
 @offload_done.register_fake
-def _(handle, layer, active, out):
+def _done_fake(handle, layer, active, out):
     return torch.empty_like(out)

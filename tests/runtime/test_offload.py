@@ -1,0 +1,201 @@
+"""Offload mode (``SlimConfig.offload``): the same tokens as the resident cache and the reference loop, what
+lives where (memory report against the tensors), the copies it counts, and its errors.
+
+On CPU the manager runs with CPU tensors and no streams (the side-stream logic and the zero-copy kernel
+on pinned memory are checked on a GPU by ``benchmarks/gpu_offload_check.py``); the Triton copy kernel
+itself runs here in Triton's interpreter.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import subprocess
+import sys
+import textwrap
+import weakref
+from pathlib import Path
+
+import pytest
+import torch
+
+import slimpass
+from slimpass.config import ConfigError, SlimConfig
+from slimpass.runtime import offload, reference
+from tests.runtime.test_reselection import _compiled, _config, _generate, _ids
+
+
+@pytest.fixture(autouse=True)
+def _room_for_two_models():
+    """Two compiled models (offload on and off) share the traced code objects' cache entries."""
+    with torch._dynamo.config.patch(recompile_limit=64):
+        yield
+
+
+def _pair(**options):
+    """The same tiny model compiled resident and with offload, and their uncompiled twin."""
+    resident, oracle = _compiled(**options)
+    offloaded, _ = _compiled(offload=True, **options)
+    offloaded.load_state_dict(resident.state_dict())
+    return resident, offloaded, oracle
+
+
+@pytest.mark.parametrize(("family", "unit", "depth"), [("llama", 1, 2), ("qwen2", 1, 1), ("llama", 2, 8)])
+def test_offload_gives_the_resident_tokens(family, unit, depth):
+    """Greedy tokens with offload on equal offload off and the reference loop's, over prompt lengths and
+    batch sizes; with one offloaded layer (120 tokens) the copies run inline, otherwise ahead."""
+    resident, offloaded, oracle = _pair(family=family, reselect_unit=unit, prefetch_depth=depth)
+    for batch, length in ((1, 120), (2, 300), (1, 517), (2, 800)):
+        ids = _ids(batch, length)
+        want, kept = _generate(resident, ids)
+        got, cache = _generate(offloaded, ids)
+        assert torch.equal(got, want), (batch, length)
+        assert torch.equal(got, reference.generate(oracle, ids, _config(reselect_unit=unit), max_new_tokens=10))
+        armed = [index for index, layer in enumerate(kept.layers) if layer.active is not None]
+        assert sorted(cache.offload.layers) == armed and armed
+        for index in armed:
+            layer, moved = cache.layers[index], cache.offload.layers[index]
+            prompt = layer.prompt_positions.shape[1]
+            tail = prompt - (prompt - 1) // 8 * 8
+            assert layer.keys.shape[2] == tail + 9  # last prompt block + 9 generated tokens
+            assert moved.host_k.shape[2] == prompt
+            index_of = (moved.current[:, :, None] * 8 + torch.arange(8)).flatten(1)  # the front holds its slots' blocks
+            rows = torch.arange(batch)[:, None]
+            assert torch.equal(moved.front_v[:, :, moved.sink_tokens:],
+                               moved.host_v.transpose(1, 2)[rows, index_of].transpose(1, 2))
+            assert torch.equal(cache.positions(index), kept.positions(index))
+
+
+def test_copies_counted_are_the_swaps():
+    """Blocks copied for the steps after the first = blocks that entered a used active set between
+    consecutive steps (the reference trace), each once; the first step copies every active block."""
+    _, offloaded, oracle = _pair(gamma=1.0)
+    ids = _ids(2, 600)
+    _, cache = _generate(offloaded, ids, new_tokens=12)
+    trace = []
+    reference.generate(oracle, ids, _config(gamma=1.0), max_new_tokens=12, trace=trace)
+    layers = cache.offload.layers
+    # trace[s]: the sets step s decided for step s + 1; the last step's decision is never used
+    swaps = sum(len(set(now[index][row]) - set(before[index][row])) for before, now in zip(trace[:-1], trace[1:-1])
+                for index in layers for row in range(2))
+    report = cache.offload_report()
+    block_bytes = 2 * 16 * 8 * 4  # K + V, head dim 16, 8 tokens, float32, summed over heads below
+    assert report["blocks"] == swaps > 0
+    assert report["h2d_bytes"] == swaps * block_bytes * offloaded.config.num_key_value_heads
+    assert report["first_step_blocks"] == sum(layer.current.numel() for layer in layers.values())
+    assert report["steps"] == 11
+
+
+def test_memory_report_under_offload_sums_tensor_sizes():
+    _, offloaded, _ = _pair()
+    _, cache = _generate(offloaded, _ids(2, 800), new_tokens=4)
+    report = cache.memory_report()
+    for m, layer in zip(report.layers, cache.layers):
+        moved = cache.offload.layers.get(m.layer)
+        tensors = [layer.keys, layer.values] + ([moved.front_k, moved.front_v, moved.host_k, moved.host_v] if moved else [])
+        assert m.cpu_bytes == sum(t.nbytes for t in tensors)  # a CPU model: every byte is on the CPU
+        assert m.score_bytes == (layer.unit_keys.nbytes if moved else 0)
+        assert m.tokens == (layer.prompt_positions.shape[1] + 3 if moved else layer.keys.shape[2])
+    per_token = 2 * 2 * offloaded.config.num_key_value_heads * 16 * 4
+    assert report.dense_bytes == len(cache.layers) * (800 + 3) * per_token
+    assert "scored keys" in str(report)
+
+
+def test_no_growth_and_no_shared_state_across_requests():
+    """Each request's manager dies with its cache (the registry holds it weakly); live tensors do not grow."""
+    _, offloaded, _ = _pair()
+    ids = _ids(1, 300)
+    first = _generate(offloaded, ids)[0]
+
+    def live_tensors():
+        gc.collect()
+        return sum(1 for obj in gc.get_objects() if isinstance(obj, torch.Tensor))
+
+    for _ in range(3):
+        _generate(offloaded, ids)
+    before, managers, registered = live_tensors(), [], len(offload._MANAGERS)
+    for _ in range(100):
+        got, cache = _generate(offloaded, ids, new_tokens=10)
+        assert torch.equal(got, first)
+        managers.append(weakref.ref(cache.offload))
+        del got, cache
+    gc.collect()
+    assert all(ref() is None for ref in managers)
+    assert len(offload._MANAGERS) <= registered
+    assert live_tensors() <= before
+
+
+def test_offload_needs_reselect_and_a_prefetch_depth():
+    with pytest.raises(ConfigError, match="offload=True needs reselect=True"):
+        SlimConfig(offload=True)
+    with pytest.raises(ConfigError, match="prefetch_depth=0"):
+        SlimConfig(reselect=True, offload=True, prefetch_depth=0)
+
+
+def test_pinned_allocation_failure_names_the_size(monkeypatch):
+    def fail(*args, **kwargs):
+        raise RuntimeError("CUDA error: out of memory")
+
+    monkeypatch.setattr(torch, "empty", fail)
+    with pytest.raises(offload.OffloadMemoryError, match=r"could not allocate 4\.0 MiB of pinned \(page-locked\) host "
+                                                         r"memory for layer 3's keys .*offload=False"):
+        offload.host_buffer(torch.zeros(1, 8, 1024, 64, dtype=torch.float64), True, "layer 3's keys")
+
+
+def test_offloaded_layer_outside_the_compiled_graph_raises():
+    """Regression: a decoding step that ran eagerly (no reselect_kv) would attend to the last block only."""
+    manager = offload.OffloadManager("cpu", prefetch_depth=2)
+    state = torch.zeros(1, 2, dtype=torch.long)
+    with pytest.raises(RuntimeError, match="layer 4 is offloaded .*recompile_limit"):
+        torch.ops.slimpass.bind_layer_state(state, torch.zeros(2, dtype=torch.long), state, None, 4, manager.handle)
+
+
+def test_ops_real_and_fake_agree():
+    manager = offload.OffloadManager("cpu", prefetch_depth=2)
+    keys = torch.randn(2, 3, 64, 16)
+    manager.add_layer(5, keys, keys + 1, active_blocks=2, sink_tokens=8, block_size=8)
+    active = torch.tensor([[2, 4], [6, 1]])
+    tail = torch.randn(2, 3, 5, 16)
+    real = offload.offload_gather(manager.handle, 5, active, tail, tail, 8 + 2 * 8)
+    fake = offload._gather_fake(manager.handle, 5, active, tail, tail, 8 + 2 * 8)
+    for r, f in zip(real, fake):
+        assert r.shape == f.shape and r.dtype == f.dtype and r.device == f.device
+    assert torch.equal(real[0][:, :, :8], keys[:, :, :8])
+    assert torch.equal(real[0][1, :, 8:16], keys[1, :, 48:56]) and torch.equal(real[1][0, :, 16:24], keys[0, :, 32:40] + 1)
+    assert torch.equal(real[0][:, :, 24:], tail)
+    out = torch.randn(2, 6, 1, 16)
+    done = offload.offload_done(manager.handle, 5, active.flip(1), out)
+    assert torch.equal(done, out) and done.data_ptr() != out.data_ptr()
+    assert torch.equal(manager.layers[5].pending, active.flip(1))
+
+
+def test_copy_kernel_in_triton_interpreter():
+    """The Triton copy kernel (changed slots only, and all of them) against plain indexing, in Triton's
+    interpreter on CPU tensors (a fresh process: TRITON_INTERPRET must be set before triton is imported)."""
+    pytest.importorskip("triton")
+    script = textwrap.dedent("""
+        import torch
+        from slimpass.runtime import offload
+        manager = offload.OffloadManager("cpu", prefetch_depth=2)
+        keys, values = torch.randn(2, 3, 96, 24), torch.randn(2, 3, 96, 24)  # head dim 24: padded to 32
+        manager.add_layer(0, keys, values, active_blocks=4, sink_tokens=8, block_size=8)
+        layer = manager.layers[0]
+        for want, full in (([[3, 5, 7, 9], [1, 2, 10, 11]], True), ([[3, 6, 7, 2], [4, 2, 10, 8]], False)):
+            want = torch.tensor(want)
+            before = layer.front_k.clone()
+            offload._copy_blocks_triton(layer, want, full)
+            index = (want[:, :, None] * 8 + torch.arange(8)).flatten(1)
+            rows = torch.arange(2)[:, None]
+            assert torch.equal(layer.front_k[:, :, 8:], keys.transpose(1, 2)[rows, index].transpose(1, 2))
+            assert torch.equal(layer.front_v[:, :, 8:], values.transpose(1, 2)[rows, index].transpose(1, 2))
+            assert torch.equal(layer.front_k[:, :, :8], keys[:, :, :8])
+            if not full:  # unchanged slots were not rewritten: poison them first and see them survive
+                layer.front_k[0, :, 8:16] = -1.0
+                offload._copy_blocks_triton(layer, want, False)
+                assert bool((layer.front_k[0, :, 8:16] == -1.0).all())
+            layer.current.copy_(want)
+        print("ok")
+    """)
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
