@@ -61,6 +61,28 @@ class SlimLayer(DynamicLayer):
         super().reset()
         self.prompt_positions = self.active = self.stats = self.unit_keys = self.offload = None
 
+    def _refuse_offloaded(self, what: str) -> None:
+        if self.offload is not None:
+            raise NotImplementedError(
+                f"SlimCache: {what} of offloaded layer {self.index} is not supported (its prompt K/V live in host "
+                "memory, out of this layer's tensors); run with offload=False")
+
+    def reorder_cache(self, *args: Any, **kwargs: Any) -> None:
+        self._refuse_offloaded("reordering (beam search)")
+        super().reorder_cache(*args, **kwargs)
+
+    def crop(self, *args: Any, **kwargs: Any) -> None:
+        self._refuse_offloaded("cropping")
+        super().crop(*args, **kwargs)
+
+    def batch_repeat_interleave(self, *args: Any, **kwargs: Any) -> None:
+        self._refuse_offloaded("repeating rows")
+        super().batch_repeat_interleave(*args, **kwargs)
+
+    def batch_select_indices(self, *args: Any, **kwargs: Any) -> None:
+        self._refuse_offloaded("selecting rows")
+        super().batch_select_indices(*args, **kwargs)
+
 
 @dataclasses.dataclass(frozen=True)
 class LayerMemory:
@@ -237,6 +259,11 @@ class SlimCache(DynamicCache):
     def offload_report(self) -> dict[str, float]:
         """Under offload: the host -> accelerator block copies so far (`OffloadManager.report`); {} otherwise."""
         return self.offload.report() if self.offload is not None else {}
+
+    def reset(self) -> None:
+        super().reset()
+        self.offload = None
+        self.prompt_len, self.recorded = 0, False
 
     def reselection_report(self) -> dict[int, dict[str, int | float]]:
         """Per armed slim layer: decoding steps, active tokens per row, blocks swapped in after the first

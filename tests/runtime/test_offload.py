@@ -125,6 +125,20 @@ def test_no_growth_and_no_shared_state_across_requests():
     assert live_tensors() <= before
 
 
+def test_offloaded_layers_refuse_reordering_and_reset_frees_the_manager():
+    _, offloaded, _ = _pair()
+    _, cache = _generate(offloaded, _ids(2, 300), new_tokens=3)
+    index = next(iter(cache.offload.layers))
+    with pytest.raises(NotImplementedError, match=f"reordering .beam search. of offloaded layer {index}"):
+        cache.reorder_cache(torch.tensor([1, 0]))
+    with pytest.raises(NotImplementedError, match="offload=False"):
+        cache.crop(-2)
+    manager = weakref.ref(cache.offload)
+    cache.reset()
+    gc.collect()
+    assert manager() is None and cache.offload is None and not cache.recorded
+
+
 def test_offload_needs_reselect_and_a_prefetch_depth():
     with pytest.raises(ConfigError, match="offload=True needs reselect=True"):
         SlimConfig(offload=True)
