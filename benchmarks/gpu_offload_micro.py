@@ -9,9 +9,10 @@ layer one bf16 GEMV of `--weights-mb` of weights (8B decoding: ~0.2 ms a layer o
 
 1. ``manager``: 128 simulated decode steps of `OffloadManager.gather` + `done` for 20 layers (no compute):
    host ms per step (no sync) and GPU ms per step.
-2. ``compute``: the GEMVs alone; ``compute+zero_copy``: the same with the copy kernel for each layer on a
-   side stream; ``compute+memcpy``: with one contiguous pinned->device copy of the same bytes per layer
-   (an idealised DMA copy) instead.
+2. ``compute``: the GEMVs alone; ``compute+zero_copy <tile>``: the same with the copy kernel for each layer
+   on a side stream, per copy-kernel tile (`--kernels`: slots per program x warps; each also timed alone
+   and checked against plain indexing); ``compute+memcpy``: with one contiguous pinned->device copy of
+   the same bytes per layer (an idealised DMA copy) instead.
 """
 
 from __future__ import annotations
@@ -64,6 +65,17 @@ def bench_manager(args, device):
             "report": manager.report()}
 
 
+def check_exact(layer, tile):
+    """The front after a full copy of random slots equals plain indexing of the host K/V."""
+    blocks = layer.host_k.shape[2] // layer.block_size
+    want = (torch.randperm(blocks - 2)[:layer.current.shape[1]] + 1)[None].to(layer.current.device)
+    offload._copy_blocks_triton(layer, want, True, **tile)
+    layer.current.copy_(want)
+    index = (want[:, :, None] * layer.block_size + torch.arange(layer.block_size, device=want.device)).flatten(1).cpu()
+    expect = layer.host_k.transpose(1, 2)[torch.zeros(1, 1, dtype=torch.long), index].transpose(1, 2)
+    return torch.equal(layer.front_k[:, :, layer.sink_tokens:].cpu(), expect)
+
+
 def bench_overlap(args, device):
     layers = args.layers + 12  # 32 decoder layers, 20 of them offloaded
     weights = [torch.randn(4096, args.weights_mb * 2**20 // (2 * 4096), device=device, dtype=torch.bfloat16)
@@ -76,7 +88,7 @@ def bench_overlap(args, device):
     target = torch.empty(nbytes, dtype=torch.uint8, device=device)
     side = torch.cuda.Stream(device)
 
-    def run(mode):
+    def run(mode, tile=None):
         torch.cuda.synchronize(device)
         start = time.perf_counter()
         for step in range(args.steps):
@@ -85,7 +97,7 @@ def bench_overlap(args, device):
                     layer = manager.layers[index - 12]
                     with torch.cuda.stream(side):
                         if mode == "compute+zero_copy":
-                            offload._copy_blocks_triton(layer, sets[step + 1], False)
+                            offload._copy_blocks_triton(layer, sets[step + 1], False, **tile)
                             layer.current.copy_(sets[step + 1])
                         else:
                             target.copy_(staging, non_blocking=True)
@@ -94,17 +106,22 @@ def bench_overlap(args, device):
         return (time.perf_counter() - start) / args.steps * 1e3
 
     out = {}
-    for mode in ("compute", "compute+zero_copy", "compute+memcpy", "compute"):
+    for mode in ("compute", "compute", "compute+memcpy"):
         out.setdefault(mode, []).append(run(mode))
     copies = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    copies[0].record()
-    for step in range(args.steps):
-        for layer in manager.layers.values():
-            offload._copy_blocks_triton(layer, sets[step + 1], False)
-            layer.current.copy_(sets[step + 1])
-    copies[1].record()
-    torch.cuda.synchronize(device)
-    out["zero_copy_alone"] = copies[0].elapsed_time(copies[1]) / args.steps
+    for variant in args.kernels.split(","):
+        per, warps = (int(x) for x in variant.split("x"))
+        tile = {"slots_per_program": per, "num_warps": warps}
+        out[f"compute+zero_copy {variant}"] = run("compute+zero_copy", tile)
+        copies[0].record()
+        for step in range(args.steps):
+            for layer in manager.layers.values():
+                offload._copy_blocks_triton(layer, sets[step + 1], False, **tile)
+                layer.current.copy_(sets[step + 1])
+        copies[1].record()
+        torch.cuda.synchronize(device)
+        out[f"zero_copy_alone {variant}"] = copies[0].elapsed_time(copies[1]) / args.steps
+        out[f"exact {variant}"] = check_exact(manager.layers[0], tile)
     copies[0].record()
     for step in range(args.steps):
         for _ in range(args.layers):
@@ -124,6 +141,8 @@ def main() -> None:
     parser.add_argument("--changed", type=int, default=95)
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--weights-mb", type=int, default=436)
+    parser.add_argument("--kernels", default="1x4,4x4,16x8,4x1",
+                        help="copy-kernel tiles to time: slots per program x warps, comma-separated")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     device = torch.device("cuda:0")

@@ -214,36 +214,50 @@ def _copy_blocks_torch(layer: OffloadedLayer, want: torch.Tensor) -> None:
         front[:, :, start:] = host.transpose(1, 2)[rows, index].transpose(1, 2).to(front.device, non_blocking=True)
 
 
+# A program copies this many slots (each a block of every token of one head): more bytes in flight per
+# program, fewer programs holding SMs while they wait on the bus. 1 = one program per (slot, row x head),
+# the layout measured in docs/PERF.md.
+SLOTS_PER_PROGRAM = 1
+MAX_TILE = 16384  # elements of a program's [slots x block, head dim] tile
+
 if triton is not None:
     @triton.jit
     def _copy_blocks_kernel(src_k, src_v, dst_k, dst_v, want, have, heads, src_tokens, dst_tokens, dst_start,
-                            slots, FULL: tl.constexpr, BLOCK: tl.constexpr, DIM: tl.constexpr, DIM_P2: tl.constexpr):
-        """One program per (slot, batch row x head): copy the slot's block if it changed (or `FULL`)."""
-        slot = tl.program_id(0)
+                            slots, block, FULL: tl.constexpr, SLOTS: tl.constexpr, ROWS: tl.constexpr,
+                            DIM: tl.constexpr, DIM_P2: tl.constexpr):
+        """One program per (SLOTS slots, batch row x head): copy the blocks of its slots that changed (or
+        all of them with `FULL`) from the host K/V [B, H, P, D] into the front [B, H, F, D]."""
         row_head = tl.program_id(1).to(tl.int64)
         row = row_head // heads
-        block = tl.load(want + row * slots + slot)
-        changed = block != tl.load(have + row * slots + slot)
+        r = tl.arange(0, ROWS)  # the tile's rows: SLOTS slots x `block` tokens, padded to a power of two
+        slot = tl.program_id(0) * SLOTS + r // block
+        token = r % block
+        inside = (r < SLOTS * block) & (slot < slots)
+        blk = tl.load(want + row * slots + slot, mask=inside, other=-1)
         if FULL:
-            changed = block >= 0
-        tokens = tl.arange(0, BLOCK)[:, None]
+            copy = inside & (blk >= 0)
+        else:
+            copy = inside & (blk != tl.load(have + row * slots + slot, mask=inside, other=-1))
         dims = tl.arange(0, DIM_P2)[None, :]
-        # the flag broadcast by hand: Triton's interpreter rejects a scalar & block mask
-        mask = (dims < DIM) & ((tl.zeros([BLOCK, DIM_P2], dtype=tl.int32) + changed.to(tl.int32)) != 0)
-        src = row_head * src_tokens * DIM + (block * BLOCK + tokens) * DIM + dims
-        dst = row_head * dst_tokens * DIM + (dst_start + slot * BLOCK + tokens) * DIM + dims
+        mask = copy[:, None] & (dims < DIM)
+        src = row_head * src_tokens * DIM + (blk * block + token)[:, None] * DIM + dims
+        dst = row_head * dst_tokens * DIM + (dst_start + slot * block + token)[:, None] * DIM + dims
         tl.store(dst_k + dst, tl.load(src_k + src, mask=mask), mask=mask)
         tl.store(dst_v + dst, tl.load(src_v + src, mask=mask), mask=mask)
 
 
-def _copy_blocks_triton(layer: OffloadedLayer, want: torch.Tensor, full: bool) -> None:
+def _copy_blocks_triton(layer: OffloadedLayer, want: torch.Tensor, full: bool,
+                        slots_per_program: int = SLOTS_PER_PROGRAM, num_warps: int = 4) -> None:
     """The kernel reads pinned host memory through its device mapping (unified addressing)."""
     batch, heads, tokens, dim = layer.host_k.shape
-    slots = want.shape[1]
-    _copy_blocks_kernel[(slots, batch * heads)](
+    slots, block = want.shape[1], layer.block_size
+    dim_p2 = triton.next_power_of_2(dim)
+    per_program = max(1, min(slots_per_program, MAX_TILE // (triton.next_power_of_2(block) * dim_p2)))
+    grid = (triton.cdiv(slots, per_program), batch * heads)
+    _copy_blocks_kernel[grid](
         layer.host_k, layer.host_v, layer.front_k, layer.front_v, want, layer.current, heads, tokens,
-        layer.front_k.shape[2], layer.sink_tokens, slots, FULL=full, BLOCK=layer.block_size, DIM=dim,
-        DIM_P2=triton.next_power_of_2(dim))
+        layer.front_k.shape[2], layer.sink_tokens, slots, block, FULL=full, SLOTS=per_program,
+        ROWS=triton.next_power_of_2(per_program * block), DIM=dim, DIM_P2=dim_p2, num_warps=num_warps)
 
 
 # --- the ops ------------------------------------------------------------------------------------------

@@ -190,24 +190,26 @@ def test_copy_kernel_in_triton_interpreter():
     script = textwrap.dedent("""
         import torch
         from slimpass.runtime import offload
-        manager = offload.OffloadManager("cpu", prefetch_depth=2)
-        keys, values = torch.randn(2, 3, 96, 24), torch.randn(2, 3, 96, 24)  # head dim 24: padded to 32
-        manager.add_layer(0, keys, values, active_blocks=4, sink_tokens=8, block_size=8)
-        layer = manager.layers[0]
-        for want, full in (([[3, 5, 7, 9], [1, 2, 10, 11]], True), ([[3, 6, 7, 2], [4, 2, 10, 8]], False)):
-            want = torch.tensor(want)
-            before = layer.front_k.clone()
-            offload._copy_blocks_triton(layer, want, full)
-            index = (want[:, :, None] * 8 + torch.arange(8)).flatten(1)
-            rows = torch.arange(2)[:, None]
-            assert torch.equal(layer.front_k[:, :, 8:], keys.transpose(1, 2)[rows, index].transpose(1, 2))
-            assert torch.equal(layer.front_v[:, :, 8:], values.transpose(1, 2)[rows, index].transpose(1, 2))
-            assert torch.equal(layer.front_k[:, :, :8], keys[:, :, :8])
-            if not full:  # unchanged slots were not rewritten: poison them first and see them survive
-                layer.front_k[0, :, 8:16] = -1.0
-                offload._copy_blocks_triton(layer, want, False)
-                assert bool((layer.front_k[0, :, 8:16] == -1.0).all())
-            layer.current.copy_(want)
+        # (block size, head dim, slots per program): padded tiles, a block size that is no power of two
+        for block, dim, per in ((8, 24, 1), (8, 24, 3), (6, 16, 2), (16, 64, 4)):
+            manager = offload.OffloadManager("cpu", prefetch_depth=2)
+            keys, values = torch.randn(2, 3, 17 * block, dim), torch.randn(2, 3, 17 * block, dim)
+            manager.add_layer(0, keys, values, active_blocks=5, sink_tokens=block, block_size=block)
+            layer = manager.layers[0]
+            for want, full in (([[3, 5, 7, 9, 2], [1, 2, 10, 11, 4]], True),
+                               ([[3, 6, 7, 2, 12], [4, 2, 10, 8, 15]], False)):
+                want = torch.tensor(want)
+                offload._copy_blocks_triton(layer, want, full, slots_per_program=per)
+                index = (want[:, :, None] * block + torch.arange(block)).flatten(1)
+                rows = torch.arange(2)[:, None]
+                assert torch.equal(layer.front_k[:, :, block:], keys.transpose(1, 2)[rows, index].transpose(1, 2))
+                assert torch.equal(layer.front_v[:, :, block:], values.transpose(1, 2)[rows, index].transpose(1, 2))
+                assert torch.equal(layer.front_k[:, :, :block], keys[:, :, :block])
+                if not full:  # unchanged slots are not rewritten: poison one and see it survive
+                    layer.front_k[0, :, block:2 * block] = -1.0
+                    offload._copy_blocks_triton(layer, want, False, slots_per_program=per)
+                    assert bool((layer.front_k[0, :, block:2 * block] == -1.0).all())
+                layer.current.copy_(want)
         print("ok")
     """)
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
