@@ -40,12 +40,17 @@ def _pair(**options):
     return resident, offloaded, oracle
 
 
-@pytest.mark.parametrize(("family", "unit", "depth"), [("llama", 1, 2), ("qwen2", 1, 1), ("llama", 2, 8)])
-def test_offload_gives_the_resident_tokens(family, unit, depth):
+PROMPTS = ((1, 120), (2, 300), (1, 517), (2, 800))
+
+
+@pytest.mark.parametrize(("family", "unit", "depth", "prompts"),
+                         [("llama", 1, 2, PROMPTS), ("qwen2", 1, 1, PROMPTS[1::2]), ("llama", 2, 8, PROMPTS[:2])],
+                         ids=["llama-unit1-depth2", "qwen2-unit1-depth1", "llama-unit2-depth8"])
+def test_offload_gives_the_resident_tokens(family, unit, depth, prompts):
     """Greedy tokens with offload on equal offload off and the reference loop's, over prompt lengths and
     batch sizes; with one offloaded layer (120 tokens) the copies run inline, otherwise ahead."""
     resident, offloaded, oracle = _pair(family=family, reselect_unit=unit, prefetch_depth=depth)
-    for batch, length in ((1, 120), (2, 300), (1, 517), (2, 800)):
+    for batch, length in prompts:
         ids = _ids(batch, length)
         want, kept = _generate(resident, ids)
         got, cache = _generate(offloaded, ids)
