@@ -145,8 +145,8 @@ class SlimConfig:
     reselect_unit: int = 1
     """Keys per representative key that reselection scores against: 1 = the cached keys themselves; n > 1 =
     the mean of each n keys (float32; what an offloading cache keeps on the accelerator). Must divide
-    `block_size`. On SmolLM2 QA at ~1k, means of 8 keys answered 0/20 and 12/20 where the cached keys
-    answered 7/20 and 18/20 (docs/QUALITY.md)."""
+    `block_size`. On SmolLM2 QA at ~1k (natural text, 128 active tokens) the cached keys answered 7/20, means
+    of 2 / 4 / 8 keys 5 / 2 / 0 of 20 (docs/QUALITY.md)."""
     gamma: float = 0.9
     """Reselection hysteresis: a layer's active blocks change only when the share of the newly chosen
     best blocks already active drops under `gamma` (1.0: follow every step's choice; 0.0: never change)."""
