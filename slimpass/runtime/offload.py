@@ -37,19 +37,18 @@ by the cache) in a weak registry, so every cache has its own state and dropping 
 from __future__ import annotations
 
 import dataclasses
-import logging
 import weakref
 from typing import Any
 
 import torch
+
+from slimpass.runtime.block_index import block_tokens, gather_tokens
 
 try:  # pragma: no cover - depends on the environment
     import triton
     import triton.language as tl
 except ImportError:  # pragma: no cover - depends on the environment
     triton = tl = None
-
-log = logging.getLogger(__name__)
 
 _MANAGERS: weakref.WeakValueDictionary[int, OffloadManager] = weakref.WeakValueDictionary()
 
@@ -60,7 +59,7 @@ class OffloadMemoryError(MemoryError):
 
 def host_buffer(like: torch.Tensor, pin: bool, what: str) -> torch.Tensor:
     """An empty host tensor shaped as `like` (page-locked when `pin`), or `OffloadMemoryError` naming the size."""
-    size = like.numel() * like.element_size()
+    size = like.nbytes
     try:
         return torch.empty(like.shape, dtype=like.dtype, device="cpu", pin_memory=pin)
     except RuntimeError as error:
@@ -190,7 +189,7 @@ class OffloadManager:
         if not self.layers:
             return {}
         layer = next(iter(self.layers.values()))
-        block_bytes = 2 * layer.host_k[0, :, :layer.block_size].numel() * layer.host_k.element_size()
+        block_bytes = 2 * layer.host_k[0, :, :layer.block_size].nbytes
         fetched = int(self.fetched)
         steps = max(layer.steps for layer in self.layers.values())
         return {"layers": len(self.layers), "steps": steps, "first_step_blocks": self.first_fetched,
@@ -207,11 +206,9 @@ def manager(handle: torch.Tensor) -> OffloadManager:
 
 
 def _copy_blocks_torch(layer: OffloadedLayer, want: torch.Tensor) -> None:
-    block, start = layer.block_size, layer.sink_tokens
-    index = (want[:, :, None] * block + torch.arange(block, device=want.device)).flatten(1).to(layer.host_k.device)
-    rows = torch.arange(want.shape[0], device=index.device)[:, None]
+    index = block_tokens(want, layer.block_size).to(layer.host_k.device)
     for host, front in ((layer.host_k, layer.front_k), (layer.host_v, layer.front_v)):
-        front[:, :, start:] = host.transpose(1, 2)[rows, index].transpose(1, 2).to(front.device, non_blocking=True)
+        front[:, :, layer.sink_tokens:] = gather_tokens(host, index).to(front.device, non_blocking=True)
 
 
 # A program copies this many slots (each a block of every token of one head): more bytes in flight per

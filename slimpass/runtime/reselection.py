@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from slimpass.runtime import offload as _offload  # noqa: F401 - registers the slimpass::offload_* ops
+from slimpass.runtime.block_index import block_tokens, gather_tokens
 from slimpass.runtime.scoring import ScoreSettings, get_scorer
 
 
@@ -73,7 +74,7 @@ def attended_tokens(active: torch.Tensor, prompt_tokens: int, length: int, block
     batch, device = active.shape[0], active.device
     last = (prompt_tokens - 1) // block_size
     sinks = torch.arange(min(sink_blocks, last) * block_size, device=device).expand(batch, -1)
-    inner = (active[:, :, None] * block_size + torch.arange(block_size, device=device)).flatten(1)
+    inner = block_tokens(active, block_size)
     tail = torch.arange(last * block_size, length, device=device).expand(batch, -1)
     return torch.cat([sinks, inner, tail], dim=1)
 
@@ -109,18 +110,17 @@ def reselect_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, active
     name = "tokenunit_torch" if scorer == "tokenunit" else scorer  # one query: the Triton kernel wants a window
     scored = k[:, :, :prompt_tokens] if unit_keys is None else unit_keys
     if reselect_unit == 1:  # the cached prompt keys themselves
-        scores = get_scorer(name)(q, scored, ScoreSettings(block_size, unit_size, local_window))
-    else:
-        scores = get_scorer(name)(q, scored, ScoreSettings(block_size // reselect_unit, 1, local_window))
+        settings = ScoreSettings(block_size, unit_size, local_window)
+    else:  # one representative key per unit
+        settings = ScoreSettings(block_size // reselect_unit, 1, local_window)
+    scores = get_scorer(name)(q, scored, settings)
     count = active.shape[1]
     best = candidate_blocks(scores.float(), prompt_tokens, count, block_size, sink_blocks)
     first = stats[0] == 0
     active.copy_(torch.where(first, best, active))
     if offload is None:
         index = attended_tokens(active, prompt_tokens, k.shape[2], block_size, sink_blocks)
-        rows = torch.arange(k.shape[0], device=k.device)[:, None]
-        keys = k.transpose(1, 2)[rows, index].transpose(1, 2)
-        values = v.transpose(1, 2)[rows, index].transpose(1, 2)
+        keys, values = gather_tokens(k, index), gather_tokens(v, index)
     else:
         sinks = min(sink_blocks, (prompt_tokens - 1) // block_size) * block_size
         keys, values = torch.ops.slimpass.offload_gather(offload, layer, active, k, v, sinks + count * block_size)

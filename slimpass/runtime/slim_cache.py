@@ -238,7 +238,7 @@ class SlimCache(DynamicCache):
             layer.stats = torch.zeros(2, dtype=torch.long, device=device)
             if config.reselect_unit > 1:
                 layer.unit_keys = reselection.unit_keys(layer.keys, block, config.reselect_unit)
-            self.block_bytes = 2 * layer.keys[0, :, :block].numel() * layer.keys.element_size()
+            self.block_bytes = 2 * layer.keys[0, :, :block].nbytes
 
     def _offload(self, layer: SlimLayer, config: SlimConfig) -> None:
         """Move an armed slim layer's prompt K/V to the host (`slimpass.runtime.offload`): the layer keeps
@@ -305,19 +305,15 @@ class SlimCache(DynamicCache):
             moved = managed.get(index)
             if moved is not None:
                 tensors += [moved.front_k, moved.front_v, moved.host_k, moved.host_v]
-            size = sum(_nbytes(t) for t in tensors)
-            on_cpu = sum(_nbytes(t) for t in tensors if t.device.type == "cpu")
-            scored = _nbytes(layer.unit_keys) if layer.unit_keys is not None else 0
+            size = sum(t.nbytes for t in tensors)
+            on_cpu = sum(t.nbytes for t in tensors if t.device.type == "cpu")
+            scored = layer.unit_keys.nbytes if layer.unit_keys is not None else 0
             if moved is not None:  # the front's sinks and slots are copies of host tokens: count tokens once
                 tokens = layer.prompt_positions.shape[1] + self.generated()
             else:
                 tokens = layer.get_seq_length()
             rows.append(LayerMemory(index, tokens, size - on_cpu, on_cpu, scored))
             if tensors:
-                per_token = 2 * _nbytes(tensors[0]) // max(tensors[0].shape[2], 1)
+                per_token = 2 * tensors[0].nbytes // max(tensors[0].shape[2], 1)
                 dense += per_token * dense_tokens
         return MemoryReport(tuple(rows), dense)
-
-
-def _nbytes(tensor: torch.Tensor) -> int:
-    return tensor.numel() * tensor.element_size()
