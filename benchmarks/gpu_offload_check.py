@@ -3,7 +3,8 @@ reads pinned host memory right. A check to run by hand (CI has no GPU); exits no
 
     PYTHONPATH=. python benchmarks/gpu_offload_check.py --out check.json
 
-1. `_copy_blocks_kernel` on pinned host tensors against plain indexing (bitwise), full and changed-only.
+1. `_copy_blocks_kernel` on pinned host tensors against plain indexing (bitwise), full and changed-only, for
+   a few program layouts; its slot tables and count of copied blocks.
 2. A small random-weight Llama (float32, Inductor) compiled twice, with pruning + reselection resident and
    with ``offload=True``: greedy tokens must be equal for two prompt lengths and batch sizes.
 """
@@ -25,26 +26,31 @@ from slimpass.runtime import offload  # noqa: E402
 
 
 def check_kernel(device: torch.device) -> dict:
+    """Per copy-kernel layout (slots per program, programs): a full copy, then two changed-only ones; the
+    front, the slot table and the count of copied blocks against plain indexing."""
     batch, heads, tokens, dim, block, slots, sinks = 2, 3, 40 * 16, 64, 16, 8, 16
     keys = torch.randn(batch, heads, tokens, dim, device=device, dtype=torch.bfloat16)
     values = torch.randn_like(keys)
-    manager = offload.OffloadManager(device, prefetch_depth=2)
-    manager.add_layer(0, keys, values, slots, sinks, block)
-    layer = manager.layers[0]
     results = {}
-    for name, full in (("full", True), ("changed", False)):
-        want = torch.stack([torch.randperm(38, device=device)[:slots] + 1 for _ in range(batch)])
-        if not full:
-            want[:, ::2] = layer.current[:, ::2]  # half the slots keep their block
-        offload._copy_blocks_triton(layer, want, full)
-        torch.cuda.synchronize(device)
-        index = (want[:, :, None] * block + torch.arange(block, device=device)).flatten(1)
-        rows = torch.arange(batch, device=device)[:, None]
-        expect_k = keys.transpose(1, 2)[rows, index].transpose(1, 2)
-        expect_v = values.transpose(1, 2)[rows, index].transpose(1, 2)
-        ok = torch.equal(layer.front_k[:, :, sinks:], expect_k) and torch.equal(layer.front_v[:, :, sinks:], expect_v)
-        results[name] = ok and torch.equal(layer.front_k[:, :, :sinks], keys[:, :, :sinks])
-        layer.current.copy_(want)
+    for per, programs in ((1, None), (2, 3), (4, 1)):
+        manager = offload.OffloadManager(device, prefetch_depth=2)
+        manager.add_layer(0, keys, values, slots, sinks, block)
+        layer, changed = manager.layers[0], 0
+        for step in range(3):
+            want = torch.stack([torch.randperm(38, device=device)[:slots] + 1 for _ in range(batch)])
+            if step:
+                want[:, ::2] = layer.current[:, ::2]  # half the slots keep their block
+                changed += int((want != layer.current).sum())
+            offload._copy_blocks_triton(layer, want, step, manager.issued, slots_per_program=per, programs=programs)
+            layer.copied_for = step
+            torch.cuda.synchronize(device)
+            index = (want[:, :, None] * block + torch.arange(block, device=device)).flatten(1)
+            rows = torch.arange(batch, device=device)[:, None]
+            expect_k = keys.transpose(1, 2)[rows, index].transpose(1, 2)
+            expect_v = values.transpose(1, 2)[rows, index].transpose(1, 2)
+            ok = torch.equal(layer.front_k[:, :, sinks:], expect_k) and torch.equal(layer.front_v[:, :, sinks:], expect_v)
+            ok = ok and torch.equal(layer.front_k[:, :, :sinks], keys[:, :, :sinks]) and torch.equal(layer.current, want)
+            results[f"{per}x{programs} step {step}"] = ok and int(manager.issued) == changed
     return results
 
 

@@ -7,11 +7,11 @@ Shapes: Llama-3.1-8B at 32k after pruning (20 offloaded slim layers of 8319 cach
 head dim 128, bf16, 128 active blocks of 16 tokens, `--changed` of them new each step). Compute: per
 layer one bf16 GEMV of `--weights-mb` of weights (8B decoding: ~0.2 ms a layer on an H100).
 
-1. ``manager``: 128 simulated decode steps of `OffloadManager.gather` + `done` for 20 layers (no compute):
-   host ms per step (no sync) and GPU ms per step.
+1. ``manager``: simulated decode steps of the ``slimpass::offload_kv`` op for 20 layers (no compute): host
+   ms per step (no sync), wall ms per step, and the host time of one copy-kernel launch.
 2. ``compute``: the GEMVs alone; ``compute+zero_copy <tile>``: the same with the copy kernel for each layer
-   on a side stream, per copy-kernel tile (`--kernels`: slots per program x warps; each also timed alone
-   and checked against plain indexing); ``compute+memcpy``: with one contiguous pinned->device copy of
+   on a side stream, per copy-kernel layout (`--kernels`: slots per program x warps x programs; each also
+   timed alone and checked against plain indexing); ``compute+memcpy``: with one contiguous pinned->device copy of
    the same bytes per layer (an idealised DMA copy) instead.
 """
 
@@ -47,6 +47,8 @@ def step_sets(steps, slots, blocks, changed, device):
 
 
 def bench_manager(args, device):
+    """Host and wall time of the op (`offload_kv` through the dispatcher, as the compiled graph calls it) for
+    every layer of a step, and of the Triton copy kernel's launch alone."""
     manager = make_manager(device, args.layers, args.tokens, 8, 128, args.slots, 16)
     sets = step_sets(args.steps + 1, args.slots, args.tokens // 16, args.changed, device)
     tail = torch.randn(1, 8, 100, 128, device=device, dtype=torch.bfloat16)
@@ -56,24 +58,38 @@ def bench_manager(args, device):
     for step in range(args.steps):
         tick = time.perf_counter()
         for layer in range(args.layers):
-            manager.gather(layer, sets[step], tail, tail)
-            manager.done(layer, sets[step + 1])
+            torch.ops.slimpass.offload_kv(manager.handle, layer, sets[step], sets[step + 1], tail, tail, 64 + 128 * 16)
         host += time.perf_counter() - tick
     torch.cuda.synchronize(device)
     total = time.perf_counter() - start
+    layer = manager.layers[0]
+    tick = time.perf_counter()
+    for _ in range(200):
+        offload._copy_blocks_triton(layer, sets[1], 1, manager.issued)
+    launch = (time.perf_counter() - tick) / 200
+    torch.cuda.synchronize(device)
     return {"host_ms_per_step": host / args.steps * 1e3, "wall_ms_per_step": total / args.steps * 1e3,
-            "report": manager.report()}
+            "copy_launch_us": launch * 1e6, "report": manager.report()}
 
 
-def check_exact(layer, tile):
-    """The front after a full copy of random slots equals plain indexing of the host K/V."""
+def full_copy(manager, want):
+    for layer in manager.layers.values():
+        offload._copy_blocks_triton(layer, want, 0, manager.issued)
+        layer.copied_for = 0
+
+
+def check_exact(layer, issued, tile):
+    """The front after a full copy of random slots, then a changed-only copy, equals plain indexing of the
+    host K/V."""
     blocks = layer.host_k.shape[2] // layer.block_size
-    want = (torch.randperm(blocks - 2)[:layer.current.shape[1]] + 1)[None].to(layer.current.device)
-    offload._copy_blocks_triton(layer, want, True, **tile)
-    layer.current.copy_(want)
-    index = (want[:, :, None] * layer.block_size + torch.arange(layer.block_size, device=want.device)).flatten(1).cpu()
-    expect = layer.host_k.transpose(1, 2)[torch.zeros(1, 1, dtype=torch.long), index].transpose(1, 2)
-    return torch.equal(layer.front_k[:, :, layer.sink_tokens:].cpu(), expect)
+    ok = True
+    for step in (0, 1):
+        want = (torch.randperm(blocks - 2)[:layer.tables.shape[2]] + 1)[None].to(layer.tables.device)
+        offload._copy_blocks_triton(layer, want, step, issued, **tile)
+        index = (want[:, :, None] * layer.block_size + torch.arange(layer.block_size, device=want.device)).flatten(1).cpu()
+        expect = layer.host_k.transpose(1, 2)[torch.zeros(1, 1, dtype=torch.long), index].transpose(1, 2)
+        ok = ok and torch.equal(layer.front_k[:, :, layer.sink_tokens:].cpu(), expect)
+    return ok
 
 
 def bench_overlap(args, device):
@@ -89,6 +105,7 @@ def bench_overlap(args, device):
     side = torch.cuda.Stream(device)
 
     def run(mode, tile=None):
+        full_copy(manager, sets[0])
         torch.cuda.synchronize(device)
         start = time.perf_counter()
         for step in range(args.steps):
@@ -97,8 +114,7 @@ def bench_overlap(args, device):
                     layer = manager.layers[index - 12]
                     with torch.cuda.stream(side):
                         if mode == "compute+zero_copy":
-                            offload._copy_blocks_triton(layer, sets[step + 1], False, **tile)
-                            layer.current.copy_(sets[step + 1])
+                            offload._copy_blocks_triton(layer, sets[step + 1], step + 1, manager.issued, **tile)
                         else:
                             target.copy_(staging, non_blocking=True)
                 (x @ weights[index]).sum()
@@ -110,18 +126,18 @@ def bench_overlap(args, device):
         out.setdefault(mode, []).append(run(mode))
     copies = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     for variant in args.kernels.split(","):
-        per, warps = (int(x) for x in variant.split("x"))
-        tile = {"slots_per_program": per, "num_warps": warps}
+        per, warps, programs = (int(x) for x in variant.split("x"))
+        tile = {"slots_per_program": per, "num_warps": warps, "programs": programs or None}
         out[f"compute+zero_copy {variant}"] = run("compute+zero_copy", tile)
+        full_copy(manager, sets[0])
         copies[0].record()
         for step in range(args.steps):
             for layer in manager.layers.values():
-                offload._copy_blocks_triton(layer, sets[step + 1], False, **tile)
-                layer.current.copy_(sets[step + 1])
+                offload._copy_blocks_triton(layer, sets[step + 1], step + 1, manager.issued, **tile)
         copies[1].record()
         torch.cuda.synchronize(device)
         out[f"zero_copy_alone {variant}"] = copies[0].elapsed_time(copies[1]) / args.steps
-        out[f"exact {variant}"] = check_exact(manager.layers[0], tile)
+        out[f"exact {variant}"] = check_exact(manager.layers[0], manager.issued, tile)
     copies[0].record()
     for step in range(args.steps):
         for _ in range(args.layers):
@@ -141,8 +157,9 @@ def main() -> None:
     parser.add_argument("--changed", type=int, default=95)
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--weights-mb", type=int, default=436)
-    parser.add_argument("--kernels", default="1x4,4x4,16x8,4x1",
-                        help="copy-kernel tiles to time: slots per program x warps, comma-separated")
+    parser.add_argument("--kernels", default="1x4x0,4x4x0,1x4x16,1x4x32,1x4x64,2x4x32,4x4x16,4x8x32,1x1x132",
+                        help="copy-kernel layouts to time: slots per program x warps x programs (0: one per item), "
+                             "comma-separated")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     device = torch.device("cuda:0")

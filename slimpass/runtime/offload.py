@@ -14,21 +14,21 @@ the resident path's gather (`reselection.attended_tokens`), so offload on and of
 Reselection keeps a block in its slot while it stays active (`reselection.assign_slots`), so a swap
 rewrites only the slots whose block changed.
 
-The decode graph calls two ops per layer (`reselection.reselect_attention` puts them there):
-
-- ``slimpass::offload_gather`` before the attention: makes the front hold this step's active blocks
-  (on the first step it copies them all, on the compute stream; later, the compute stream waits on the
-  event of the copy issued earlier, or copies inline when none was), returns ``cat(front, tail)``, and
-  issues the copies of the next `prefetch_depth` offloaded layers (cyclically: past the last one, the
-  next step's first ones) on a side stream;
-- ``slimpass::offload_done`` after it: copies the layer's next active set (decided this step: the
-  one-step lag of reselection) into a buffer the manager owns and records an event, which the side
-  stream waits on before it rewrites that layer's slots.
+The decode graph calls one op per such layer, ``slimpass::offload_kv``, before the attention
+(`reselection.reselect_attention` puts it there, with the layer's active set for this step and, decided
+by this step's query before the attention, the one for its next step: the one-step lag of reselection).
+It makes the front hold this step's active blocks (on the first step it copies them all, on the compute
+stream; later the compute stream waits on the event of the copy issued earlier, or copies inline when
+none was), returns ``cat(front, tail)``, then stores the next active set in a buffer the manager owns
+and records an event: from there the side stream may rewrite this layer's front. Last it issues the
+copies of the next `prefetch_depth` offloaded layers (cyclically: past the last one, the next step's
+first ones) on the side stream, each waiting on that layer's event.
 
 The side stream reads and writes only buffers the manager owns (host K/V, fronts, slot tables), never
 one the compiler allocated. On CUDA the copy is one Triton kernel per layer that reads the changed
 blocks straight from pinned host memory (mapped into the device's address space), so only changed
-blocks cross the bus; elsewhere it is plain tensor indexing.
+blocks cross the bus, and it also keeps the slot tables and counts the copied blocks on the device (no
+host sync, no extra launches); elsewhere it is plain tensor indexing.
 
 The ops get tensors only; a request's manager is found through its ``handle`` (a CPU int64 scalar held
 by the cache) in a weak registry, so every cache has its own state and dropping the cache frees it.
@@ -80,14 +80,19 @@ class OffloadedLayer:
     front_v: torch.Tensor
     sink_tokens: int
     block_size: int
-    current: torch.Tensor  # [B, m] the block in each front slot
-    pending: torch.Tensor  # [B, m] the next step's active blocks (written by offload_done)
-    changed: torch.Tensor  # () blocks the last copy rewrote
-    steps: int = 0  # offload_gather calls seen (decoding steps)
-    decided: int = 0  # offload_done calls seen: `pending` holds the set for step `decided`
+    tables: torch.Tensor  # [2, B, m] the block in each front slot after the copy for an even / odd step
+    pending: torch.Tensor  # [B, m] the next step's active blocks (written at this step)
+    steps: int = 0  # decoding steps seen (offload_kv calls)
+    decided: int = 0  # `pending` holds the set for step `decided`
     prefetched_for: int = -1  # the step whose copy has been issued on the side stream
-    ready: Any = None  # torch.cuda.Event of that copy
-    done: Any = None  # torch.cuda.Event recorded by offload_done
+    copied_for: int = -1  # the step of the last copy issued (`tables[copied_for % 2]` is its slot table)
+    ready: Any = None  # torch.cuda.Event of the side stream's copy
+    done: Any = None  # torch.cuda.Event recorded once the step no longer reads the front
+
+    @property
+    def current(self) -> torch.Tensor:
+        """[B, m] the block in each front slot once the last copy issued has run (-1: none yet)."""
+        return self.tables[max(self.copied_for, 0) % 2]
 
 
 class OffloadManager:
@@ -100,7 +105,7 @@ class OffloadManager:
         self.stream = torch.cuda.Stream(self.device) if self.cuda else None
         self.layers: dict[int, OffloadedLayer] = {}
         self.order: list[int] = []
-        self.fetched = torch.zeros((), dtype=torch.long, device=self.device)  # blocks copied for steps after the first
+        self.issued = torch.zeros((), dtype=torch.long, device=self.device)  # blocks copied after the first step
         self.first_fetched = 0
         self.handle = torch.tensor(id(self), dtype=torch.long)
         _MANAGERS[id(self)] = self
@@ -120,38 +125,35 @@ class OffloadManager:
         front_k, front_v = keys.new_empty(front), values.new_empty(front)
         front_k[:, :, :sink_tokens] = keys[:, :, :sink_tokens]
         front_v[:, :, :sink_tokens] = values[:, :, :sink_tokens]
-        slots = torch.full((batch, active_blocks), -1, dtype=torch.long, device=keys.device)
-        layer = OffloadedLayer(index, host_k, host_v, front_k, front_v, sink_tokens, block_size, slots, slots.clone(),
-                               torch.zeros((), dtype=torch.long, device=keys.device))
+        tables = torch.full((2, batch, active_blocks), -1, dtype=torch.long, device=keys.device)
+        layer = OffloadedLayer(index, host_k, host_v, front_k, front_v, sink_tokens, block_size, tables,
+                               tables[0].clone())
         if self.cuda:
-            for tensor in (front_k, front_v, layer.current, layer.pending, layer.changed):
+            for tensor in (front_k, front_v, layer.tables, layer.pending, self.issued):
                 tensor.record_stream(self.stream)
             layer.ready, layer.done = torch.cuda.Event(), torch.cuda.Event()
         self.layers[index] = layer
         self.order = sorted(self.layers)
 
-    # --- what the ops do -----------------------------------------------------------------------------
-    def gather(self, index: int, active: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # --- what the op does ----------------------------------------------------------------------------
+    def attend_kv(self, index: int, active: torch.Tensor, upcoming: torch.Tensor, k: torch.Tensor,
+                  v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         layer = self.layers[index]
         step, layer.steps = layer.steps, layer.steps + 1
         if step == 0:  # the first step's active set was chosen by this step's query: copy it now
-            self._copy(layer, active, full=True)
+            self._copy(layer, active, step)
             self.first_fetched += active.numel()
-        else:
-            if layer.prefetched_for != step:  # no copy was issued ahead (one offloaded layer only): copy now
-                self._copy(layer, active, full=False)
-            elif self.cuda:
-                torch.cuda.current_stream(self.device).wait_event(layer.ready)
-            self.fetched += layer.changed  # counted when used: a copy for a step that never runs is not
-        self._prefetch_after(index)
-        return torch.cat([layer.front_k, k], dim=2), torch.cat([layer.front_v, v], dim=2)
-
-    def done(self, index: int, active: torch.Tensor) -> None:
-        layer = self.layers[index]
-        layer.pending.copy_(active)
+        elif layer.prefetched_for != step:  # no copy was issued ahead (one offloaded layer only): copy now
+            self._copy(layer, active, step)
+        elif self.cuda:
+            torch.cuda.current_stream(self.device).wait_event(layer.ready)
+        keys, values = torch.cat([layer.front_k, k], dim=2), torch.cat([layer.front_v, v], dim=2)
+        layer.pending.copy_(upcoming)
         layer.decided += 1
-        if self.cuda:
+        if self.cuda:  # from here the side stream may rewrite this layer's front for its next step
             layer.done.record(torch.cuda.current_stream(self.device))
+        self._prefetch_after(index)
+        return keys, values
 
     def _prefetch_after(self, index: int) -> None:
         """Issue the side-stream copies of the next `prefetch_depth` offloaded layers, when their next
@@ -166,31 +168,37 @@ class OffloadManager:
             if self.cuda:
                 with torch.cuda.stream(self.stream):
                     self.stream.wait_event(layer.done)
-                    self._copy(layer, layer.pending, full=False)
+                    self._copy(layer, layer.pending, step)
                     layer.ready.record(self.stream)
             else:
-                self._copy(layer, layer.pending, full=False)
+                self._copy(layer, layer.pending, step)
             layer.prefetched_for = step
 
-    def _copy(self, layer: OffloadedLayer, want: torch.Tensor, full: bool) -> None:
-        """Make the front's slots hold the blocks `want` [B, m] (only the changed ones unless `full`)."""
-        if not full:
-            layer.changed.copy_((want != layer.current).sum())
+    def _copy(self, layer: OffloadedLayer, want: torch.Tensor, step: int) -> None:
+        """Make the front's slots hold the blocks `want` [B, m] for decoding step `step`: all of them on the
+        first step, afterwards only the slots whose block changed (counted in `issued`)."""
         if self.cuda and triton is not None:
-            _copy_blocks_triton(layer, want, full)
+            _copy_blocks_triton(layer, want, step, self.issued)
         else:
-            _copy_blocks_torch(layer, want)
-        layer.current.copy_(want)
+            _copy_blocks_torch(layer, want, step, self.issued)
+        layer.copied_for = step
 
     # --- reports -------------------------------------------------------------------------------------
     def report(self) -> dict[str, float]:
         """Blocks copied host -> accelerator: on the first step (all active blocks) and after it (changed
-        ones), their bytes, and the bytes per step after the first (reads one device counter)."""
+        ones, counted when used: a copy issued for a step that never ran is not), their bytes, and the
+        bytes per step after the first (waits for the side stream)."""
         if not self.layers:
             return {}
+        if self.cuda:
+            self.stream.synchronize()
+        fetched = int(self.issued)
+        for layer in self.layers.values():
+            step = layer.steps
+            if layer.prefetched_for == step:  # issued ahead for a step that has not run
+                fetched -= int((layer.tables[step % 2] != layer.tables[(step - 1) % 2]).sum())
         layer = next(iter(self.layers.values()))
         block_bytes = 2 * layer.host_k[0, :, :layer.block_size].nbytes
-        fetched = int(self.fetched)
         steps = max(layer.steps for layer in self.layers.values())
         return {"layers": len(self.layers), "steps": steps, "first_step_blocks": self.first_fetched,
                 "blocks": fetched, "h2d_bytes": fetched * block_bytes,
@@ -205,82 +213,86 @@ def manager(handle: torch.Tensor) -> OffloadManager:
     return found
 
 
-def _copy_blocks_torch(layer: OffloadedLayer, want: torch.Tensor) -> None:
+def _copy_blocks_torch(layer: OffloadedLayer, want: torch.Tensor, step: int, issued: torch.Tensor) -> None:
+    if step > 0:
+        issued += (want != layer.tables[(step - 1) % 2]).sum()
     index = block_tokens(want, layer.block_size).to(layer.host_k.device)
     for host, front in ((layer.host_k, layer.front_k), (layer.host_v, layer.front_v)):
         front[:, :, layer.sink_tokens:] = gather_tokens(host, index).to(front.device, non_blocking=True)
+    layer.tables[step % 2].copy_(want)
 
 
-# A program copies this many slots (each a block of every token of one head): more bytes in flight per
-# program, fewer programs holding SMs while they wait on the bus. 1 = one program per (slot, row x head),
-# the layout measured in docs/PERF.md.
+# The copy kernel's layout: a program copies SLOTS_PER_PROGRAM slots (each a block of every token of one
+# head) at a time and loops over the (slots, batch row x head) items with a stride of its grid, COPY_PROGRAMS
+# programs (None: one per item, the layout measured first in docs/PERF.md). Few programs hold few SMs
+# while they wait on the bus; too few leave the bus idle.
 SLOTS_PER_PROGRAM = 1
+COPY_PROGRAMS: int | None = None
 MAX_TILE = 16384  # elements of a program's [slots x block, head dim] tile
 
 if triton is not None:
-    @triton.jit
-    def _copy_blocks_kernel(src_k, src_v, dst_k, dst_v, want, have, heads, src_tokens, dst_tokens, dst_start,
-                            slots, block, FULL: tl.constexpr, SLOTS: tl.constexpr, ROWS: tl.constexpr,
-                            DIM: tl.constexpr, DIM_P2: tl.constexpr):
-        """One program per (SLOTS slots, batch row x head): copy the blocks of its slots that changed (or
-        all of them with `FULL`) from the host K/V [B, H, P, D] into the front [B, H, F, D]."""
-        row_head = tl.program_id(1).to(tl.int64)
-        row = row_head // heads
+    @triton.jit(do_not_specialize=["items"])
+    def _copy_blocks_kernel(src_k, src_v, dst_k, dst_v, want, tables, issued, heads, src_tokens, dst_tokens,
+                            dst_start, slots, block, items, now_at, have_at, FULL: tl.constexpr, SLOTS: tl.constexpr,
+                            ROWS: tl.constexpr, DIM: tl.constexpr, DIM_P2: tl.constexpr):
+        """Copy the blocks of `want` [B, slots] whose slot held another block (`tables` at `have_at`; every
+        block with `FULL`) from the host K/V [B, H, P, D] into the front [B, H, F, D]; write `want` into
+        `tables` at `now_at` and add the changed blocks to `issued` (not with `FULL`)."""
+        groups = tl.cdiv(slots, SLOTS)
         r = tl.arange(0, ROWS)  # the tile's rows: SLOTS slots x `block` tokens, padded to a power of two
-        slot = tl.program_id(0) * SLOTS + r // block
         token = r % block
-        inside = (r < SLOTS * block) & (slot < slots)
-        blk = tl.load(want + row * slots + slot, mask=inside, other=-1)
-        if FULL:
-            copy = inside & (blk >= 0)
-        else:
-            copy = inside & (blk != tl.load(have + row * slots + slot, mask=inside, other=-1))
         dims = tl.arange(0, DIM_P2)[None, :]
-        mask = copy[:, None] & (dims < DIM)
-        src = row_head * src_tokens * DIM + (blk * block + token)[:, None] * DIM + dims
-        dst = row_head * dst_tokens * DIM + (dst_start + slot * block + token)[:, None] * DIM + dims
-        tl.store(dst_k + dst, tl.load(src_k + src, mask=mask), mask=mask)
-        tl.store(dst_v + dst, tl.load(src_v + src, mask=mask), mask=mask)
+        for item in range(tl.program_id(0), items, tl.num_programs(0)):
+            row_head = (item // groups).to(tl.int64)
+            row = row_head // heads
+            slot = (item % groups) * SLOTS + r // block
+            inside = (r < SLOTS * block) & (slot < slots)
+            blk = tl.load(want + row * slots + slot, mask=inside, other=-1)
+            if FULL:
+                copy = inside & (blk >= 0)
+            else:
+                copy = inside & (blk != tl.load(tables + have_at + row * slots + slot, mask=inside, other=-1))
+            if row_head % heads == 0:  # one program per (row, slot) keeps the books
+                tl.store(tables + now_at + row * slots + slot, blk, mask=inside & (token == 0))
+                if not FULL:  # (a one-element block: Triton's interpreter wants one for atomics)
+                    one = tl.arange(0, 1)
+                    tl.atomic_add(issued + one, tl.sum((copy & (token == 0)).to(tl.int64), axis=0) + one * 0)
+            mask = copy[:, None] & (dims < DIM)
+            src = row_head * src_tokens * DIM + (blk * block + token)[:, None] * DIM + dims
+            dst = row_head * dst_tokens * DIM + (dst_start + slot * block + token)[:, None] * DIM + dims
+            tl.store(dst_k + dst, tl.load(src_k + src, mask=mask), mask=mask)
+            tl.store(dst_v + dst, tl.load(src_v + src, mask=mask), mask=mask)
 
 
-def _copy_blocks_triton(layer: OffloadedLayer, want: torch.Tensor, full: bool,
-                        slots_per_program: int = SLOTS_PER_PROGRAM, num_warps: int = 4) -> None:
+def _copy_blocks_triton(layer: OffloadedLayer, want: torch.Tensor, step: int, issued: torch.Tensor,
+                        slots_per_program: int = SLOTS_PER_PROGRAM, programs: int | None = COPY_PROGRAMS,
+                        num_warps: int = 4) -> None:
     """The kernel reads pinned host memory through its device mapping (unified addressing)."""
     batch, heads, tokens, dim = layer.host_k.shape
     slots, block = want.shape[1], layer.block_size
     dim_p2 = triton.next_power_of_2(dim)
     per_program = max(1, min(slots_per_program, MAX_TILE // (triton.next_power_of_2(block) * dim_p2)))
-    grid = (triton.cdiv(slots, per_program), batch * heads)
-    _copy_blocks_kernel[grid](
-        layer.host_k, layer.host_v, layer.front_k, layer.front_v, want, layer.current, heads, tokens,
-        layer.front_k.shape[2], layer.sink_tokens, slots, block, FULL=full, SLOTS=per_program,
-        ROWS=triton.next_power_of_2(per_program * block), DIM=dim, DIM_P2=dim_p2, num_warps=num_warps)
+    items = triton.cdiv(slots, per_program) * batch * heads
+    table = batch * slots
+    _copy_blocks_kernel[(min(items, programs or items),)](
+        layer.host_k, layer.host_v, layer.front_k, layer.front_v, want, layer.tables, issued, heads, tokens,
+        layer.front_k.shape[2], layer.sink_tokens, slots, block, items, step % 2 * table, (step + 1) % 2 * table,
+        FULL=step == 0, SLOTS=per_program, ROWS=triton.next_power_of_2(per_program * block), DIM=dim, DIM_P2=dim_p2,
+        num_warps=num_warps)
 
 
-# --- the ops ------------------------------------------------------------------------------------------
-@torch.library.custom_op("slimpass::offload_gather", mutates_args=())
-def offload_gather(handle: torch.Tensor, layer: int, active: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                   front_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+# --- the op -------------------------------------------------------------------------------------------
+@torch.library.custom_op("slimpass::offload_kv", mutates_args=())
+def offload_kv(handle: torch.Tensor, layer: int, active: torch.Tensor, upcoming: torch.Tensor, k: torch.Tensor,
+               v: torch.Tensor, front_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     """K/V a decoding step at offloaded slim layer `layer` attends to: ``cat(front, k)``, ``cat(front, v)``
-    (k, v: the layer's resident tail), the front holding the blocks of `active` [B, m]. Waits for / issues
-    the copies (module docstring)."""
-    return manager(handle).gather(layer, active, k, v)
+    (k, v: the layer's resident tail), the front holding the blocks of `active` [B, m]; `upcoming` [B, m]
+    is the layer's active set for its next step, which the side stream may fetch from here on. Waits for
+    / issues the copies (module docstring)."""
+    return manager(handle).attend_kv(layer, active, upcoming, k, v)
 
 
-@offload_gather.register_fake
-def _gather_fake(handle, layer, active, k, v, front_tokens):
+@offload_kv.register_fake
+def _offload_kv_fake(handle, layer, active, upcoming, k, v, front_tokens):
     shape = (k.shape[0], k.shape[1], front_tokens + k.shape[2], k.shape[3])
     return k.new_empty(shape), v.new_empty(shape)
-
-
-@torch.library.custom_op("slimpass::offload_done", mutates_args=())
-def offload_done(handle: torch.Tensor, layer: int, active: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """After the attention of offloaded slim layer `layer`: hand its next active set to the manager.
-    Returns a copy of `out` (the attention output): what orders it after the attention and keeps it."""
-    manager(handle).done(layer, active)
-    return out.clone()
-
-
-@offload_done.register_fake
-def _done_fake(handle, layer, active, out):
-    return torch.empty_like(out)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from slimpass.runtime import offload as _offload  # noqa: F401 - registers the slimpass::offload_* ops
+from slimpass.runtime import offload as _offload  # noqa: F401 - registers slimpass::offload_kv
 from slimpass.runtime.block_index import block_tokens, gather_tokens
 from slimpass.runtime.scoring import ScoreSettings, get_scorer
 
@@ -117,19 +117,18 @@ def reselect_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, active
     count = active.shape[1]
     best = candidate_blocks(scores.float(), prompt_tokens, count, block_size, sink_blocks)
     first = stats[0] == 0
-    active.copy_(torch.where(first, best, active))
+    now = torch.where(first, best, active)
+    # for the next step: follow the candidates where too few of them are active
+    shared = (best[:, :, None] == now[:, None, :]).any(dim=2).sum(dim=1)  # [B]
+    swap = ~first & (shared < gamma * count)
+    upcoming = torch.where(swap[:, None], assign_slots(now, best), now)
     if offload is None:
-        index = attended_tokens(active, prompt_tokens, k.shape[2], block_size, sink_blocks)
+        index = attended_tokens(now, prompt_tokens, k.shape[2], block_size, sink_blocks)
         keys, values = gather_tokens(k, index), gather_tokens(v, index)
     else:
         sinks = min(sink_blocks, (prompt_tokens - 1) // block_size) * block_size
-        keys, values = torch.ops.slimpass.offload_gather(offload, layer, active, k, v, sinks + count * block_size)
+        keys, values = torch.ops.slimpass.offload_kv(offload, layer, now, upcoming, k, v, sinks + count * block_size)
     out = F.scaled_dot_product_attention(q, keys, values, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
-    # for the next step: follow the candidates where too few of them are active
-    shared = (best[:, :, None] == active[:, None, :]).any(dim=2).sum(dim=1)  # [B]
-    swap = ~first & (shared < gamma * count)
-    active.copy_(torch.where(swap[:, None], assign_slots(active, best), active))
+    active.copy_(upcoming)
     stats.add_(torch.stack([torch.ones_like(stats[0]), torch.where(swap, count - shared, 0).sum()]))
-    if offload is not None:
-        out = torch.ops.slimpass.offload_done(offload, layer, active, out)
     return out

@@ -169,23 +169,22 @@ def test_offloaded_layer_outside_the_compiled_graph_raises():
         torch.ops.slimpass.bind_layer_state(state, torch.zeros(2, dtype=torch.long), state, None, 4, manager.handle)
 
 
-def test_ops_real_and_fake_agree():
+def test_op_real_and_fake_agree():
     manager = offload.OffloadManager("cpu", prefetch_depth=2)
     keys = torch.randn(2, 3, 64, 16)
     manager.add_layer(5, keys, keys + 1, active_blocks=2, sink_tokens=8, block_size=8)
     active = torch.tensor([[2, 4], [6, 1]])
     tail = torch.randn(2, 3, 5, 16)
-    real = offload.offload_gather(manager.handle, 5, active, tail, tail, 8 + 2 * 8)
-    fake = offload._gather_fake(manager.handle, 5, active, tail, tail, 8 + 2 * 8)
+    real = offload.offload_kv(manager.handle, 5, active, active.flip(1), tail, tail, 8 + 2 * 8)
+    fake = offload._offload_kv_fake(manager.handle, 5, active, active.flip(1), tail, tail, 8 + 2 * 8)
     for r, f in zip(real, fake):
         assert r.shape == f.shape and r.dtype == f.dtype and r.device == f.device
     assert torch.equal(real[0][:, :, :8], keys[:, :, :8])
     assert torch.equal(real[0][1, :, 8:16], keys[1, :, 48:56]) and torch.equal(real[1][0, :, 16:24], keys[0, :, 32:40] + 1)
     assert torch.equal(real[0][:, :, 24:], tail)
-    out = torch.randn(2, 6, 1, 16)
-    done = offload.offload_done(manager.handle, 5, active.flip(1), out)
-    assert torch.equal(done, out) and done.data_ptr() != out.data_ptr()
-    assert torch.equal(manager.layers[5].pending, active.flip(1))
+    layer = manager.layers[5]
+    assert torch.equal(layer.pending, active.flip(1)) and torch.equal(layer.current, active)
+    assert layer.steps == layer.decided == 1 and manager.report()["first_step_blocks"] == 4
 
 
 def test_copy_kernel_in_triton_interpreter():
@@ -196,25 +195,31 @@ def test_copy_kernel_in_triton_interpreter():
         import torch
         from slimpass.runtime import offload
         # (block size, head dim, slots per program): padded tiles, a block size that is no power of two
-        for block, dim, per in ((8, 24, 1), (8, 24, 3), (6, 16, 2), (16, 64, 4)):
+        for block, dim, per, programs in ((8, 24, 1, None), (8, 24, 3, 2), (6, 16, 2, 1), (16, 64, 4, 3)):
             manager = offload.OffloadManager("cpu", prefetch_depth=2)
             keys, values = torch.randn(2, 3, 17 * block, dim), torch.randn(2, 3, 17 * block, dim)
             manager.add_layer(0, keys, values, active_blocks=5, sink_tokens=block, block_size=block)
-            layer = manager.layers[0]
-            for want, full in (([[3, 5, 7, 9, 2], [1, 2, 10, 11, 4]], True),
-                               ([[3, 6, 7, 2, 12], [4, 2, 10, 8, 15]], False)):
+            layer, changed = manager.layers[0], 0
+            sets = ([[3, 5, 7, 9, 2], [1, 2, 10, 11, 4]], [[3, 6, 7, 2, 12], [4, 2, 10, 8, 15]],
+                    [[3, 6, 7, 2, 12], [4, 2, 10, 8, 15]], [[13, 6, 1, 2, 12], [4, 2, 10, 8, 15]])
+            for step, want in enumerate(sets):
                 want = torch.tensor(want)
-                offload._copy_blocks_triton(layer, want, full, slots_per_program=per)
+                if step:
+                    changed += int((want != layer.current).sum())
+                    layer.front_k[:, :, block:][want[:, None, :].expand(2, 3, 5).repeat_interleave(block, 2)
+                                                == layer.current[:, None, :].expand(2, 3, 5).repeat_interleave(block, 2)] = -1.0
+                offload._copy_blocks_triton(layer, want, step, manager.issued, slots_per_program=per, programs=programs)
+                layer.copied_for = step
                 index = (want[:, :, None] * block + torch.arange(block)).flatten(1)
                 rows = torch.arange(2)[:, None]
-                assert torch.equal(layer.front_k[:, :, block:], keys.transpose(1, 2)[rows, index].transpose(1, 2))
-                assert torch.equal(layer.front_v[:, :, block:], values.transpose(1, 2)[rows, index].transpose(1, 2))
+                moved = keys.transpose(1, 2)[rows, index].transpose(1, 2)
+                kept = (want == layer.tables[(step + 1) % 2])[:, None, :, None].repeat_interleave(block, 2) & (step > 0)
+                # changed slots hold their block; unchanged ones are not rewritten (poisoned above, still -1)
+                assert torch.equal(layer.front_k[:, :, block:], torch.where(kept, -1.0, moved)), (block, step)
+                assert torch.equal(layer.front_v[:, :, block:][~kept.expand_as(moved)],
+                                   values.transpose(1, 2)[rows, index].transpose(1, 2)[~kept.expand_as(moved)])
                 assert torch.equal(layer.front_k[:, :, :block], keys[:, :, :block])
-                if not full:  # unchanged slots are not rewritten: poison one and see it survive
-                    layer.front_k[0, :, block:2 * block] = -1.0
-                    offload._copy_blocks_triton(layer, want, False, slots_per_program=per)
-                    assert bool((layer.front_k[0, :, block:2 * block] == -1.0).all())
-                layer.current.copy_(want)
+                assert torch.equal(layer.current, want) and int(manager.issued) == changed
         print("ok")
     """)
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
