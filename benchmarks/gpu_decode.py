@@ -12,7 +12,7 @@ after another in this process (the weights are built once):
 - ``sliminfer``: pruning on, defaults (resident `SlimCache`);
 - ``sliminfer_reselect``: pruning and decode-time reselection (``active_tokens`` per slim layer);
 - ``sliminfer_offload``: the same with ``offload=True``: slim layers' prompt K/V in pinned host memory,
-  their active blocks copied on a side stream (``--prefetch-depth`` layers ahead).
+  their changed blocks copied on a side stream a step ahead (``--copy-group`` layers a launch).
 
 Per variant: one untimed warm-up generate (compiles), then ``--repeats`` timed generates and as many
 timed prefills (``max_new_tokens=1``): median end-to-end latency, median time to first token, decode
@@ -52,8 +52,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--active-tokens", type=int, default=2048, help="per slim layer, with reselection")
-    parser.add_argument("--prefetch-depth", type=int, default=2, help="with offload")
-    parser.add_argument("--profile", action="store_true", help="with offload: profile one 16-token generate")
+    parser.add_argument("--copy-group", type=int, default=4, help="with offload: SlimConfig.copy_group")
+    parser.add_argument("--profile", action="store_true",
+                        help="with reselection / offload: profile one 16-token generate (copy overlap, GPU busy share)")
     parser.add_argument("--options", type=json.loads, default={}, help="more slimpass options, as JSON")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tiny", action="store_true", help="tiny float32 model on CPU: test this script")
@@ -79,7 +80,7 @@ def options_for(variant: str, args: argparse.Namespace) -> dict[str, Any] | None
     if variant in ("sliminfer_reselect", "sliminfer_offload"):
         options.update(reselect=True, active_tokens=args.active_tokens)
     if variant == "sliminfer_offload":
-        options.update(offload=True, prefetch_depth=args.prefetch_depth)
+        options.update(offload=True, copy_group=args.copy_group)
     return {**options, **args.options}
 
 
@@ -146,7 +147,7 @@ def run_variant(model: torch.nn.Module, variant: str, ids: torch.Tensor, args: a
             offload=cache.offload_report(),
             graphs=[{"kind": g.kind, "passes": [r.line() for r in g.results]} for g in slimpass.compiled_graphs(model)],
         )
-        if args.profile and variant == "sliminfer_offload" and device.type == "cuda":
+        if args.profile and variant in ("sliminfer_reselect", "sliminfer_offload") and device.type == "cuda":
             row["profile"] = profile_overlap(lambda: generate(model, ids, 16), device)
     return row
 
@@ -159,8 +160,10 @@ def profile_overlap(fn, device: torch.device) -> dict[str, Any]:
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
         fn()
         sync(device)
+        wall = (time.perf_counter() - start) * 1e6
     with tempfile.NamedTemporaryFile(suffix=".json") as trace:
         prof.export_chrome_trace(trace.name)
         events = json.load(open(trace.name))["traceEvents"]
@@ -188,7 +191,8 @@ def profile_overlap(fn, device: torch.device) -> dict[str, Any]:
     return {"copy_kernels": len(copies), "copy_streams": sorted(map(str, side)), "compute_stream": str(compute),
             "copy_us": busy,
             "overlapped_us": covered, "overlap_share": covered / busy if busy else None,
-            "compute_kernel_us": sum(b - a for a, b in merged)}
+            "compute_kernel_us": sum(b - a for a, b in merged), "wall_us": wall,
+            "compute_busy_share": sum(b - a for a, b in merged) / wall}
 
 
 def agreement(row: dict[str, Any], base: dict[str, Any]) -> int:

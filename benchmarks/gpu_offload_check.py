@@ -4,7 +4,7 @@ reads pinned host memory right. A check to run by hand (CI has no GPU); exits no
     PYTHONPATH=. python benchmarks/gpu_offload_check.py --out check.json
 
 1. `_copy_blocks_kernel` on pinned host tensors against plain indexing (bitwise), full and changed-only, for
-   a few program layouts; its slot tables and count of copied blocks.
+   a few program layouts, over a copy group of three layers; its slot tables and count of copied blocks.
 2. A small random-weight Llama (float32, Inductor) compiled twice, with pruning + reselection resident and
    with ``offload=True``: greedy tokens must be equal for two prompt lengths and batch sizes.
 """
@@ -26,31 +26,39 @@ from slimpass.runtime import offload  # noqa: E402
 
 
 def check_kernel(device: torch.device) -> dict:
-    """Per copy-kernel layout (slots per program, programs): a full copy, then two changed-only ones; the
-    front, the slot table and the count of copied blocks against plain indexing."""
-    batch, heads, tokens, dim, block, slots, sinks = 2, 3, 40 * 16, 64, 16, 8, 16
-    keys = torch.randn(batch, heads, tokens, dim, device=device, dtype=torch.bfloat16)
+    """Per copy-kernel layout (slots per program, programs), for a group of three layers: a full copy layer
+    by layer, then two changed-only copies of the group; fronts, slot tables and the count of copied blocks
+    against plain indexing."""
+    layers, batch, heads, tokens, dim, block, slots, sinks = 3, 2, 3, 40 * 16, 64, 16, 8, 16
+    keys = torch.randn(layers, batch, heads, tokens, dim, device=device, dtype=torch.bfloat16)
     values = torch.randn_like(keys)
     results = {}
-    for per, programs in ((1, None), (2, 3), (4, 1)):
-        manager = offload.OffloadManager(device, prefetch_depth=2)
-        manager.add_layer(0, keys, values, slots, sinks, block)
-        layer, changed = manager.layers[0], 0
+    for per, programs in ((1, None), (2, 3), (4, 16)):
+        manager = offload.OffloadManager(device, copy_group=layers)
+        manager.add_layers([offload.LayerToOffload(i, keys[i], values[i], slots, sinks, block) for i in range(layers)])
+        group, changed = manager.groups[0], 0
         for step in range(3):
-            want = torch.stack([torch.randperm(38, device=device)[:slots] + 1 for _ in range(batch)])
+            want = torch.stack([torch.stack([torch.randperm(38, device=device)[:slots] + 1 for _ in range(batch)])
+                                for _ in range(layers)])
             if step:
-                want[:, ::2] = layer.current[:, ::2]  # half the slots keep their block
-                changed += int((want != layer.current).sum())
-            offload._copy_blocks_triton(layer, want, step, manager.issued, slots_per_program=per, programs=programs)
-            layer.copied_for = step
+                for p in range(layers):
+                    want[p, :, ::2] = manager.layers[p].current[:, ::2]  # half the slots keep their block
+                    changed += int((want[p] != manager.layers[p].current).sum())
+            for first, count in ([(p, 1) for p in range(layers)] if step == 0 else [(0, layers)]):
+                offload._copy_blocks_triton(group, first, count, want[first] if count == 1 else want, step,
+                                            manager.issued, slots_per_program=per, programs=programs)
+            for p in range(layers):
+                manager.layers[p].copied_for = step
             torch.cuda.synchronize(device)
-            index = (want[:, :, None] * block + torch.arange(block, device=device)).flatten(1)
             rows = torch.arange(batch, device=device)[:, None]
-            expect_k = keys.transpose(1, 2)[rows, index].transpose(1, 2)
-            expect_v = values.transpose(1, 2)[rows, index].transpose(1, 2)
-            ok = torch.equal(layer.front_k[:, :, sinks:], expect_k) and torch.equal(layer.front_v[:, :, sinks:], expect_v)
-            ok = ok and torch.equal(layer.front_k[:, :, :sinks], keys[:, :, :sinks]) and torch.equal(layer.current, want)
-            results[f"{per}x{programs} step {step}"] = ok and int(manager.issued) == changed
+            ok = int(manager.issued) == changed
+            for p in range(layers):
+                index = (want[p, :, :, None] * block + torch.arange(block, device=device)).flatten(1)
+                ok = ok and torch.equal(group.front_k[p, :, :, sinks:], keys[p].transpose(1, 2)[rows, index].transpose(1, 2))
+                ok = ok and torch.equal(group.front_v[p, :, :, sinks:], values[p].transpose(1, 2)[rows, index].transpose(1, 2))
+                ok = ok and torch.equal(group.front_k[p, :, :, :sinks], keys[p, :, :, :sinks])
+                ok = ok and torch.equal(manager.layers[p].current, want[p])
+            results[f"{per}x{programs} step {step}"] = ok
     return results
 
 
@@ -63,7 +71,7 @@ def check_generate(device: torch.device) -> list[dict]:
     base = {"prune": True, "schedule": {2: 0.5, 5: 0.25}, "reselect": True, "active_tokens": 256, "min_prompt_len": 64}
     models = {}
     weights = LlamaForCausalLM(config).state_dict()
-    for name, extra in (("resident", {}), ("offload", {"offload": True, "prefetch_depth": 2})):
+    for name, extra in (("resident", {}), ("offload", {"offload": True, "copy_group": 2})):
         model = LlamaForCausalLM(config).eval()
         model.load_state_dict(weights)
         models[name] = slimpass.compile(model.to(device), options={**base, **extra})
@@ -89,12 +97,13 @@ def check_generate(device: torch.device) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--kernel-only", action="store_true", help="check the copy kernel only (no models)")
     args = parser.parse_args()
     device = torch.device("cuda:0")
     torch._dynamo.config.recompile_limit = 64  # two models share the code objects' cache entries
     kernel = check_kernel(device)
     print("kernel:", kernel, flush=True)
-    rows = check_generate(device)
+    rows = [] if args.kernel_only else check_generate(device)
     result = {"kernel": kernel, "generate": rows, "device": torch.cuda.get_device_name(device),
               "torch": torch.__version__}
     if args.out:

@@ -8,11 +8,11 @@ head dim 128, bf16, 128 active blocks of 16 tokens, `--changed` of them new each
 layer one bf16 GEMV of `--weights-mb` of weights (8B decoding: ~0.2 ms a layer on an H100).
 
 1. ``manager``: simulated decode steps of the ``slimpass::offload_kv`` op for 20 layers (no compute): host
-   ms per step (no sync), wall ms per step, and the host time of one copy-kernel launch.
-2. ``compute``: the GEMVs alone; ``compute+zero_copy <tile>``: the same with the copy kernel for each layer
-   on a side stream, per copy-kernel layout (`--kernels`: slots per program x warps x programs; each also
+   ms per step (no sync), wall ms per step, and the host time of one copy-kernel launch (a group's).
+2. ``compute``: the GEMVs alone; ``compute+zero_copy <tile>``: the same with the copy kernel of each copy
+   group (`--group` layers) on a side stream after the group's last layer, per copy-kernel layout (`--kernels`: slots per program x warps x programs; each also
    timed alone and checked against plain indexing); ``compute+memcpy``: with one contiguous pinned->device copy of
-   the same bytes per layer (an idealised DMA copy) instead.
+   the same bytes per group (an idealised DMA copy) instead.
 """
 
 from __future__ import annotations
@@ -27,11 +27,10 @@ import torch
 from slimpass.runtime import offload
 
 
-def make_manager(device, layers, tokens, heads, dim, slots, block):
-    manager = offload.OffloadManager(device, prefetch_depth=2)
-    for index in range(layers):
-        keys = torch.randn(1, heads, tokens, dim, device=device, dtype=torch.bfloat16)
-        manager.add_layer(index, keys, keys, slots, 64, block)
+def make_manager(device, layers, tokens, heads, dim, slots, block, group):
+    manager = offload.OffloadManager(device, copy_group=group)
+    keys = torch.randn(1, heads, tokens, dim, device=device, dtype=torch.bfloat16)
+    manager.add_layers([offload.LayerToOffload(index, keys, keys, slots, 64, block) for index in range(layers)])
     return manager
 
 
@@ -49,7 +48,7 @@ def step_sets(steps, slots, blocks, changed, device):
 def bench_manager(args, device):
     """Host and wall time of the op (`offload_kv` through the dispatcher, as the compiled graph calls it) for
     every layer of a step, and of the Triton copy kernel's launch alone."""
-    manager = make_manager(device, args.layers, args.tokens, 8, 128, args.slots, 16)
+    manager = make_manager(device, args.layers, args.tokens, 8, 128, args.slots, 16, args.group)
     sets = step_sets(args.steps + 1, args.slots, args.tokens // 16, args.changed, device)
     tail = torch.randn(1, 8, 100, 128, device=device, dtype=torch.bfloat16)
     host = 0.0
@@ -62,10 +61,10 @@ def bench_manager(args, device):
         host += time.perf_counter() - tick
     torch.cuda.synchronize(device)
     total = time.perf_counter() - start
-    layer = manager.layers[0]
+    group = manager.groups[0]
     tick = time.perf_counter()
     for _ in range(200):
-        offload._copy_blocks_triton(layer, sets[1], 1, manager.issued)
+        offload._copy_blocks_triton(group, 0, len(group.layers), group.pending, 1, manager.issued)
     launch = (time.perf_counter() - tick) / 200
     torch.cuda.synchronize(device)
     return {"host_ms_per_step": host / args.steps * 1e3, "wall_ms_per_step": total / args.steps * 1e3,
@@ -73,22 +72,28 @@ def bench_manager(args, device):
 
 
 def full_copy(manager, want):
-    for layer in manager.layers.values():
-        offload._copy_blocks_triton(layer, want, 0, manager.issued)
-        layer.copied_for = 0
+    for group in manager.groups:
+        for position in range(len(group.layers)):
+            offload._copy_blocks_triton(group, position, 1, want, 0, manager.issued)
 
 
-def check_exact(layer, issued, tile):
-    """The front after a full copy of random slots, then a changed-only copy, equals plain indexing of the
-    host K/V."""
-    blocks = layer.host_k.shape[2] // layer.block_size
+def check_exact(group, issued, tile):
+    """A group's fronts after a full copy of random slots, then a changed-only copy, against plain indexing
+    of the host K/V."""
+    count, _, _, tokens, _ = group.host_k.shape
+    blocks, slots = tokens // group.block_size, group.pending.shape[2]
     ok = True
     for step in (0, 1):
-        want = (torch.randperm(blocks - 2)[:layer.tables.shape[2]] + 1)[None].to(layer.tables.device)
-        offload._copy_blocks_triton(layer, want, step, issued, **tile)
-        index = (want[:, :, None] * layer.block_size + torch.arange(layer.block_size, device=want.device)).flatten(1).cpu()
-        expect = layer.host_k.transpose(1, 2)[torch.zeros(1, 1, dtype=torch.long), index].transpose(1, 2)
-        ok = ok and torch.equal(layer.front_k[:, :, layer.sink_tokens:].cpu(), expect)
+        want = torch.stack([(torch.randperm(blocks - 2)[:slots] + 1)[None] for _ in range(count)]).to(group.pending.device)
+        for position in range(count) if step == 0 else [None]:
+            first, n = (position, 1) if step == 0 else (0, count)
+            offload._copy_blocks_triton(group, first, n, want[first:first + n].squeeze(0) if n == 1 else want, step,
+                                        issued, **tile)
+        for position in range(count):
+            index = (want[position, :, :, None] * group.block_size
+                     + torch.arange(group.block_size, device=want.device)).flatten(1).cpu()
+            expect = group.host_k[position].transpose(1, 2)[torch.zeros(1, 1, dtype=torch.long), index].transpose(1, 2)
+            ok = ok and torch.equal(group.front_k[position, :, :, group.sink_tokens:].cpu(), expect)
     return ok
 
 
@@ -97,12 +102,18 @@ def bench_overlap(args, device):
     weights = [torch.randn(4096, args.weights_mb * 2**20 // (2 * 4096), device=device, dtype=torch.bfloat16)
                for _ in range(layers)]
     x = torch.randn(1, 4096, device=device, dtype=torch.bfloat16)
-    manager = make_manager(device, args.layers, args.tokens, 8, 128, args.slots, 16)
+    manager = make_manager(device, args.layers, args.tokens, 8, 128, args.slots, 16, args.group)
     sets = step_sets(args.steps + 1, args.slots, args.tokens // 16, args.changed, device)
-    nbytes = args.changed * 2 * 8 * 16 * 128 * 2
-    staging = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-    target = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    per_layer = args.changed * 2 * 8 * 16 * 128 * 2
+    staging = torch.empty(per_layer * args.group, dtype=torch.uint8, pin_memory=True)
+    target = torch.empty(per_layer * args.group, dtype=torch.uint8, device=device)
     side = torch.cuda.Stream(device)
+    ends = {group.layers[-1]: group for group in manager.groups}  # a group's copy goes after its last layer
+
+    def copy_all(step, tile):
+        for group in manager.groups:
+            want = sets[step][None].expand(len(group.layers), -1, -1).contiguous()
+            offload._copy_blocks_triton(group, 0, len(group.layers), want, step, manager.issued, **tile)
 
     def run(mode, tile=None):
         full_copy(manager, sets[0])
@@ -110,14 +121,17 @@ def bench_overlap(args, device):
         start = time.perf_counter()
         for step in range(args.steps):
             for index in range(layers):
-                if mode != "compute" and index >= 12:
-                    layer = manager.layers[index - 12]
+                (x @ weights[index]).sum()
+                group = ends.get(index - 12)
+                if mode != "compute" and group is not None:
                     with torch.cuda.stream(side):
                         if mode == "compute+zero_copy":
-                            offload._copy_blocks_triton(layer, sets[step + 1], step + 1, manager.issued, **tile)
+                            want = sets[step + 1][None].expand(len(group.layers), -1, -1).contiguous()
+                            offload._copy_blocks_triton(group, 0, len(group.layers), want, step + 1, manager.issued,
+                                                        **tile)
                         else:
-                            target.copy_(staging, non_blocking=True)
-                (x @ weights[index]).sum()
+                            target[:per_layer * len(group.layers)].copy_(staging[:per_layer * len(group.layers)],
+                                                                         non_blocking=True)
         torch.cuda.synchronize(device)
         return (time.perf_counter() - start) / args.steps * 1e3
 
@@ -132,20 +146,19 @@ def bench_overlap(args, device):
         full_copy(manager, sets[0])
         copies[0].record()
         for step in range(args.steps):
-            for layer in manager.layers.values():
-                offload._copy_blocks_triton(layer, sets[step + 1], step + 1, manager.issued, **tile)
+            copy_all(step + 1, tile)
         copies[1].record()
         torch.cuda.synchronize(device)
         out[f"zero_copy_alone {variant}"] = copies[0].elapsed_time(copies[1]) / args.steps
-        out[f"exact {variant}"] = check_exact(manager.layers[0], manager.issued, tile)
+        out[f"exact {variant}"] = check_exact(manager.groups[0], manager.issued, tile)
     copies[0].record()
     for step in range(args.steps):
-        for _ in range(args.layers):
-            target.copy_(staging, non_blocking=True)
+        for group in manager.groups:
+            target[:per_layer * len(group.layers)].copy_(staging[:per_layer * len(group.layers)], non_blocking=True)
     copies[1].record()
     torch.cuda.synchronize(device)
     out["memcpy_alone"] = copies[0].elapsed_time(copies[1]) / args.steps
-    out["bytes_per_step"] = nbytes * args.layers
+    out["bytes_per_step"] = per_layer * args.layers
     return out
 
 
@@ -157,7 +170,8 @@ def main() -> None:
     parser.add_argument("--changed", type=int, default=95)
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--weights-mb", type=int, default=436)
-    parser.add_argument("--kernels", default="1x4x0,4x4x0,1x4x16,1x4x32,1x4x64,2x4x32,4x4x16,4x8x32,1x1x132",
+    parser.add_argument("--group", type=int, default=4, help="copy group (SlimConfig.copy_group)")
+    parser.add_argument("--kernels", default="1x4x0,4x4x16,4x4x8,4x4x32,8x4x16,4x2x16",
                         help="copy-kernel layouts to time: slots per program x warps x programs (0: one per item), "
                              "comma-separated")
     parser.add_argument("--out", type=Path)

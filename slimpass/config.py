@@ -154,10 +154,13 @@ class SlimConfig:
     """Offload mode (needs `reselect`): after the prefill the K/V of every armed slim layer move to host
     memory (pinned on CUDA); the accelerator keeps the layers before the first pruning stage, per slim layer
     its sink and active blocks plus the last prompt block and the generated tokens, and the keys reselection
-    scores against (`reselect_unit`). Changed blocks are copied on a side stream `prefetch_depth` slim layers
-    ahead (`slimpass.runtime.offload`)."""
-    prefetch_depth: int = 2
-    """Under `offload`: how many slim layers ahead the side stream copies a layer's changed blocks."""
+    scores against (`reselect_unit`). A layer's next active set is known one step ahead (reselection's lag),
+    so its changed blocks are copied on a side stream as soon as it is decided: a whole step before they are
+    read (`slimpass.runtime.offload`)."""
+    copy_group: int = 4
+    """Under `offload`: consecutive slim layers whose copies go in one launch, issued once the last of them
+    has decided its next step (fewer launches and less host time per step; a larger group issues its first
+    layers' copies later)."""
 
     def __post_init__(self) -> None:
         _check_bool("prune", self.prune)
@@ -198,7 +201,7 @@ class SlimConfig:
                               "a layer's active blocks are swapped)")
         object.__setattr__(self, "gamma", float(self.gamma))
         _check_bool("offload", self.offload)
-        _check_range("prefetch_depth", self.prefetch_depth, 1, 64)
+        _check_range("copy_group", self.copy_group, 1, 64)
         if self.offload and not self.reselect:
             raise ConfigError("SlimConfig.offload=True needs reselect=True: an offloaded slim layer keeps only its "
                               "active blocks on the accelerator, and reselection is what chooses them")

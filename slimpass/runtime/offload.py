@@ -1,6 +1,6 @@
 """Offload mode (``SlimConfig.offload``): slim layers' prompt K/V in host memory, active blocks on the accelerator.
 
-After a pruned prefill with reselection armed, `SlimCache.record_prefill` hands every armed slim layer
+After a pruned prefill with reselection armed, `SlimCache.record_prefill` hands the armed slim layers
 to an `OffloadManager`. Per such layer it keeps
 
 - on the host (pinned on CUDA): the K/V of every cached prompt token, ``[B, Hkv, P, D]``;
@@ -14,30 +14,35 @@ the resident path's gather (`reselection.attended_tokens`), so offload on and of
 Reselection keeps a block in its slot while it stays active (`reselection.assign_slots`), so a swap
 rewrites only the slots whose block changed.
 
-The decode graph calls one op per such layer, ``slimpass::offload_kv``, before the attention
-(`reselection.reselect_attention` puts it there, with the layer's active set for this step and, decided
-by this step's query before the attention, the one for its next step: the one-step lag of reselection).
-It makes the front hold this step's active blocks (on the first step it copies them all, on the compute
-stream; later the compute stream waits on the event of the copy issued earlier, or copies inline when
-none was), returns ``cat(front, tail)``, then stores the next active set in a buffer the manager owns
-and records an event: from there the side stream may rewrite this layer's front. Last it issues the
-copies of the next `prefetch_depth` offloaded layers (cyclically: past the last one, the next step's
-first ones) on the side stream, each waiting on that layer's event.
+Reselection decides a layer's next active set one step ahead, so the copies for step s + 1 can start as
+soon as step s has passed the layer. Consecutive layers of one shape form a *copy group*
+(`SlimConfig.copy_group` of them), whose buffers are stacked so that one kernel launch copies for all of
+them. The decode graph calls one op per layer, ``slimpass::offload_kv``, before the attention
+(`reselection.reselect_attention` puts it there with the layer's active sets for this step and the next):
+
+- the first layer of a group makes the compute stream wait on the event of the group's copy, issued a
+  step earlier (on the first step instead each layer copies all its active blocks, on the compute stream);
+- it returns ``cat(front, tail)`` and stores the next step's active set in a buffer the manager owns;
+- at the group's last layer it records an event and issues, on the side stream after that event, one
+  copy of the blocks that change for the group's next step: it runs while the rest of the step computes.
 
 The side stream reads and writes only buffers the manager owns (host K/V, fronts, slot tables), never
-one the compiler allocated. On CUDA the copy is one Triton kernel per layer that reads the changed
-blocks straight from pinned host memory (mapped into the device's address space), so only changed
-blocks cross the bus, and it also keeps the slot tables and counts the copied blocks on the device (no
-host sync, no extra launches); elsewhere it is plain tensor indexing.
+one the compiler allocated. On CUDA the copy is a Triton kernel that reads the changed blocks straight
+from pinned host memory (mapped into the device's address space), so only changed blocks cross the bus;
+a few programs loop over the blocks, so the copy holds few SMs while it waits on the bus. It also keeps
+the slot tables and counts the copied blocks on the device (no host sync, no extra launches). Elsewhere
+it is plain tensor indexing.
 
-The ops get tensors only; a request's manager is found through its ``handle`` (a CPU int64 scalar held
+The op gets tensors only; a request's manager is found through its ``handle`` (a CPU int64 scalar held
 by the cache) in a weak registry, so every cache has its own state and dropping the cache frees it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import weakref
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -57,11 +62,11 @@ class OffloadMemoryError(MemoryError):
     """Host memory for the offloaded K/V could not be allocated (pinned)."""
 
 
-def host_buffer(like: torch.Tensor, pin: bool, what: str) -> torch.Tensor:
-    """An empty host tensor shaped as `like` (page-locked when `pin`), or `OffloadMemoryError` naming the size."""
-    size = like.nbytes
+def host_buffer(shape: Sequence[int], dtype: torch.dtype, pin: bool, what: str) -> torch.Tensor:
+    """An empty host tensor (page-locked when `pin`), or `OffloadMemoryError` naming the size."""
+    size = math.prod(shape) * dtype.itemsize
     try:
-        return torch.empty(like.shape, dtype=like.dtype, device="cpu", pin_memory=pin)
+        return torch.empty(shape, dtype=dtype, device="cpu", pin_memory=pin)
     except RuntimeError as error:
         kind = "pinned (page-locked) " if pin else ""
         raise OffloadMemoryError(
@@ -70,24 +75,42 @@ def host_buffer(like: torch.Tensor, pin: bool, what: str) -> torch.Tensor:
 
 
 @dataclasses.dataclass(eq=False)
-class OffloadedLayer:
-    """One slim layer's offloaded prompt: host K/V, the accelerator's front buffer and slot tables."""
+class CopyGroup:
+    """Consecutive offloaded layers of one shape, their buffers stacked (leading dim: the layer), copied by
+    one launch."""
 
-    index: int
-    host_k: torch.Tensor
+    layers: list[int]  # decoder layer indices, ascending (the order a step runs them)
+    host_k: torch.Tensor  # [G, B, Hkv, P, D] on the host
     host_v: torch.Tensor
-    front_k: torch.Tensor
+    front_k: torch.Tensor  # [G, B, Hkv, S + m * block, D] on the accelerator
     front_v: torch.Tensor
+    tables: torch.Tensor  # [G, 2, B, m] the block in each slot after the copy for an even / odd step
+    pending: torch.Tensor  # [G, B, m] each layer's active set for its next step
     sink_tokens: int
     block_size: int
-    tables: torch.Tensor  # [2, B, m] the block in each front slot after the copy for an even / odd step
-    pending: torch.Tensor  # [B, m] the next step's active blocks (written at this step)
+    issued_for: int = -1  # the step whose copy has been issued on the side stream
+    ready: Any = None  # torch.cuda.Event of that copy
+    done: Any = None  # torch.cuda.Event after which the side stream may rewrite the fronts
+
+
+@dataclasses.dataclass(eq=False)
+class OffloadedLayer:
+    """One offloaded slim layer: its views into its group's buffers and its step count."""
+
+    index: int
+    group: CopyGroup
+    position: int  # in the group
     steps: int = 0  # decoding steps seen (offload_kv calls)
-    decided: int = 0  # `pending` holds the set for step `decided`
-    prefetched_for: int = -1  # the step whose copy has been issued on the side stream
-    copied_for: int = -1  # the step of the last copy issued (`tables[copied_for % 2]` is its slot table)
-    ready: Any = None  # torch.cuda.Event of the side stream's copy
-    done: Any = None  # torch.cuda.Event recorded once the step no longer reads the front
+    copied_for: int = -1  # the step of the last copy issued for it
+
+    host_k = property(lambda self: self.group.host_k[self.position])
+    host_v = property(lambda self: self.group.host_v[self.position])
+    front_k = property(lambda self: self.group.front_k[self.position])
+    front_v = property(lambda self: self.group.front_v[self.position])
+    tables = property(lambda self: self.group.tables[self.position])
+    pending = property(lambda self: self.group.pending[self.position])
+    sink_tokens = property(lambda self: self.group.sink_tokens)
+    block_size = property(lambda self: self.group.block_size)
 
     @property
     def current(self) -> torch.Tensor:
@@ -95,16 +118,32 @@ class OffloadedLayer:
         return self.tables[max(self.copied_for, 0) % 2]
 
 
+@dataclasses.dataclass
+class LayerToOffload:
+    """What `OffloadManager.add_layers` takes per layer: its cached prompt K/V ``[B, Hkv, P, D]`` on the
+    accelerator, its active blocks, sink tokens and block size."""
+
+    index: int
+    keys: torch.Tensor
+    values: torch.Tensor
+    active_blocks: int
+    sink_tokens: int
+    block_size: int
+
+    def shape(self) -> tuple:
+        return self.keys.shape, self.keys.dtype, self.active_blocks, self.sink_tokens, self.block_size
+
+
 class OffloadManager:
     """The offloaded slim layers of one `SlimCache` and the side stream that refreshes their fronts."""
 
-    def __init__(self, device: torch.device, prefetch_depth: int) -> None:
+    def __init__(self, device: torch.device, copy_group: int = 4) -> None:
         self.device = torch.device(device)
-        self.prefetch_depth = prefetch_depth
+        self.copy_group = copy_group
         self.cuda = self.device.type == "cuda"
         self.stream = torch.cuda.Stream(self.device) if self.cuda else None
         self.layers: dict[int, OffloadedLayer] = {}
-        self.order: list[int] = []
+        self.groups: list[CopyGroup] = []
         self.issued = torch.zeros((), dtype=torch.long, device=self.device)  # blocks copied after the first step
         self.first_fetched = 0
         self.handle = torch.tensor(id(self), dtype=torch.long)
@@ -113,75 +152,85 @@ class OffloadManager:
             weakref.finalize(self, self.stream.synchronize)
 
     # --- set-up, after the prefill -------------------------------------------------------------------
-    def add_layer(self, index: int, keys: torch.Tensor, values: torch.Tensor, active_blocks: int, sink_tokens: int,
-                  block_size: int) -> None:
-        """Move a slim layer's cached prompt K/V ``[B, Hkv, P, D]`` to the host; make its front buffer."""
-        host_k = host_buffer(keys, self.cuda, f"layer {index}'s keys")
-        host_v = host_buffer(values, self.cuda, f"layer {index}'s values")
-        host_k.copy_(keys, non_blocking=self.cuda)  # ordered before any read of it on the compute stream
-        host_v.copy_(values, non_blocking=self.cuda)
-        batch, heads, _, dim = keys.shape
-        front = (batch, heads, sink_tokens + active_blocks * block_size, dim)
-        front_k, front_v = keys.new_empty(front), values.new_empty(front)
-        front_k[:, :, :sink_tokens] = keys[:, :, :sink_tokens]
-        front_v[:, :, :sink_tokens] = values[:, :, :sink_tokens]
-        tables = torch.full((2, batch, active_blocks), -1, dtype=torch.long, device=keys.device)
-        layer = OffloadedLayer(index, host_k, host_v, front_k, front_v, sink_tokens, block_size, tables,
-                               tables[0].clone())
+    def add_layers(self, layers: Sequence[LayerToOffload]) -> None:
+        """Move slim layers' cached prompt K/V to the host and make their fronts, grouped: consecutive
+        layers of one shape, `copy_group` at most."""
+        runs: list[list[LayerToOffload]] = []
+        for layer in sorted(layers, key=lambda layer: layer.index):
+            if runs and len(runs[-1]) < self.copy_group and runs[-1][-1].shape() == layer.shape():
+                runs[-1].append(layer)
+            else:
+                runs.append([layer])
+        for run in runs:
+            self._add_group(run)
+
+    def _add_group(self, run: list[LayerToOffload]) -> None:
+        first = run[0]
+        batch, heads, _, dim = first.keys.shape
+        names = f"layers {run[0].index}-{run[-1].index}" if len(run) > 1 else f"layer {first.index}"
+        host = (len(run), *first.keys.shape)
+        host_k = host_buffer(host, first.keys.dtype, self.cuda, f"{names}' keys")
+        host_v = host_buffer(host, first.values.dtype, self.cuda, f"{names}' values")
+        front = (len(run), batch, heads, first.sink_tokens + first.active_blocks * first.block_size, dim)
+        front_k, front_v = first.keys.new_empty(front), first.values.new_empty(front)
+        for position, layer in enumerate(run):
+            host_k[position].copy_(layer.keys, non_blocking=self.cuda)  # before any later write, on this stream
+            host_v[position].copy_(layer.values, non_blocking=self.cuda)
+            front_k[position, :, :, :first.sink_tokens] = layer.keys[:, :, :first.sink_tokens]
+            front_v[position, :, :, :first.sink_tokens] = layer.values[:, :, :first.sink_tokens]
+        tables = torch.full((len(run), 2, batch, first.active_blocks), -1, dtype=torch.long, device=first.keys.device)
+        group = CopyGroup([layer.index for layer in run], host_k, host_v, front_k, front_v, tables, tables[:, 0].clone(),
+                          first.sink_tokens, first.block_size)
         if self.cuda:
-            for tensor in (front_k, front_v, layer.tables, layer.pending, self.issued):
+            for tensor in (front_k, front_v, group.tables, group.pending, self.issued):
                 tensor.record_stream(self.stream)
-            layer.ready, layer.done = torch.cuda.Event(), torch.cuda.Event()
-        self.layers[index] = layer
-        self.order = sorted(self.layers)
+            group.ready, group.done = torch.cuda.Event(), torch.cuda.Event()
+        self.groups.append(group)
+        for position, layer in enumerate(run):
+            self.layers[layer.index] = OffloadedLayer(layer.index, group, position)
 
     # --- what the op does ----------------------------------------------------------------------------
     def attend_kv(self, index: int, active: torch.Tensor, upcoming: torch.Tensor, k: torch.Tensor,
                   v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         layer = self.layers[index]
+        group, position = layer.group, layer.position
         step, layer.steps = layer.steps, layer.steps + 1
-        if step == 0:  # the first step's active set was chosen by this step's query: copy it now
-            self._copy(layer, active, step)
-            self.first_fetched += active.numel()
-        elif layer.prefetched_for != step:  # no copy was issued ahead (one offloaded layer only): copy now
-            self._copy(layer, active, step)
-        elif self.cuda:
-            torch.cuda.current_stream(self.device).wait_event(layer.ready)
-        keys, values = torch.cat([layer.front_k, k], dim=2), torch.cat([layer.front_v, v], dim=2)
-        layer.pending.copy_(upcoming)
-        layer.decided += 1
-        if self.cuda:  # from here the side stream may rewrite this layer's front for its next step
-            layer.done.record(torch.cuda.current_stream(self.device))
-        self._prefetch_after(index)
+        if step == 0 or group.issued_for != step:  # the first step (its set was chosen by this step's query)
+            self._copy(group, position, 1, active, step)  # or no copy was issued ahead: copy now
+            if step == 0:
+                self.first_fetched += active.numel()
+        elif position == 0 and self.cuda:  # the group's copy for this step, issued a step ago
+            torch.cuda.current_stream(self.device).wait_event(group.ready)
+        keys = torch.cat([group.front_k[position], k], dim=2)
+        values = torch.cat([group.front_v[position], v], dim=2)
+        group.pending[position].copy_(upcoming)
+        if position == len(group.layers) - 1:  # the group's next step is decided: fetch it
+            self._issue(group, step + 1)
         return keys, values
 
-    def _prefetch_after(self, index: int) -> None:
-        """Issue the side-stream copies of the next `prefetch_depth` offloaded layers, when their next
-        active set is decided (at their previous step) and not yet on its way."""
-        count = len(self.order)
-        here = self.order.index(index)
-        for ahead in range(1, min(self.prefetch_depth, count - 1) + 1):
-            layer = self.layers[self.order[(here + ahead) % count]]
-            step = layer.steps  # the step that layer runs next
-            if step == 0 or layer.prefetched_for == step or layer.decided != step:
-                continue
-            if self.cuda:
-                with torch.cuda.stream(self.stream):
-                    self.stream.wait_event(layer.done)
-                    self._copy(layer, layer.pending, step)
-                    layer.ready.record(self.stream)
-            else:
-                self._copy(layer, layer.pending, step)
-            layer.prefetched_for = step
-
-    def _copy(self, layer: OffloadedLayer, want: torch.Tensor, step: int) -> None:
-        """Make the front's slots hold the blocks `want` [B, m] for decoding step `step`: all of them on the
-        first step, afterwards only the slots whose block changed (counted in `issued`)."""
-        if self.cuda and triton is not None:
-            _copy_blocks_triton(layer, want, step, self.issued)
+    def _issue(self, group: CopyGroup, step: int) -> None:
+        """Copy the group's blocks for `step` (its `pending` sets) on the side stream, once the compute
+        stream is past every read of the fronts for the step before."""
+        if self.cuda:
+            group.done.record(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self.stream):
+                self.stream.wait_event(group.done)
+                self._copy(group, 0, len(group.layers), group.pending, step)
+                group.ready.record(self.stream)
         else:
-            _copy_blocks_torch(layer, want, step, self.issued)
-        layer.copied_for = step
+            self._copy(group, 0, len(group.layers), group.pending, step)
+        group.issued_for = step
+
+    def _copy(self, group: CopyGroup, first: int, count: int, want: torch.Tensor, step: int) -> None:
+        """Make the front slots of the group's layers first..first+count-1 hold the blocks `want`
+        ([count, B, m], or [B, m] for one layer) for decoding step `step`: all of them on the first step,
+        afterwards only the slots whose block changed (counted in `issued`)."""
+        if self.cuda and triton is not None:
+            _copy_blocks_triton(group, first, count, want, step, self.issued)
+        else:
+            _copy_blocks_torch(group, first, count, want, step, self.issued)
+        for index in group.layers[first:first + count]:
+            self.layers[index].copied_for = step
 
     # --- reports -------------------------------------------------------------------------------------
     def report(self) -> dict[str, float]:
@@ -193,15 +242,15 @@ class OffloadManager:
         if self.cuda:
             self.stream.synchronize()
         fetched = int(self.issued)
-        for layer in self.layers.values():
-            step = layer.steps
-            if layer.prefetched_for == step:  # issued ahead for a step that has not run
-                fetched -= int((layer.tables[step % 2] != layer.tables[(step - 1) % 2]).sum())
-        layer = next(iter(self.layers.values()))
-        block_bytes = 2 * layer.host_k[0, :, :layer.block_size].nbytes
+        for group in self.groups:
+            step = self.layers[group.layers[0]].steps
+            if group.issued_for == step:  # issued ahead for a step that has not run
+                fetched -= int((group.tables[:, step % 2] != group.tables[:, (step - 1) % 2]).sum())
+        group = self.groups[0]
+        block_bytes = 2 * group.host_k[0, 0, :, :group.block_size].nbytes
         steps = max(layer.steps for layer in self.layers.values())
-        return {"layers": len(self.layers), "steps": steps, "first_step_blocks": self.first_fetched,
-                "blocks": fetched, "h2d_bytes": fetched * block_bytes,
+        return {"layers": len(self.layers), "groups": len(self.groups), "steps": steps,
+                "first_step_blocks": self.first_fetched, "blocks": fetched, "h2d_bytes": fetched * block_bytes,
                 "h2d_bytes_per_step": fetched * block_bytes / max(steps - 1, 1)}
 
 
@@ -213,70 +262,82 @@ def manager(handle: torch.Tensor) -> OffloadManager:
     return found
 
 
-def _copy_blocks_torch(layer: OffloadedLayer, want: torch.Tensor, step: int, issued: torch.Tensor) -> None:
-    if step > 0:
-        issued += (want != layer.tables[(step - 1) % 2]).sum()
-    index = block_tokens(want, layer.block_size).to(layer.host_k.device)
-    for host, front in ((layer.host_k, layer.front_k), (layer.host_v, layer.front_v)):
-        front[:, :, layer.sink_tokens:] = gather_tokens(host, index).to(front.device, non_blocking=True)
-    layer.tables[step % 2].copy_(want)
+def _copy_blocks_torch(group: CopyGroup, first: int, count: int, want: torch.Tensor, step: int,
+                       issued: torch.Tensor) -> None:
+    want = want.reshape(count, *group.pending.shape[1:])
+    for position, sets in zip(range(first, first + count), want):
+        tables = group.tables[position]
+        if step > 0:
+            issued += (sets != tables[(step - 1) % 2]).sum()
+        index = block_tokens(sets, group.block_size).to(group.host_k.device)
+        for host, front in ((group.host_k, group.front_k), (group.host_v, group.front_v)):
+            front[position, :, :, group.sink_tokens:] = gather_tokens(host[position], index).to(front.device,
+                                                                                                non_blocking=True)
+        tables[step % 2].copy_(sets)
 
 
 # The copy kernel's layout: a program copies SLOTS_PER_PROGRAM slots (each a block of every token of one
-# head) at a time and loops over the (slots, batch row x head) items with a stride of its grid, COPY_PROGRAMS
-# programs (None: one per item, the layout measured first in docs/PERF.md). Few programs hold few SMs
-# while they wait on the bus; too few leave the bus idle.
-SLOTS_PER_PROGRAM = 1
-COPY_PROGRAMS: int | None = None
+# head) at a time and loops over the (layer, slots, batch row x head) items with a stride of its grid,
+# COPY_PROGRAMS programs (None: one per item). Few programs hold few SMs while they wait on the bus; too
+# few leave the bus idle. Measured on an H200 (docs/PERF.md): 16 programs of 4 slots copy as fast as one
+# program per slot and slow decode-like compute beside them far less.
+SLOTS_PER_PROGRAM = 4
+COPY_PROGRAMS: int | None = 16
 MAX_TILE = 16384  # elements of a program's [slots x block, head dim] tile
 
 if triton is not None:
     @triton.jit(do_not_specialize=["items"])
     def _copy_blocks_kernel(src_k, src_v, dst_k, dst_v, want, tables, issued, heads, src_tokens, dst_tokens,
-                            dst_start, slots, block, items, now_at, have_at, FULL: tl.constexpr, SLOTS: tl.constexpr,
-                            ROWS: tl.constexpr, DIM: tl.constexpr, DIM_P2: tl.constexpr):
-        """Copy the blocks of `want` [B, slots] whose slot held another block (`tables` at `have_at`; every
-        block with `FULL`) from the host K/V [B, H, P, D] into the front [B, H, F, D]; write `want` into
-        `tables` at `now_at` and add the changed blocks to `issued` (not with `FULL`)."""
+                            dst_start, slots, block, items, per_layer, src_layer, dst_layer, want_layer, table_layer,
+                            now_at, have_at, FULL: tl.constexpr, SLOTS: tl.constexpr, ROWS: tl.constexpr,
+                            DIM: tl.constexpr, DIM_P2: tl.constexpr):
+        """For each layer (strides `*_layer` apart): copy the blocks of `want` [B, slots] whose slot held
+        another block (`tables` at `have_at`; every block with `FULL`) from the host K/V [B, H, P, D] into the
+        front [B, H, F, D]; write `want` into `tables` at `now_at`; add the changed blocks to `issued` (not
+        with `FULL`)."""
         groups = tl.cdiv(slots, SLOTS)
         r = tl.arange(0, ROWS)  # the tile's rows: SLOTS slots x `block` tokens, padded to a power of two
         token = r % block
         dims = tl.arange(0, DIM_P2)[None, :]
         for item in range(tl.program_id(0), items, tl.num_programs(0)):
-            row_head = (item // groups).to(tl.int64)
+            layer = (item // per_layer).to(tl.int64)
+            row_head = (item % per_layer // groups).to(tl.int64)
             row = row_head // heads
             slot = (item % groups) * SLOTS + r // block
             inside = (r < SLOTS * block) & (slot < slots)
-            blk = tl.load(want + row * slots + slot, mask=inside, other=-1)
+            blk = tl.load(want + layer * want_layer + row * slots + slot, mask=inside, other=-1)
+            table = tables + layer * table_layer + row * slots + slot
             if FULL:
                 copy = inside & (blk >= 0)
             else:
-                copy = inside & (blk != tl.load(tables + have_at + row * slots + slot, mask=inside, other=-1))
+                copy = inside & (blk != tl.load(table + have_at, mask=inside, other=-1))
             if row_head % heads == 0:  # one program per (row, slot) keeps the books
-                tl.store(tables + now_at + row * slots + slot, blk, mask=inside & (token == 0))
+                tl.store(table + now_at, blk, mask=inside & (token == 0))
                 if not FULL:  # (a one-element block: Triton's interpreter wants one for atomics)
                     one = tl.arange(0, 1)
                     tl.atomic_add(issued + one, tl.sum((copy & (token == 0)).to(tl.int64), axis=0) + one * 0)
             mask = copy[:, None] & (dims < DIM)
-            src = row_head * src_tokens * DIM + (blk * block + token)[:, None] * DIM + dims
-            dst = row_head * dst_tokens * DIM + (dst_start + slot * block + token)[:, None] * DIM + dims
+            src = layer * src_layer + row_head * src_tokens * DIM + (blk * block + token)[:, None] * DIM + dims
+            dst = layer * dst_layer + row_head * dst_tokens * DIM + (dst_start + slot * block + token)[:, None] * DIM + dims
             tl.store(dst_k + dst, tl.load(src_k + src, mask=mask), mask=mask)
             tl.store(dst_v + dst, tl.load(src_v + src, mask=mask), mask=mask)
 
 
-def _copy_blocks_triton(layer: OffloadedLayer, want: torch.Tensor, step: int, issued: torch.Tensor,
-                        slots_per_program: int = SLOTS_PER_PROGRAM, programs: int | None = COPY_PROGRAMS,
-                        num_warps: int = 4) -> None:
+def _copy_blocks_triton(group: CopyGroup, first: int, count: int, want: torch.Tensor, step: int,
+                        issued: torch.Tensor, slots_per_program: int = SLOTS_PER_PROGRAM,
+                        programs: int | None = COPY_PROGRAMS, num_warps: int = 4) -> None:
     """The kernel reads pinned host memory through its device mapping (unified addressing)."""
-    batch, heads, tokens, dim = layer.host_k.shape
-    slots, block = want.shape[1], layer.block_size
+    _, batch, heads, tokens, dim = group.host_k.shape
+    front_tokens, slots, block = group.front_k.shape[3], group.pending.shape[2], group.block_size
     dim_p2 = triton.next_power_of_2(dim)
     per_program = max(1, min(slots_per_program, MAX_TILE // (triton.next_power_of_2(block) * dim_p2)))
-    items = triton.cdiv(slots, per_program) * batch * heads
+    per_layer = triton.cdiv(slots, per_program) * batch * heads
+    items = per_layer * count
     table = batch * slots
     _copy_blocks_kernel[(min(items, programs or items),)](
-        layer.host_k, layer.host_v, layer.front_k, layer.front_v, want, layer.tables, issued, heads, tokens,
-        layer.front_k.shape[2], layer.sink_tokens, slots, block, items, step % 2 * table, (step + 1) % 2 * table,
+        group.host_k[first], group.host_v[first], group.front_k[first], group.front_v[first], want,
+        group.tables[first], issued, heads, tokens, front_tokens, group.sink_tokens, slots, block, items, per_layer,
+        group.host_k[0].numel(), group.front_k[0].numel(), table, 2 * table, step % 2 * table, (step + 1) % 2 * table,
         FULL=step == 0, SLOTS=per_program, ROWS=triton.next_power_of_2(per_program * block), DIM=dim, DIM_P2=dim_p2,
         num_warps=num_warps)
 
@@ -287,8 +348,8 @@ def offload_kv(handle: torch.Tensor, layer: int, active: torch.Tensor, upcoming:
                v: torch.Tensor, front_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     """K/V a decoding step at offloaded slim layer `layer` attends to: ``cat(front, k)``, ``cat(front, v)``
     (k, v: the layer's resident tail), the front holding the blocks of `active` [B, m]; `upcoming` [B, m]
-    is the layer's active set for its next step, which the side stream may fetch from here on. Waits for
-    / issues the copies (module docstring)."""
+    is the layer's active set for its next step, which the side stream may fetch from here on (module
+    docstring)."""
     return manager(handle).attend_kv(layer, active, upcoming, k, v)
 
 

@@ -205,7 +205,7 @@ class SlimCache(DynamicCache):
         ``config.reselect``, arms decode-time reselection at every slim layer whose cached prompt has more
         middle blocks than ``config.active_tokens`` allows (at the others it would change nothing)."""
         stages = {keep.layer: keep.positions for keep in keep_sets}
-        positions = None
+        positions, offloaded = None, []
         for index, layer in enumerate(self.layers):
             positions = stages.get(index, positions)
             held = layer.get_seq_length()
@@ -223,7 +223,9 @@ class SlimCache(DynamicCache):
             if config is not None and config.reselect and positions is not None:
                 self._arm(layer, config)
                 if config.offload and layer.active is not None:
-                    self._offload(layer, config)
+                    offloaded.append(layer)
+        if offloaded:
+            self._offload(offloaded, config)
         self.prompt_len = prompt_len
         self.recorded = True
 
@@ -240,21 +242,24 @@ class SlimCache(DynamicCache):
                 layer.unit_keys = reselection.unit_keys(layer.keys, block, config.reselect_unit)
             self.block_bytes = 2 * layer.keys[0, :, :block].nbytes
 
-    def _offload(self, layer: SlimLayer, config: SlimConfig) -> None:
-        """Move an armed slim layer's prompt K/V to the host (`slimpass.runtime.offload`): the layer keeps
-        its last prompt block (the tail every step attends to) and the keys reselection scores against."""
-        if self.offload is None:
-            self.offload = offload.OffloadManager(layer.keys.device, config.prefetch_depth)
-        block = config.block_size
-        prompt = layer.prompt_positions.shape[1]
-        last = (prompt - 1) // block
-        sinks = min(config.sink_blocks, last) * block
-        self.offload.add_layer(layer.index, layer.keys, layer.values, layer.active.shape[1], sinks, block)
-        if layer.unit_keys is None:  # reselect_unit == 1 scores the prompt keys themselves: they stay
-            layer.unit_keys = layer.keys
-        layer.keys = layer.keys[:, :, last * block:].clone()
-        layer.values = layer.values[:, :, last * block:].clone()
-        layer.offload = self.offload.handle
+    def _offload(self, layers: list[SlimLayer], config: SlimConfig) -> None:
+        """Move armed slim layers' prompt K/V to the host (`slimpass.runtime.offload`): each keeps its last
+        prompt block (the tail every step attends to) and the keys reselection scores against."""
+        self.offload = offload.OffloadManager(layers[0].keys.device, config.copy_group)
+        block, moved = config.block_size, []
+        for layer in layers:
+            last = (layer.prompt_positions.shape[1] - 1) // block
+            sinks = min(config.sink_blocks, last) * block
+            moved.append(offload.LayerToOffload(layer.index, layer.keys, layer.values, layer.active.shape[1], sinks,
+                                                block))
+        self.offload.add_layers(moved)
+        for layer in layers:
+            if layer.unit_keys is None:  # reselect_unit == 1 scores the prompt keys themselves: they stay
+                layer.unit_keys = layer.keys
+            last = (layer.prompt_positions.shape[1] - 1) // block
+            layer.keys = layer.keys[:, :, last * block:].clone()
+            layer.values = layer.values[:, :, last * block:].clone()
+            layer.offload = self.offload.handle
 
     def offload_report(self) -> dict[str, float]:
         """Under offload: the host -> accelerator block copies so far (`OffloadManager.report`); {} otherwise."""

@@ -43,13 +43,14 @@ def _pair(**options):
 PROMPTS = ((1, 120), (2, 300), (1, 517), (2, 800))
 
 
-@pytest.mark.parametrize(("family", "unit", "depth", "prompts"),
-                         [("llama", 1, 2, PROMPTS), ("qwen2", 1, 1, PROMPTS[1::2]), ("llama", 2, 8, PROMPTS[:2])],
-                         ids=["llama-unit1-depth2", "qwen2-unit1-depth1", "llama-unit2-depth8"])
-def test_offload_gives_the_resident_tokens(family, unit, depth, prompts):
-    """Greedy tokens with offload on equal offload off and the reference loop's, over prompt lengths and
-    batch sizes; with one offloaded layer (120 tokens) the copies run inline, otherwise ahead."""
-    resident, offloaded, oracle = _pair(family=family, reselect_unit=unit, prefetch_depth=depth)
+@pytest.mark.parametrize(("family", "unit", "group", "prompts"),
+                         [("llama", 1, 4, PROMPTS), ("qwen2", 1, 1, PROMPTS[1::2]), ("llama", 2, 2, PROMPTS[:2])],
+                         ids=["llama-unit1-group4", "qwen2-unit1-group1", "llama-unit2-group2"])
+def test_offload_gives_the_resident_tokens(family, unit, group, prompts):
+    """Greedy tokens with offload on equal offload off and the reference loop's, over prompt lengths,
+    batch sizes and copy groups (one group of all offloaded layers, one per layer, and groups split by
+    size or by shape)."""
+    resident, offloaded, oracle = _pair(family=family, reselect_unit=unit, copy_group=group)
     for batch, length in prompts:
         ids = _ids(batch, length)
         want, kept = _generate(resident, ids)
@@ -58,6 +59,10 @@ def test_offload_gives_the_resident_tokens(family, unit, depth, prompts):
         assert torch.equal(got, reference.generate(oracle, ids, _config(reselect_unit=unit), max_new_tokens=10))
         armed = [index for index, layer in enumerate(kept.layers) if layer.active is not None]
         assert sorted(cache.offload.layers) == armed and armed
+        groups = [g.layers for g in cache.offload.groups]
+        assert sum(groups, []) == armed and all(len(g) <= group for g in groups)
+        for g in cache.offload.groups:  # a group holds layers of one shape
+            assert len({cache.layers[index].prompt_positions.shape for index in g.layers}) == 1
         for index in armed:
             layer, moved = cache.layers[index], cache.offload.layers[index]
             prompt = layer.prompt_positions.shape[1]
@@ -144,11 +149,11 @@ def test_offloaded_layers_refuse_reordering_and_reset_frees_the_manager():
     assert manager() is None and cache.offload is None and not cache.recorded
 
 
-def test_offload_needs_reselect_and_a_prefetch_depth():
+def test_offload_needs_reselect_and_a_copy_group():
     with pytest.raises(ConfigError, match="offload=True needs reselect=True"):
         SlimConfig(offload=True)
-    with pytest.raises(ConfigError, match="prefetch_depth=0"):
-        SlimConfig(reselect=True, offload=True, prefetch_depth=0)
+    with pytest.raises(ConfigError, match="copy_group=0"):
+        SlimConfig(reselect=True, offload=True, copy_group=0)
 
 
 def test_pinned_allocation_failure_names_the_size(monkeypatch):
@@ -156,23 +161,23 @@ def test_pinned_allocation_failure_names_the_size(monkeypatch):
         raise RuntimeError("CUDA error: out of memory")
 
     monkeypatch.setattr(torch, "empty", fail)
-    with pytest.raises(offload.OffloadMemoryError, match=r"could not allocate 4\.0 MiB of pinned \(page-locked\) host "
-                                                         r"memory for layer 3's keys .*offload=False"):
-        offload.host_buffer(torch.zeros(1, 8, 1024, 64, dtype=torch.float64), True, "layer 3's keys")
+    with pytest.raises(offload.OffloadMemoryError, match=r"could not allocate 8\.0 MiB of pinned \(page-locked\) host "
+                                                         r"memory for layers 3-4' keys .*offload=False"):
+        offload.host_buffer((2, 1, 8, 1024, 64), torch.float64, True, "layers 3-4' keys")
 
 
 def test_offloaded_layer_outside_the_compiled_graph_raises():
     """Regression: a decoding step that ran eagerly (no reselect_kv) would attend to the last block only."""
-    manager = offload.OffloadManager("cpu", prefetch_depth=2)
+    manager = offload.OffloadManager("cpu")
     state = torch.zeros(1, 2, dtype=torch.long)
     with pytest.raises(RuntimeError, match="layer 4 is offloaded .*recompile_limit"):
         torch.ops.slimpass.bind_layer_state(state, torch.zeros(2, dtype=torch.long), state, None, 4, manager.handle)
 
 
 def test_op_real_and_fake_agree():
-    manager = offload.OffloadManager("cpu", prefetch_depth=2)
+    manager = offload.OffloadManager("cpu")
     keys = torch.randn(2, 3, 64, 16)
-    manager.add_layer(5, keys, keys + 1, active_blocks=2, sink_tokens=8, block_size=8)
+    manager.add_layers([offload.LayerToOffload(5, keys, keys + 1, active_blocks=2, sink_tokens=8, block_size=8)])
     active = torch.tensor([[2, 4], [6, 1]])
     tail = torch.randn(2, 3, 5, 16)
     real = offload.offload_kv(manager.handle, 5, active, active.flip(1), tail, tail, 8 + 2 * 8)
@@ -182,9 +187,9 @@ def test_op_real_and_fake_agree():
     assert torch.equal(real[0][:, :, :8], keys[:, :, :8])
     assert torch.equal(real[0][1, :, 8:16], keys[1, :, 48:56]) and torch.equal(real[1][0, :, 16:24], keys[0, :, 32:40] + 1)
     assert torch.equal(real[0][:, :, 24:], tail)
-    layer = manager.layers[5]
-    assert torch.equal(layer.pending, active.flip(1)) and torch.equal(layer.current, active)
-    assert layer.steps == layer.decided == 1 and manager.report()["first_step_blocks"] == 4
+    layer = manager.layers[5]  # the next step's set is copied as soon as it is known (a group of one)
+    assert torch.equal(layer.pending, active.flip(1)) and torch.equal(layer.current, active.flip(1))
+    assert layer.steps == 1 and layer.group.issued_for == 1 and manager.report()["first_step_blocks"] == 4
 
 
 def test_copy_kernel_in_triton_interpreter():
@@ -195,31 +200,44 @@ def test_copy_kernel_in_triton_interpreter():
         import torch
         from slimpass.runtime import offload
         # (block size, head dim, slots per program): padded tiles, a block size that is no power of two
+        # (block size, head dim, slots per program, programs): padded tiles, a block size that is no power
+        # of two, one program per item or a few looping over them; a group of three layers of which the copies
+        # touch one or all
         for block, dim, per, programs in ((8, 24, 1, None), (8, 24, 3, 2), (6, 16, 2, 1), (16, 64, 4, 3)):
-            manager = offload.OffloadManager("cpu", prefetch_depth=2)
-            keys, values = torch.randn(2, 3, 17 * block, dim), torch.randn(2, 3, 17 * block, dim)
-            manager.add_layer(0, keys, values, active_blocks=5, sink_tokens=block, block_size=block)
-            layer, changed = manager.layers[0], 0
-            sets = ([[3, 5, 7, 9, 2], [1, 2, 10, 11, 4]], [[3, 6, 7, 2, 12], [4, 2, 10, 8, 15]],
-                    [[3, 6, 7, 2, 12], [4, 2, 10, 8, 15]], [[13, 6, 1, 2, 12], [4, 2, 10, 8, 15]])
-            for step, want in enumerate(sets):
-                want = torch.tensor(want)
-                if step:
-                    changed += int((want != layer.current).sum())
-                    layer.front_k[:, :, block:][want[:, None, :].expand(2, 3, 5).repeat_interleave(block, 2)
-                                                == layer.current[:, None, :].expand(2, 3, 5).repeat_interleave(block, 2)] = -1.0
-                offload._copy_blocks_triton(layer, want, step, manager.issued, slots_per_program=per, programs=programs)
-                layer.copied_for = step
-                index = (want[:, :, None] * block + torch.arange(block)).flatten(1)
+            manager = offload.OffloadManager("cpu", copy_group=3)
+            keys, values = torch.randn(3, 2, 3, 17 * block, dim), torch.randn(3, 2, 3, 17 * block, dim)
+            manager.add_layers([offload.LayerToOffload(i, keys[i], values[i], 5, block, block) for i in range(3)])
+            group, changed = manager.groups[0], 0
+            sets = torch.tensor([[[3, 5, 7, 9, 2], [1, 2, 10, 11, 4]], [[3, 6, 7, 2, 12], [4, 2, 10, 8, 15]],
+                                 [[3, 6, 7, 2, 12], [4, 2, 10, 8, 15]], [[13, 6, 1, 2, 12], [4, 2, 10, 8, 15]]])
+            for step, base in enumerate(sets):
+                want = torch.stack([base, base.roll(1, dims=1), base.flip(1)])  # [layers, B, m]
+                for position in range(3) if step == 0 else [None]:  # the first step copies layer by layer
+                    first, count = (position, 1) if step == 0 else (0, 3)
+                    if step:
+                        for p in range(3):
+                            layer = manager.layers[p]
+                            changed += int((want[p] != layer.current).sum())
+                            same = (want[p] == layer.current)[:, None, :, None].repeat_interleave(block, 2)
+                            front = layer.front_k[:, :, block:]
+                            front[same.expand_as(front)] = -1.0  # poison what must not be rewritten
+                    offload._copy_blocks_triton(group, first, count, want[first:first + count].squeeze(0) if count == 1
+                                                else want, step, manager.issued, slots_per_program=per, programs=programs)
+                    for p in range(first, first + count):
+                        manager.layers[p].copied_for = step
                 rows = torch.arange(2)[:, None]
-                moved = keys.transpose(1, 2)[rows, index].transpose(1, 2)
-                kept = (want == layer.tables[(step + 1) % 2])[:, None, :, None].repeat_interleave(block, 2) & (step > 0)
-                # changed slots hold their block; unchanged ones are not rewritten (poisoned above, still -1)
-                assert torch.equal(layer.front_k[:, :, block:], torch.where(kept, -1.0, moved)), (block, step)
-                assert torch.equal(layer.front_v[:, :, block:][~kept.expand_as(moved)],
-                                   values.transpose(1, 2)[rows, index].transpose(1, 2)[~kept.expand_as(moved)])
-                assert torch.equal(layer.front_k[:, :, :block], keys[:, :, :block])
-                assert torch.equal(layer.current, want) and int(manager.issued) == changed
+                for p in range(3):
+                    layer = manager.layers[p]
+                    index = (want[p][:, :, None] * block + torch.arange(block)).flatten(1)
+                    moved = keys[p].transpose(1, 2)[rows, index].transpose(1, 2)
+                    kept = (want[p] == layer.tables[(step + 1) % 2])[:, None, :, None].repeat_interleave(block, 2) & (step > 0)
+                    # changed slots hold their block; unchanged ones are not rewritten (poisoned above, still -1)
+                    assert torch.equal(layer.front_k[:, :, block:], torch.where(kept, -1.0, moved)), (block, step, p)
+                    expect_v = values[p].transpose(1, 2)[rows, index].transpose(1, 2)
+                    assert torch.equal(layer.front_v[:, :, block:][~kept.expand_as(moved)], expect_v[~kept.expand_as(moved)])
+                    assert torch.equal(layer.front_k[:, :, :block], keys[p][:, :, :block])
+                    assert torch.equal(layer.current, want[p])
+                assert int(manager.issued) == changed
         print("ok")
     """)
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
