@@ -57,6 +57,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="with reselection / offload: profile one 16-token generate (copy overlap, GPU busy share)")
     parser.add_argument("--options", type=json.loads, default={}, help="more slimpass options, as JSON")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--layers", type=int, help="decoder layers (default: the model's 32; the schedule scales)")
     parser.add_argument("--tiny", action="store_true", help="tiny float32 model on CPU: test this script")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
@@ -129,6 +130,7 @@ def run_variant(model: torch.nn.Module, variant: str, ids: torch.Tensor, args: a
         "tokens": out[0, ids.shape[1]:].tolist(),
     }
     row["decode_ms_per_token"] = (row["e2e_ms"] - row["ttft_ms"]) / max(args.new_tokens - 1, 1)
+    row["decode_host"] = host_time(model, lambda: generate(model, ids, args.new_tokens), device)
     if options is not None:  # one more generate on a cache we keep, for its reports
         cache = slimpass.SlimCache(model.config)
         generate(model, ids, args.new_tokens, cache)
@@ -152,6 +154,30 @@ def run_variant(model: torch.nn.Module, variant: str, ids: torch.Tensor, args: a
     return row
 
 
+def host_time(model: torch.nn.Module, fn, device: torch.device) -> dict[str, float]:
+    """Per decoding step of one call (model forwards after the prefill's): the host time of the forward
+    (hooks around it; no sync inside unless the forward syncs) and the time from one forward's start to the
+    next's (the whole step: the forward, then generate's own work and its sync), medians in ms."""
+    starts, hosts = [], []
+
+    def before(*_):
+        starts.append(time.perf_counter())
+
+    def after(*_):
+        hosts.append(time.perf_counter() - starts[-1])
+
+    handles = [model.register_forward_pre_hook(before), model.register_forward_hook(after)]
+    try:
+        fn()
+        sync(device)
+    finally:
+        for handle in handles:
+            handle.remove()
+    steps = [b - a for a, b in zip(starts[1:], starts[2:])]
+    return {"forward_host_ms": statistics.median(hosts[1:]) * 1e3 if len(hosts) > 1 else None,
+            "step_ms": statistics.median(steps) * 1e3 if steps else None}
+
+
 def profile_overlap(fn, device: torch.device) -> dict[str, Any]:
     """Kernels of one call under the profiler: the offload copy kernels on the side stream and the share of
     their time during which a kernel ran on the compute stream (the stream with the most other kernel time)."""
@@ -159,7 +185,7 @@ def profile_overlap(fn, device: torch.device) -> dict[str, Any]:
 
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         start = time.perf_counter()
         fn()
         sync(device)
@@ -192,7 +218,9 @@ def profile_overlap(fn, device: torch.device) -> dict[str, Any]:
             "copy_us": busy,
             "overlapped_us": covered, "overlap_share": covered / busy if busy else None,
             "compute_kernel_us": sum(b - a for a, b in merged), "wall_us": wall,
-            "compute_busy_share": sum(b - a for a, b in merged) / wall}
+            "compute_busy_share": sum(b - a for a, b in merged) / wall,
+            "offload_op_cpu_us": sum(e.cpu_time_total for e in prof.key_averages() if "offload_kv" in e.key),
+            "offload_op_calls": sum(e.count for e in prof.key_averages() if "offload_kv" in e.key)}
 
 
 def agreement(row: dict[str, Any], base: dict[str, Any]) -> int:

@@ -119,7 +119,10 @@ def build_model(args: argparse.Namespace, device: torch.device) -> torch.nn.Modu
     import transformers
 
     dtype = torch.float32 if args.tiny else torch.bfloat16
-    config = transformers.LlamaConfig(**(TINY if args.tiny else LLAMA_31_8B), dtype=dtype)
+    shape = TINY if args.tiny else LLAMA_31_8B
+    if getattr(args, "layers", None):  # a shallower model of the same width (quicker to compile)
+        shape = {**shape, "num_hidden_layers": args.layers}
+    config = transformers.LlamaConfig(**shape, dtype=dtype)
     config._attn_implementation = "sdpa"
     torch.manual_seed(args.seed)
     previous = torch.get_default_dtype()
