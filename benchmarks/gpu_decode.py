@@ -219,6 +219,8 @@ def profile_overlap(fn, device: torch.device) -> dict[str, Any]:
             "overlapped_us": covered, "overlap_share": covered / busy if busy else None,
             "compute_kernel_us": sum(b - a for a, b in merged), "wall_us": wall,
             "compute_busy_share": sum(b - a for a, b in merged) / wall,
+            "top_cpu_ops": [(e.key, e.count, round(e.self_cpu_time_total)) for e in
+                            sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:40]],
             "offload_op_cpu_us": sum(e.cpu_time_total for e in prof.key_averages() if "offload_kv" in e.key),
             "offload_op_calls": sum(e.count for e in prof.key_averages() if "offload_kv" in e.key)}
 
