@@ -210,6 +210,9 @@ def profile_overlap(fn, device: torch.device) -> dict[str, Any]:
             merged[-1][1] = max(merged[-1][1], end)
         else:
             merged.append([start, end])
+    # the compute stream waiting for a copy: an idle gap on it that ends right after a copy kernel ends
+    stalls = [b_start - a_end for (_, a_end), (b_start, _) in zip(merged, merged[1:])
+              if any(a_end <= c_end <= b_start <= c_end + 30 for _, c_end, _, _ in copies)]
     covered = 0.0
     for start, end, _, _ in copies:
         covered += sum(max(0.0, min(end, b) - max(start, a)) for a, b in merged if a < end and b > start)
@@ -218,6 +221,7 @@ def profile_overlap(fn, device: torch.device) -> dict[str, Any]:
             "copy_us": busy,
             "overlapped_us": covered, "overlap_share": covered / busy if busy else None,
             "compute_kernel_us": sum(b - a for a, b in merged), "wall_us": wall,
+            "stalls": len(stalls), "stall_us": sum(stalls),
             "compute_busy_share": sum(b - a for a, b in merged) / wall,
             "top_cpu_ops": [(e.key, e.count, round(e.self_cpu_time_total)) for e in
                             sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:40]],

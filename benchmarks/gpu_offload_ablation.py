@@ -1,0 +1,151 @@
+"""Where offload's extra decode time comes from: one process, one resident model and one offloading model,
+the offloading one timed again with parts of the manager's work switched off (the tokens of those runs
+are wrong on purpose: they time, they do not decode). By hand on a GPU:
+
+    PYTHONPATH=. python benchmarks/gpu_offload_ablation.py --layers 12 --out ablation.json
+    PYTHONPATH=. python benchmarks/gpu_offload_ablation.py --tiny --length 600 --new-tokens 8 --active-tokens 64  # CPU
+
+Rows (each: end-to-end ms of `--repeats` generates, decode ms per token, host time of a decode forward and
+the whole step, from `gpu_decode.host_time`):
+
+- ``resident``: pruning + reselection, resident cache (the baseline);
+- ``offload``: ``offload=True`` as shipped;
+- ``offload/no-kernel``: the copy kernel's launch replaced by nothing (events, waits and the op's other
+  work stay): what the copies cost on the GPU and the launches on the host;
+- ``offload/no-wait``: copies issued as shipped but the compute stream never waits for them: what waiting
+  costs (stalls);
+- ``offload/no-issue``: no side-stream work at all (only the op's cat and bookkeeping): the op's floor.
+
+Then, for the shipped offload: one 4-token generate under ``torch.cuda.set_sync_debug_mode("warn")`` (how
+many host<->device synchronisations a call makes, and where the first ones come from) and the profiler
+summary of a 16-token generate (`gpu_decode.profile_overlap`: copy overlap, compute-stream stalls right
+after a copy, top CPU ops).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from gpu_decode import environment, generate, host_time, profile_overlap, timed  # noqa: E402
+from gpu_prefill import build_model  # noqa: E402
+
+import slimpass  # noqa: E402
+from slimpass.runtime import offload  # noqa: E402
+
+
+@contextlib.contextmanager
+def patched(name: str):
+    """Switch off part of the manager's work for one row (see the module docstring)."""
+    saved = offload._copy_blocks_triton, offload.OffloadManager.attend_kv, offload.OffloadManager._issue
+    if name == "no-kernel":
+        offload._copy_blocks_triton = lambda *args, **kwargs: None
+    elif name == "no-wait":
+        wait = torch.cuda.Stream.wait_event
+
+        def attend_kv(self, *args, **kwargs):
+            torch.cuda.Stream.wait_event = lambda *a, **k: None
+            try:
+                return saved[1](self, *args, **kwargs)
+            finally:
+                torch.cuda.Stream.wait_event = wait
+
+        def issue(self, group, step):  # the side stream still waits for the compute stream
+            torch.cuda.Stream.wait_event = wait
+            saved[2](self, group, step)
+
+        offload.OffloadManager.attend_kv, offload.OffloadManager._issue = attend_kv, issue
+    elif name == "no-issue":
+        offload.OffloadManager._issue = lambda self, group, step: setattr(group, "issued_for", step)
+    try:
+        yield
+    finally:
+        offload._copy_blocks_triton, offload.OffloadManager.attend_kv, offload.OffloadManager._issue = saved
+
+
+def timings(model, ids, args, device) -> dict:
+    e2e = [timed(lambda: generate(model, ids, args.new_tokens), device)[0] for _ in range(args.repeats)]
+    ttft = [timed(lambda: generate(model, ids, 1), device)[0] for _ in range(args.repeats)]
+    row = {"e2e_ms": statistics.median(e2e), "ttft_ms": statistics.median(ttft)}
+    row["decode_ms_per_token"] = (row["e2e_ms"] - row["ttft_ms"]) / max(args.new_tokens - 1, 1)
+    row["host"] = host_time(model, lambda: generate(model, ids, args.new_tokens), device)
+    return row
+
+
+def sync_count(model, ids) -> dict:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            generate(model, ids, 4)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    messages = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    return {"syncs": len(messages), "first": messages[:6]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--length", type=int, default=32768)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--active-tokens", type=int, default=2048)
+    parser.add_argument("--copy-group", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tiny", action="store_true", help="tiny float32 model on CPU: test this script")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    device = torch.device("cpu" if args.tiny else "cuda:0")
+    if not args.tiny:
+        torch.cuda.set_device(device)
+    model = build_model(args, device)
+    ids = torch.randint(0, model.config.vocab_size, (1, args.length),
+                        generator=torch.Generator().manual_seed(args.seed * 1_000_003 + args.length)).to(device)
+    base = {"reselect": True, "active_tokens": args.active_tokens}
+    if args.tiny:
+        base.update(compiler="eager", min_prompt_len=64)
+    result = {"args": {k: str(v) for k, v in vars(args).items()}, "environment": environment(device), "rows": {}}
+
+    def record(name, row):
+        result["rows"][name] = row
+        print(name, json.dumps({k: v for k, v in row.items() if k != "tokens"}, default=str), flush=True)
+        if args.out:
+            args.out.write_text(json.dumps(result, indent=1, default=str))
+
+    for name, options in (("resident", base), ("offload", {**base, "offload": True, "copy_group": args.copy_group})):
+        torch._dynamo.reset()
+        slimpass.restore(model)
+        slimpass.compile(model, options=options)
+        first_s, out = timed(lambda: generate(model, ids, args.new_tokens), device)
+        generate(model, ids, 1)
+        row = {"first_call_s": first_s / 1e3, **timings(model, ids, args, device),
+               "tokens": out[0, ids.shape[1]:].tolist()}
+        if name == "offload":
+            row["tokens_equal_resident"] = row["tokens"] == result["rows"]["resident"]["tokens"]
+        record(name, row)
+    for ablation in ("no-kernel", "no-wait", "no-issue"):
+        with patched(ablation):
+            record(f"offload/{ablation}", timings(model, ids, args, device))
+    if not args.tiny:
+        record("offload/sync_debug", sync_count(model, ids))
+        record("offload/profile", profile_overlap(lambda: generate(model, ids, 16), device))
+    resident = result["rows"]["resident"]["decode_ms_per_token"]
+    for name, row in result["rows"].items():
+        if "decode_ms_per_token" in row:
+            print(f"{name:20s} decode {row['decode_ms_per_token']:6.2f} ms/token ({row['decode_ms_per_token'] / resident - 1:+.1%})"
+                  f"  forward host {row['host']['forward_host_ms']:.2f} ms  step {row['host']['step_ms']:.2f} ms")
+
+
+if __name__ == "__main__":
+    main()
