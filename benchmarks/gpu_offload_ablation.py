@@ -16,10 +16,10 @@ the whole step, from `gpu_decode.host_time`):
   costs (stalls);
 - ``offload/no-issue``: no side-stream work at all (only the op's cat and bookkeeping): the op's floor.
 
-Then, for the shipped offload: one 4-token generate under ``torch.cuda.set_sync_debug_mode("warn")`` (how
-many host<->device synchronisations a call makes, and where the first ones come from) and the profiler
-summary of a 16-token generate (`gpu_decode.profile_overlap`: copy overlap, compute-stream stalls right
-after a copy, top CPU ops).
+For resident and shipped offload also the profiler summary of a 16-token generate
+(`gpu_decode.profile_overlap`: copy overlap, compute-stream stalls right after a copy, top CPU ops), and
+for offload one 4-token generate under ``torch.cuda.set_sync_debug_mode("warn")`` (how many host<->device
+synchronisations a call makes, and where the first ones come from).
 """
 
 from __future__ import annotations
@@ -134,12 +134,13 @@ def main() -> None:
         if name == "offload":
             row["tokens_equal_resident"] = row["tokens"] == result["rows"]["resident"]["tokens"]
         record(name, row)
+        if not args.tiny:  # the same profile for both: top CPU ops side by side
+            record(f"{name}/profile", profile_overlap(lambda: generate(model, ids, 16), device))
     for ablation in ("no-kernel", "no-wait", "no-issue"):
         with patched(ablation):
             record(f"offload/{ablation}", timings(model, ids, args, device))
     if not args.tiny:
         record("offload/sync_debug", sync_count(model, ids))
-        record("offload/profile", profile_overlap(lambda: generate(model, ids, 16), device))
     resident = result["rows"]["resident"]["decode_ms_per_token"]
     for name, row in result["rows"].items():
         if "decode_ms_per_token" in row:
