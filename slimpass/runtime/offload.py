@@ -130,7 +130,8 @@ class LayerToOffload:
     sink_tokens: int
     block_size: int
 
-    def shape(self) -> tuple:
+    def group_key(self) -> tuple:
+        """Layers with equal keys share a copy group (their buffers stack)."""
         return self.keys.shape, self.keys.dtype, self.active_blocks, self.sink_tokens, self.block_size
 
 
@@ -157,7 +158,7 @@ class OffloadManager:
         layers of one shape, `copy_group` at most."""
         runs: list[list[LayerToOffload]] = []
         for layer in sorted(layers, key=lambda layer: layer.index):
-            if runs and len(runs[-1]) < self.copy_group and runs[-1][-1].shape() == layer.shape():
+            if runs and len(runs[-1]) < self.copy_group and runs[-1][-1].group_key() == layer.group_key():
                 runs[-1].append(layer)
             else:
                 runs.append([layer])
