@@ -14,7 +14,11 @@ the whole step, from `gpu_decode.host_time`):
   work stay): what the copies cost on the GPU and the launches on the host;
 - ``offload/no-wait``: copies issued as shipped but the compute stream never waits for them: what waiting
   costs (stalls);
-- ``offload/no-issue``: no side-stream work at all (only the op's cat and bookkeeping): the op's floor.
+- ``offload/no-issue``: no side-stream work at all (only the op's cat and bookkeeping);
+- ``offload/cat-only``: the op only concatenates front and tail (its floor: the custom op's dispatch and
+  two cats);
+- ``offload/one-group``: as shipped but one copy group of every offloaded layer of a shape (fewer
+  launches, copies issued later).
 
 For resident and shipped offload also the profiler summary of a 16-token generate
 (`gpu_decode.profile_overlap`: copy overlap, compute-stream stalls right after a copy, top CPU ops), and
@@ -48,7 +52,21 @@ from slimpass.runtime import offload  # noqa: E402
 def patched(name: str):
     """Switch off part of the manager's work for one row (see the module docstring)."""
     saved = offload._copy_blocks_triton, offload.OffloadManager.attend_kv, offload.OffloadManager._issue
-    if name == "no-kernel":
+    add_layers = offload.OffloadManager.add_layers
+    if name == "one-group":
+        def one_group(self, layers):
+            self.copy_group = len(layers)
+            add_layers(self, layers)
+
+        offload.OffloadManager.add_layers = one_group
+    elif name == "cat-only":
+        def cat_only(self, index, active, upcoming, k, v):
+            layer = self.layers[index]
+            layer.steps += 1
+            return torch.cat([layer.front_k, k], dim=2), torch.cat([layer.front_v, v], dim=2)
+
+        offload.OffloadManager.attend_kv = cat_only
+    elif name == "no-kernel":
         offload._copy_blocks_triton = lambda *args, **kwargs: None
     elif name == "no-wait":
         wait = torch.cuda.Stream.wait_event
@@ -71,6 +89,7 @@ def patched(name: str):
         yield
     finally:
         offload._copy_blocks_triton, offload.OffloadManager.attend_kv, offload.OffloadManager._issue = saved
+        offload.OffloadManager.add_layers = add_layers
 
 
 def timings(model, ids, args, device) -> dict:
@@ -136,7 +155,7 @@ def main() -> None:
         record(name, row)
         if not args.tiny:  # the same profile for both: top CPU ops side by side
             record(f"{name}/profile", profile_overlap(lambda: generate(model, ids, 16), device))
-    for ablation in ("no-kernel", "no-wait", "no-issue"):
+    for ablation in ("no-kernel", "no-wait", "no-issue", "cat-only", "one-group"):
         with patched(ablation):
             record(f"offload/{ablation}", timings(model, ids, args, device))
     if not args.tiny:
