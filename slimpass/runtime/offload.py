@@ -95,20 +95,26 @@ class CopyGroup:
 
 @dataclasses.dataclass(eq=False)
 class OffloadedLayer:
-    """One offloaded slim layer: its views into its group's buffers and its step count."""
+    """One offloaded slim layer: its views into its group's buffers (taken once: the op runs every step)
+    and its step count."""
 
     index: int
     group: CopyGroup
     position: int  # in the group
+    host_k: torch.Tensor
+    host_v: torch.Tensor
+    front_k: torch.Tensor
+    front_v: torch.Tensor
+    tables: torch.Tensor  # [2, B, m]
+    pending: torch.Tensor  # [B, m]
     steps: int = 0  # decoding steps seen (offload_kv calls)
     copied_for: int = -1  # the step of the last copy issued for it
 
-    host_k = property(lambda self: self.group.host_k[self.position])
-    host_v = property(lambda self: self.group.host_v[self.position])
-    front_k = property(lambda self: self.group.front_k[self.position])
-    front_v = property(lambda self: self.group.front_v[self.position])
-    tables = property(lambda self: self.group.tables[self.position])
-    pending = property(lambda self: self.group.pending[self.position])
+    @classmethod
+    def of(cls, index: int, group: CopyGroup, position: int) -> OffloadedLayer:
+        return cls(index, group, position, group.host_k[position], group.host_v[position], group.front_k[position],
+                   group.front_v[position], group.tables[position], group.pending[position])
+
     sink_tokens = property(lambda self: self.group.sink_tokens)
     block_size = property(lambda self: self.group.block_size)
 
@@ -188,7 +194,7 @@ class OffloadManager:
             group.ready, group.done = torch.cuda.Event(), torch.cuda.Event()
         self.groups.append(group)
         for position, layer in enumerate(run):
-            self.layers[layer.index] = OffloadedLayer(layer.index, group, position)
+            self.layers[layer.index] = OffloadedLayer.of(layer.index, group, position)
 
     # --- what the op does ----------------------------------------------------------------------------
     def attend_kv(self, index: int, active: torch.Tensor, upcoming: torch.Tensor, k: torch.Tensor,
@@ -202,9 +208,8 @@ class OffloadManager:
                 self.first_fetched += active.numel()
         elif position == 0 and self.cuda:  # the group's copy for this step, issued a step ago
             torch.cuda.current_stream(self.device).wait_event(group.ready)
-        keys = torch.cat([group.front_k[position], k], dim=2)
-        values = torch.cat([group.front_v[position], v], dim=2)
-        group.pending[position].copy_(upcoming)
+        keys, values = torch.cat([layer.front_k, k], dim=2), torch.cat([layer.front_v, v], dim=2)
+        layer.pending.copy_(upcoming)
         if position == len(group.layers) - 1:  # the group's next step is decided: fetch it
             self._issue(group, step + 1)
         return keys, values
