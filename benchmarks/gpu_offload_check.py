@@ -25,15 +25,19 @@ from slimpass.hf_compat import cache_argument  # noqa: E402
 from slimpass.runtime import offload  # noqa: E402
 
 
-def check_kernel(device: torch.device) -> dict:
-    """Per copy-kernel layout (slots per program, programs), for a group of three layers: a full copy layer
-    by layer, then two changed-only copies of the group; fronts, slot tables and the count of copied blocks
-    against plain indexing."""
+LAYOUTS = ({"slots_per_program": 1, "programs": None}, {"slots_per_program": 2, "programs": 3},
+           {"slots_per_program": 4, "programs": 16})
+
+
+def check_kernel(device: torch.device, layouts=LAYOUTS) -> dict:
+    """Per copy-kernel layout (`_copy_blocks_triton` keywords), for a group of three layers: a full copy
+    layer by layer, then two changed-only copies of the group; fronts, slot tables and the count of copied
+    blocks against plain indexing."""
     layers, batch, heads, tokens, dim, block, slots, sinks = 3, 2, 3, 40 * 16, 64, 16, 8, 16
     keys = torch.randn(layers, batch, heads, tokens, dim, device=device, dtype=torch.bfloat16)
     values = torch.randn_like(keys)
     results = {}
-    for per, programs in ((1, None), (2, 3), (4, 16)):
+    for layout in layouts:
         manager = offload.OffloadManager(device, copy_group=layers)
         manager.add_layers([offload.LayerToOffload(i, keys[i], values[i], slots, sinks, block) for i in range(layers)])
         group, changed = manager.groups[0], 0
@@ -46,7 +50,7 @@ def check_kernel(device: torch.device) -> dict:
                     changed += int((want[p] != manager.layers[p].current).sum())
             for first, count in ([(p, 1) for p in range(layers)] if step == 0 else [(0, layers)]):
                 offload._copy_blocks_triton(group, first, count, want[first] if count == 1 else want, step,
-                                            manager.issued, slots_per_program=per, programs=programs)
+                                            manager.issued, **layout)
             for p in range(layers):
                 manager.layers[p].copied_for = step
             torch.cuda.synchronize(device)
@@ -58,7 +62,7 @@ def check_kernel(device: torch.device) -> dict:
                 ok = ok and torch.equal(group.front_v[p, :, :, sinks:], values[p].transpose(1, 2)[rows, index].transpose(1, 2))
                 ok = ok and torch.equal(group.front_k[p, :, :, :sinks], keys[p, :, :, :sinks])
                 ok = ok and torch.equal(manager.layers[p].current, want[p])
-            results[f"{per}x{programs} step {step}"] = ok
+            results[f"{'x'.join(map(str, layout.values()))} step {step}"] = ok
     return results
 
 

@@ -10,9 +10,10 @@ layer one bf16 GEMV of `--weights-mb` of weights (8B decoding: ~0.2 ms a layer o
 1. ``manager``: simulated decode steps of the ``slimpass::offload_kv`` op for 20 layers (no compute): host
    ms per step (no sync), wall ms per step, and the host time of one copy-kernel launch (a group's).
 2. ``compute``: the GEMVs alone; ``compute+zero_copy <tile>``: the same with the copy kernel of each copy
-   group (`--group` layers) on a side stream after the group's last layer, per copy-kernel layout (`--kernels`: slots per program x warps x programs; each also
-   timed alone and checked against plain indexing); ``compute+memcpy``: with one contiguous pinned->device copy of
-   the same bytes per group (an idealised DMA copy) instead.
+   group (`--group` layers) on a side stream after the group's last layer, per copy-kernel layout
+   (`--kernels`: slots per program x warps x programs; each also timed alone and checked against plain
+   indexing by `gpu_offload_check.check_kernel`); ``compute+memcpy``: with one contiguous pinned->device
+   copy of the same bytes per group (an idealised DMA copy) instead.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from gpu_offload_check import check_kernel
 from slimpass.runtime import offload
 
 
@@ -75,26 +77,6 @@ def full_copy(manager, want):
     for group in manager.groups:
         for position in range(len(group.layers)):
             offload._copy_blocks_triton(group, position, 1, want, 0, manager.issued)
-
-
-def check_exact(group, issued, tile):
-    """A group's fronts after a full copy of random slots, then a changed-only copy, against plain indexing
-    of the host K/V."""
-    count, _, _, tokens, _ = group.host_k.shape
-    blocks, slots = tokens // group.block_size, group.pending.shape[2]
-    ok = True
-    for step in (0, 1):
-        want = torch.stack([(torch.randperm(blocks - 2)[:slots] + 1)[None] for _ in range(count)]).to(group.pending.device)
-        for position in range(count) if step == 0 else [None]:
-            first, n = (position, 1) if step == 0 else (0, count)
-            offload._copy_blocks_triton(group, first, n, want[first:first + n].squeeze(0) if n == 1 else want, step,
-                                        issued, **tile)
-        for position in range(count):
-            index = (want[position, :, :, None] * group.block_size
-                     + torch.arange(group.block_size, device=want.device)).flatten(1).cpu()
-            expect = group.host_k[position].transpose(1, 2)[torch.zeros(1, 1, dtype=torch.long), index].transpose(1, 2)
-            ok = ok and torch.equal(group.front_k[position, :, :, group.sink_tokens:].cpu(), expect)
-    return ok
 
 
 def bench_overlap(args, device):
@@ -150,7 +132,7 @@ def bench_overlap(args, device):
         copies[1].record()
         torch.cuda.synchronize(device)
         out[f"zero_copy_alone {variant}"] = copies[0].elapsed_time(copies[1]) / args.steps
-        out[f"exact {variant}"] = check_exact(manager.groups[0], manager.issued, tile)
+        out[f"exact {variant}"] = all(check_kernel(device, [tile]).values())
     copies[0].record()
     for step in range(args.steps):
         for group in manager.groups:
