@@ -131,7 +131,7 @@ def main() -> None:
     model = build_model(args, device)
     ids = torch.randint(0, model.config.vocab_size, (1, args.length),
                         generator=torch.Generator().manual_seed(args.seed * 1_000_003 + args.length)).to(device)
-    base = {"reselect": True, "active_tokens": args.active_tokens}
+    base = {"prune": True, "reselect": True, "active_tokens": args.active_tokens}
     if args.tiny:
         base.update(compiler="eager", min_prompt_len=64)
     result = {"args": {k: str(v) for k, v in vars(args).items()}, "environment": environment(device), "rows": {}}

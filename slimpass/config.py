@@ -138,7 +138,8 @@ class SlimConfig:
     """Decode-time reselection (paper section 4.3): at each slim layer (a layer at or after the first
     pruning stage) every decoding step re-scores the layer's cached prompt blocks with the current query
     and attends to the sink blocks, the `active_tokens` best, the last prompt block and the generated
-    tokens. Needs a `SlimCache` (`slimpass.compile`'s `generate` passes one)."""
+    tokens. Needs `prune` (it chooses among the blocks a pruned prefill kept) and a `SlimCache`
+    (`slimpass.compile`'s `generate` passes one)."""
     active_tokens: int = 2048
     """Per slim layer, the prompt tokens a decoding step attends to under `reselect` (whole blocks; the
     sink blocks and the last prompt block come on top)."""
@@ -202,6 +203,10 @@ class SlimConfig:
         object.__setattr__(self, "gamma", float(self.gamma))
         _check_bool("offload", self.offload)
         _check_range("copy_group", self.copy_group, 1, 64)
+        if self.reselect and not self.prune:
+            raise ConfigError("SlimConfig.reselect=True needs prune=True: reselection chooses, at each decoding step, "
+                              "among the blocks a pruned prefill kept at its slim layers (without pruning there are "
+                              "none); set prune=True or drop reselect")
         if self.offload and not self.reselect:
             raise ConfigError("SlimConfig.offload=True needs reselect=True: an offloaded slim layer keeps only its "
                               "active blocks on the accelerator, and reselection is what chooses them")

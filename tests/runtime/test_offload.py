@@ -149,11 +149,15 @@ def test_offloaded_layers_refuse_reordering_and_reset_frees_the_manager():
     assert manager() is None and cache.offload is None and not cache.recorded
 
 
-def test_offload_needs_reselect_and_a_copy_group():
+def test_offload_needs_reselect_needs_prune_and_a_copy_group():
     with pytest.raises(ConfigError, match="offload=True needs reselect=True"):
-        SlimConfig(offload=True)
+        SlimConfig(prune=True, offload=True)
+    with pytest.raises(ConfigError, match="reselect=True needs prune=True"):
+        SlimConfig(reselect=True)
+    with pytest.raises(ConfigError, match="reselect=True needs prune=True"):
+        SlimConfig(reselect=True, offload=True)
     with pytest.raises(ConfigError, match="copy_group=0"):
-        SlimConfig(reselect=True, offload=True, copy_group=0)
+        SlimConfig(prune=True, reselect=True, offload=True, copy_group=0)
 
 
 def test_pinned_allocation_failure_names_the_size(monkeypatch):
