@@ -14,20 +14,25 @@ after another in this process (the weights are built once):
 - ``sliminfer_offload``: the same with ``offload=True``: slim layers' prompt K/V in pinned host memory,
   their changed blocks copied on a side stream a step ahead (``--copy-group`` layers a launch).
 
-Per variant: one untimed warm-up generate (compiles), then ``--repeats`` timed generates and as many
-timed prefills (``max_new_tokens=1``): median end-to-end latency, median time to first token, decode
-time per token = (end-to-end - TTFT) / (N - 1), peak memory, the KV cache's bytes (`SlimCache.memory_report`:
-prompt KV against an unpruned cache of the same length) and, with reselection, the blocks and bytes swapped
-per step. With offload also: the KV bytes on the GPU against an unpruned cache, the scored keys kept there,
-the host->device bytes per step, and (``--profile``) a profiler summary of one short generate: the side
-stream's copy kernels and how much of their time overlapped kernels on the compute stream. Tokens are
-compared with hf_eager's (random weights: pruning may change them; the prefix that agrees is reported),
-and offload's with sliminfer_reselect's (they must be equal).
+Every variant is compiled first (its first generate, timed as ``first_call_s``), each in its own shallow
+copy of the model (the same weights), so all stay compiled; then ``--repeats`` rounds each time every
+variant once, the order rotating (drift in the machine falls on all alike; `measure`): an N-token generate
+and a 1-token one (time to first token). Reported: median end-to-end latency, median time to first token,
+decode time per token = (end-to-end - TTFT) / (N - 1) (also round by round, and offload against
+sliminfer_reselect round by round), peak memory; then, untimed, the host time of a decoding step
+(`host_time`) and the KV cache's bytes (`SlimCache.memory_report`: prompt KV against an unpruned cache of
+the same length), with reselection the blocks and bytes swapped per step, with offload the KV bytes on the
+GPU against an unpruned cache, the scored keys kept there and the host->device bytes per step. Last, after
+all timing, (``--profile``) a profiler summary of one short generate: the side stream's copy kernels and
+how much of their time overlapped kernels on the compute stream. Tokens are compared with hf_eager's
+(random weights: pruning may change them; the prefix that agrees is reported), and offload's with
+sliminfer_reselect's (they must be equal).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import importlib.metadata
 import json
@@ -104,54 +109,66 @@ def timed(fn, device: torch.device) -> tuple[float, Any]:
     return (time.perf_counter() - start) * 1e3, out
 
 
-def run_variant(model: torch.nn.Module, variant: str, ids: torch.Tensor, args: argparse.Namespace,
-                device: torch.device) -> dict[str, Any]:
+def prepare(base: torch.nn.Module, variant: str, args: argparse.Namespace) -> tuple[torch.nn.Module, dict | None]:
+    """`variant`'s model: `base` itself for hf_eager, else a shallow copy of it (the same weights) that
+    `slimpass.compile` compiles in place, so every variant stays compiled side by side."""
     import slimpass
 
     options = options_for(variant, args)
-    torch._dynamo.reset()
-    slimpass.restore(model)
-    if options is not None:
-        slimpass.compile(model, options=options)
-    first_s, out = timed(lambda: generate(model, ids, args.new_tokens), device)
-    generate(model, ids, 1)  # warm the one-token path too
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    e2e, ttft = [], []
-    for _ in range(args.repeats):
-        ms, out = timed(lambda: generate(model, ids, args.new_tokens), device)
-        e2e.append(ms)
-        ms, _ = timed(lambda: generate(model, ids, 1), device)
-        ttft.append(ms)
-    row: dict[str, Any] = {
-        "variant": variant, "options": options, "first_call_s": first_s / 1e3,
-        "e2e_ms": statistics.median(e2e), "e2e_all_ms": e2e, "ttft_ms": statistics.median(ttft), "ttft_all_ms": ttft,
-        "peak_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0,
-        "tokens": out[0, ids.shape[1]:].tolist(),
-    }
-    row["decode_ms_per_token"] = (row["e2e_ms"] - row["ttft_ms"]) / max(args.new_tokens - 1, 1)
-    row["decode_host"] = host_time(model, lambda: generate(model, ids, args.new_tokens), device)
-    if options is not None:  # one more generate on a cache we keep, for its reports
-        cache = slimpass.SlimCache(model.config)
-        generate(model, ids, args.new_tokens, cache)
-        report, generated = cache.memory_report(), cache.generated()
-        per_token = [(m.gpu_bytes + m.cpu_bytes) // m.tokens for m in report.layers]
-        prompt_bytes = sum(b * (m.tokens - generated) for b, m in zip(per_token, report.layers))
-        dense_prompt = sum(b * cache.prompt_len for b in per_token)
-        row.update(
-            kv_bytes=report.total_bytes, kv_dense_bytes=report.dense_bytes,
-            kv_share=report.total_bytes / report.dense_bytes if report.dense_bytes else None,
-            prompt_kv_bytes=prompt_bytes, prompt_kv_share=prompt_bytes / dense_prompt if dense_prompt else None,
-            kept_per_layer=[m.tokens for m in report.layers],
-            reselection=cache.reselection_report(),
-            gpu_kv_bytes=report.gpu_bytes, gpu_kv_share=report.gpu_bytes / report.dense_bytes,
-            score_bytes=report.score_bytes, score_share=report.score_bytes / report.dense_bytes,
-            offload=cache.offload_report(),
-            graphs=[{"kind": g.kind, "passes": [r.line() for r in g.results]} for g in slimpass.compiled_graphs(model)],
-        )
-        if args.profile and variant in ("sliminfer_reselect", "sliminfer_offload") and device.type == "cuda":
-            row["profile"] = profile_overlap(lambda: generate(model, ids, 16), device)
-    return row
+    if options is None:
+        return base, None
+    return slimpass.compile(copy.copy(base), options=options), options
+
+
+def measure(models: dict[str, torch.nn.Module], ids: torch.Tensor, args: argparse.Namespace,
+            device: torch.device) -> dict[str, dict[str, Any]]:
+    """`--repeats` rounds; a round times every variant once (an N-token generate, then a 1-token one, the
+    time to first token), its order rotated by one each round, so that drift in the machine (clocks, other
+    load on the host's CPUs) falls on every variant alike. Peak memory: the most any of a variant's
+    generates allocated."""
+    names = list(models)
+    rows = {name: {"e2e_all_ms": [], "ttft_all_ms": [], "peak_gb": 0.0} for name in names}
+    for round_ in range(args.repeats):
+        for name in names[round_ % len(names):] + names[:round_ % len(names)]:
+            model, row = models[name], rows[name]
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            ms, out = timed(lambda: generate(model, ids, args.new_tokens), device)
+            row["e2e_all_ms"].append(ms)
+            row["ttft_all_ms"].append(timed(lambda: generate(model, ids, 1), device)[0])
+            if device.type == "cuda":
+                row["peak_gb"] = max(row["peak_gb"], torch.cuda.max_memory_allocated(device) / 2**30)
+            row["tokens"] = out[0, ids.shape[1]:].tolist()
+    for row in rows.values():
+        row["e2e_ms"], row["ttft_ms"] = statistics.median(row["e2e_all_ms"]), statistics.median(row["ttft_all_ms"])
+        row["decode_all_ms_per_token"] = [(e - t) / max(args.new_tokens - 1, 1)
+                                          for e, t in zip(row["e2e_all_ms"], row["ttft_all_ms"])]
+        row["decode_ms_per_token"] = (row["e2e_ms"] - row["ttft_ms"]) / max(args.new_tokens - 1, 1)
+    return rows
+
+
+def reports(model: torch.nn.Module, ids: torch.Tensor, args: argparse.Namespace) -> dict[str, Any]:
+    """One more generate on a cache we keep, for its reports: KV bytes against an unpruned cache,
+    reselection's swaps, offload's copies, the compiled graphs."""
+    import slimpass
+
+    cache = slimpass.SlimCache(model.config)
+    generate(model, ids, args.new_tokens, cache)
+    report, generated = cache.memory_report(), cache.generated()
+    per_token = [(m.gpu_bytes + m.cpu_bytes) // m.tokens for m in report.layers]
+    prompt_bytes = sum(b * (m.tokens - generated) for b, m in zip(per_token, report.layers))
+    dense_prompt = sum(b * cache.prompt_len for b in per_token)
+    return dict(
+        kv_bytes=report.total_bytes, kv_dense_bytes=report.dense_bytes,
+        kv_share=report.total_bytes / report.dense_bytes if report.dense_bytes else None,
+        prompt_kv_bytes=prompt_bytes, prompt_kv_share=prompt_bytes / dense_prompt if dense_prompt else None,
+        kept_per_layer=[m.tokens for m in report.layers],
+        reselection=cache.reselection_report(),
+        gpu_kv_bytes=report.gpu_bytes, gpu_kv_share=report.gpu_bytes / report.dense_bytes,
+        score_bytes=report.score_bytes, score_share=report.score_bytes / report.dense_bytes,
+        offload=cache.offload_report(),
+        graphs=[{"kind": g.kind, "passes": [r.line() for r in g.results]} for g in slimpass.compiled_graphs(model)],
+    )
 
 
 def host_time(model: torch.nn.Module, fn, device: torch.device) -> dict[str, float]:
@@ -255,18 +272,39 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device("cpu" if args.tiny else "cuda:0")
     if not args.tiny:
         torch.cuda.set_device(device)
-    model = build_model(args, device)
+    base_model = build_model(args, device)
     generator = torch.Generator().manual_seed(args.seed * 1_000_003 + args.length)
-    ids = torch.randint(0, model.config.vocab_size, (1, args.length), generator=generator).to(device)
-    rows = []
-    for variant in args.variants.split(","):
+    ids = torch.randint(0, base_model.config.vocab_size, (1, args.length), generator=generator).to(device)
+    models, first_calls, failed = {}, {}, {}
+    for variant in args.variants.split(","):  # compile each (its first generate), then time them side by side
         try:
-            rows.append(run_variant(model, variant, ids, args, device))
+            model, options = prepare(base_model, variant, args)
+            first_calls[variant] = {"options": options, "first_call_s": timed(
+                lambda: generate(model, ids, args.new_tokens), device)[0] / 1e3}
+            generate(model, ids, 1)  # warm the one-token path too
+            models[variant] = model
         except torch.cuda.OutOfMemoryError as err:
-            rows.append({"variant": variant, "status": f"OOM: {str(err).splitlines()[0]}"})
-        print(json.dumps({k: v for k, v in rows[-1].items() if k not in ("tokens", "graphs")}, default=str), flush=True)
+            failed[variant] = f"OOM: {str(err).splitlines()[0]}"
         if device.type == "cuda":
             torch.cuda.empty_cache()
+        print(variant, json.dumps(first_calls.get(variant) or failed[variant], default=str), flush=True)
+    measured = measure(models, ids, args, device)
+    rows = []
+    for variant in args.variants.split(","):
+        if variant in failed:
+            rows.append({"variant": variant, "status": failed[variant]})
+            continue
+        row = {"variant": variant, **first_calls[variant], **measured[variant]}
+        row["decode_host"] = host_time(models[variant], lambda: generate(models[variant], ids, args.new_tokens), device)
+        if row["options"] is not None:
+            row.update(reports(models[variant], ids, args))
+        rows.append(row)
+        print(json.dumps({k: v for k, v in row.items() if k not in ("tokens", "graphs")}, default=str), flush=True)
+    if args.profile and device.type == "cuda":  # last: nothing is timed after the profiler ran
+        for row in rows:
+            if row["variant"] in ("sliminfer_reselect", "sliminfer_offload") and row["variant"] in models:
+                model = models[row["variant"]]
+                row["profile"] = profile_overlap(lambda: generate(model, ids, 16), device)
     base = next((r for r in rows if r["variant"] == "hf_eager" and "e2e_ms" in r), None)
     print(f"\n{args.length}-token prompt + {args.new_tokens} tokens, batch 1")
     print("| variant | end-to-end ms | vs hf_eager | TTFT ms | decode ms/token | peak GB | KV vs dense | tokens = hf_eager |")
@@ -289,9 +327,12 @@ def main(argv: list[str] | None = None) -> None:
                   f"(+ scored keys {row['score_share']:.1%}); host->device {row['offload']['h2d_bytes_per_step'] / 2**20:.2f} "
                   f"MiB per step after the first")
             if resident:
+                ratios = [a / b for a, b in zip(row["decode_all_ms_per_token"], resident["decode_all_ms_per_token"])]
+                row["decode_vs_resident_by_round"] = ratios
                 print(f"decode step {row['decode_ms_per_token']:.2f} ms vs resident {resident['decode_ms_per_token']:.2f} ms "
-                      f"({row['decode_ms_per_token'] / resident['decode_ms_per_token'] - 1:+.1%}); tokens equal to "
-                      f"sliminfer_reselect's: {row['tokens'] == resident['tokens']}")
+                      f"({row['decode_ms_per_token'] / resident['decode_ms_per_token'] - 1:+.1%}; round by round "
+                      f"{', '.join(f'{r - 1:+.1%}' for r in ratios)}); tokens equal to sliminfer_reselect's: "
+                      f"{row['tokens'] == resident['tokens']}")
             if row.get("profile"):
                 p = row["profile"]
                 print(f"profile (16 tokens): {p['copy_kernels']} copy kernels on stream(s) {p['copy_streams']}, "

@@ -5,8 +5,11 @@ are wrong on purpose: they time, they do not decode). By hand on a GPU:
     PYTHONPATH=. python benchmarks/gpu_offload_ablation.py --layers 12 --out ablation.json
     PYTHONPATH=. python benchmarks/gpu_offload_ablation.py --tiny --length 600 --new-tokens 8 --active-tokens 64  # CPU
 
-Rows (each: end-to-end ms of `--repeats` generates, decode ms per token, host time of a decode forward and
-the whole step, from `gpu_decode.host_time`):
+Both models are compiled first (shallow copies of one model: the same weights), then timed side by
+side: each row is `gpu_decode.measure` over resident and the offloading model (``--repeats`` rounds, the
+order rotating), so every offload row has its own resident control from the same minutes; a row gives
+end-to-end ms, decode ms per token, the median over rounds of its decode time against resident's in the
+same round, and the host time of a decode forward and of the whole step (`gpu_decode.host_time`):
 
 - ``resident``: pruning + reselection, resident cache (the baseline);
 - ``offload``: ``offload=True`` as shipped;
@@ -20,7 +23,8 @@ the whole step, from `gpu_decode.host_time`):
 - ``offload/one-group``: as shipped but one copy group of every offloaded layer of a shape (fewer
   launches, copies issued later).
 
-For resident and shipped offload also the profiler summary of a 16-token generate
+Last, after all timing (a profiler must not run before anything timed): for resident and shipped
+offload the profiler summary of a 16-token generate
 (`gpu_decode.profile_overlap`: copy overlap, compute-stream stalls right after a copy, top CPU ops), and
 for offload one 4-token generate under ``torch.cuda.set_sync_debug_mode("warn")`` (how many host<->device
 synchronisations a call makes, and where the first ones come from).
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import statistics
 import sys
@@ -41,7 +46,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gpu_decode import environment, generate, host_time, profile_overlap, timed  # noqa: E402
+from gpu_decode import environment, generate, host_time, measure, profile_overlap, timed  # noqa: E402
 from gpu_prefill import build_model  # noqa: E402
 
 import slimpass  # noqa: E402
@@ -92,13 +97,16 @@ def patched(name: str):
         offload.OffloadManager.add_layers = add_layers
 
 
-def timings(model, ids, args, device) -> dict:
-    e2e = [timed(lambda: generate(model, ids, args.new_tokens), device)[0] for _ in range(args.repeats)]
-    ttft = [timed(lambda: generate(model, ids, 1), device)[0] for _ in range(args.repeats)]
-    row = {"e2e_ms": statistics.median(e2e), "ttft_ms": statistics.median(ttft)}
-    row["decode_ms_per_token"] = (row["e2e_ms"] - row["ttft_ms"]) / max(args.new_tokens - 1, 1)
-    row["host"] = host_time(model, lambda: generate(model, ids, args.new_tokens), device)
-    return row
+def timings(models: dict, ids, args, device) -> dict:
+    """`gpu_decode.measure` over resident and one offload row, side by side (rounds, rotating order), and
+    each offload row's decode time against resident's in the same round."""
+    rows = measure(models, ids, args, device)
+    resident = rows["resident"]["decode_all_ms_per_token"]
+    for name, row in rows.items():
+        row["vs_resident_by_round"] = [a / b - 1 for a, b in zip(row["decode_all_ms_per_token"], resident)]
+        row["vs_resident"] = statistics.median(row["vs_resident_by_round"])
+        row["host"] = host_time(models[name], lambda: generate(models[name], ids, args.new_tokens), device)
+    return rows
 
 
 def sync_count(model, ids) -> dict:
@@ -118,7 +126,7 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=32768)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--layers", type=int, default=12)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3, help="rounds")
     parser.add_argument("--active-tokens", type=int, default=2048)
     parser.add_argument("--copy-group", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
@@ -128,8 +136,8 @@ def main() -> None:
     device = torch.device("cpu" if args.tiny else "cuda:0")
     if not args.tiny:
         torch.cuda.set_device(device)
-    model = build_model(args, device)
-    ids = torch.randint(0, model.config.vocab_size, (1, args.length),
+    base_model = build_model(args, device)
+    ids = torch.randint(0, base_model.config.vocab_size, (1, args.length),
                         generator=torch.Generator().manual_seed(args.seed * 1_000_003 + args.length)).to(device)
     base = {"prune": True, "reselect": True, "active_tokens": args.active_tokens}
     if args.tiny:
@@ -142,29 +150,31 @@ def main() -> None:
         if args.out:
             args.out.write_text(json.dumps(result, indent=1, default=str))
 
+    models = {}
     for name, options in (("resident", base), ("offload", {**base, "offload": True, "copy_group": args.copy_group})):
-        torch._dynamo.reset()
-        slimpass.restore(model)
-        slimpass.compile(model, options=options)
+        model = slimpass.compile(copy.copy(base_model), options=options)  # the same weights; both stay compiled
         first_s, out = timed(lambda: generate(model, ids, args.new_tokens), device)
         generate(model, ids, 1)
-        row = {"first_call_s": first_s / 1e3, **timings(model, ids, args, device),
-               "tokens": out[0, ids.shape[1]:].tolist()}
-        if name == "offload":
-            row["tokens_equal_resident"] = row["tokens"] == result["rows"]["resident"]["tokens"]
+        models[name] = model
+        result["rows"][f"{name}/first_call"] = {"first_call_s": first_s / 1e3, "tokens": out[0, ids.shape[1]:].tolist()}
+    result["tokens_equal"] = result["rows"]["offload/first_call"]["tokens"] == result["rows"]["resident/first_call"]["tokens"]
+    for name, row in timings(models, ids, args, device).items():
         record(name, row)
-        if not args.tiny:  # the same profile for both: top CPU ops side by side
-            record(f"{name}/profile", profile_overlap(lambda: generate(model, ids, 16), device))
     for ablation in ("no-kernel", "no-wait", "no-issue", "cat-only", "one-group"):
         with patched(ablation):
-            record(f"offload/{ablation}", timings(model, ids, args, device))
-    if not args.tiny:
-        record("offload/sync_debug", sync_count(model, ids))
-    resident = result["rows"]["resident"]["decode_ms_per_token"]
+            rows = timings(models, ids, args, device)
+        record(f"resident (beside {ablation})", rows["resident"])
+        record(f"offload/{ablation}", rows["offload"])
+    if not args.tiny:  # last: nothing is timed after these
+        record("offload/sync_debug", sync_count(models["offload"], ids))
+        for name, model in models.items():  # the same profile for both: top CPU ops side by side
+            record(f"{name}/profile", profile_overlap(lambda: generate(model, ids, 16), device))
+    print(f"offload's tokens equal resident's: {result['tokens_equal']}")
     for name, row in result["rows"].items():
         if "decode_ms_per_token" in row:
-            print(f"{name:20s} decode {row['decode_ms_per_token']:6.2f} ms/token ({row['decode_ms_per_token'] / resident - 1:+.1%})"
-                  f"  forward host {row['host']['forward_host_ms']:.2f} ms  step {row['host']['step_ms']:.2f} ms")
+            print(f"{name:28s} decode {row['decode_ms_per_token']:6.2f} ms/token (vs resident, median of rounds "
+                  f"{row['vs_resident']:+.1%})  forward host {row['host']['forward_host_ms']:.2f} ms  "
+                  f"step {row['host']['step_ms']:.2f} ms")
 
 
 if __name__ == "__main__":
