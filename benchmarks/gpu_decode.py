@@ -36,6 +36,7 @@ import copy
 import datetime
 import importlib.metadata
 import json
+import os
 import statistics
 import sys
 import time
@@ -264,7 +265,25 @@ def environment(device: torch.device) -> dict[str, Any]:
 
     return {"torch": torch.__version__, "transformers": version("transformers"), "triton": version("triton"),
             "python": sys.version.split()[0], "device": torch.cuda.get_device_name(device) if device.type == "cuda"
-            else "cpu", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+            else "cpu", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            **host_facts(device)}
+
+
+def host_facts(device: torch.device) -> dict[str, Any]:
+    """What decoding (host-bound at batch 1) and host->device copies depend on: the CPUs this process may
+    use, the load on them, the NUMA nodes and the GPU's (pinned memory on the far node is read slower)."""
+    facts: dict[str, Any] = {"cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+                             "load_avg": os.getloadavg() if hasattr(os, "getloadavg") else None}
+    nodes = Path("/sys/devices/system/node")
+    facts["numa_nodes"] = len(list(nodes.glob("node[0-9]*"))) if nodes.exists() else None
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        try:
+            bus = f"{props.pci_domain_id:04x}:{props.pci_bus_id:02x}:{props.pci_device_id:02x}.0"
+            facts["gpu_numa_node"] = int(Path(f"/sys/bus/pci/devices/{bus}/numa_node").read_text())
+        except (AttributeError, OSError, ValueError):
+            facts["gpu_numa_node"] = None
+    return facts
 
 
 def main(argv: list[str] | None = None) -> None:
