@@ -1,0 +1,66 @@
+"""The GPU benchmark scripts' CPU dry runs (``--tiny``): they must keep working between GPU sessions, and
+their side-by-side timing must leave every variant compiled and decoding as it would alone."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+@pytest.fixture
+def gpu_decode(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import gpu_decode
+
+    return gpu_decode
+
+
+def test_gpu_decode_times_variants_side_by_side(gpu_decode, tmp_path):
+    out = tmp_path / "decode.json"
+    gpu_decode.main(["--tiny", "--length", "600", "--new-tokens", "6", "--active-tokens", "64", "--repeats", "2",
+                     "--variants", "hf_eager,sliminfer_reselect,sliminfer_offload", "--out", str(out)])
+    result = json.loads(out.read_text())
+    rows = {row["variant"]: row for row in result["rows"]}
+    assert list(rows) == ["hf_eager", "sliminfer_reselect", "sliminfer_offload"]
+    for row in rows.values():
+        assert len(row["e2e_all_ms"]) == len(row["ttft_all_ms"]) == len(row["decode_all_ms_per_token"]) == 2
+        assert len(row["tokens"]) == 6
+    offload, resident = rows["sliminfer_offload"], rows["sliminfer_reselect"]
+    assert offload["tokens"] == resident["tokens"]  # the copies that share the weights decode as one model alone
+    assert len(offload["decode_vs_resident_by_round"]) == 2
+    assert offload["offload"]["layers"] > 0 and offload["offload"]["h2d_bytes_per_step"] > 0
+    assert offload["gpu_kv_share"] < resident["kv_share"]
+    assert resident["reselection"] and not resident["offload"]
+    assert result["environment"]["cpus"] >= 1
+    # each compiled copy kept its two graphs (prefill, decode): the rounds recompiled nothing
+    assert rows["hf_eager"]["options"] is None
+    assert all(len(row["graphs"]) == 2 for name, row in rows.items() if name != "hf_eager")
+
+
+def test_gpu_offload_ablation_rows(gpu_decode, tmp_path, monkeypatch):
+    import gpu_offload_ablation
+
+    from slimpass.runtime import offload
+
+    calls = []
+    attend_kv = offload.OffloadManager.attend_kv
+    monkeypatch.setattr(offload.OffloadManager, "attend_kv",
+                        lambda self, *args: calls.append(1) or attend_kv(self, *args))
+    shipped = offload.OffloadManager._issue, offload.OffloadManager.add_layers, offload._copy_blocks_triton
+    out = tmp_path / "ablation.json"
+    monkeypatch.setattr(sys, "argv", ["gpu_offload_ablation.py", "--tiny", "--length", "600", "--new-tokens", "4",
+                                      "--active-tokens", "64", "--repeats", "1", "--out", str(out)])
+    gpu_offload_ablation.main()
+    result = json.loads(out.read_text())
+    assert result["tokens_equal"] and calls  # it offloads (it once ran with pruning off: nothing to offload)
+    rows = result["rows"]
+    for ablation in ("no-kernel", "no-wait", "no-issue", "cat-only", "one-group"):
+        assert len(rows[f"offload/{ablation}"]["vs_resident_by_round"]) == 1
+        assert rows[f"resident (beside {ablation})"]["vs_resident"] == 0.0
+    # every row's patch undone
+    assert (offload.OffloadManager._issue, offload.OffloadManager.add_layers, offload._copy_blocks_triton) == shipped
