@@ -4,8 +4,8 @@
     PYTHONPATH=. python benchmarks/gpu_decode.py --tiny --length 300 --new-tokens 8   # CPU dry run
 
 Model: the Llama-3.1-8B-shaped LlamaForCausalLM of `gpu_prefill.py` (random bf16 weights built on the
-GPU). Workload: batch-1 greedy ``generate(ids, max_new_tokens=N, min_new_tokens=N)``. Variants, run one
-after another in this process (the weights are built once):
+GPU). Workload: batch-1 greedy ``generate(ids, max_new_tokens=N, min_new_tokens=N)``. Variants, all in
+this process (the weights are built once and shared):
 
 - ``hf_eager``: the model's own generate;
 - ``sliminfer_dense``: `slimpass.compile`, pruning off (what compilation alone gives);
@@ -110,7 +110,7 @@ def timed(fn, device: torch.device) -> tuple[float, Any]:
     return (time.perf_counter() - start) * 1e3, out
 
 
-def prepare(base: torch.nn.Module, variant: str, args: argparse.Namespace) -> tuple[torch.nn.Module, dict | None]:
+def variant_model(base: torch.nn.Module, variant: str, args: argparse.Namespace) -> tuple[torch.nn.Module, dict | None]:
     """`variant`'s model: `base` itself for hf_eager, else a shallow copy of it (the same weights) that
     `slimpass.compile` compiles in place, so every variant stays compiled side by side."""
     import slimpass
@@ -297,7 +297,7 @@ def main(argv: list[str] | None = None) -> None:
     models, first_calls, failed = {}, {}, {}
     for variant in args.variants.split(","):  # compile each (its first generate), then time them side by side
         try:
-            model, options = prepare(base_model, variant, args)
+            model, options = variant_model(base_model, variant, args)
             first_calls[variant] = {"options": options, "first_call_s": timed(
                 lambda: generate(model, ids, args.new_tokens), device)[0] / 1e3}
             generate(model, ids, 1)  # warm the one-token path too
