@@ -148,6 +148,11 @@ def measure(models: dict[str, torch.nn.Module], ids: torch.Tensor, args: argpars
     return rows
 
 
+def ratios_by_round(row: dict[str, Any], base: dict[str, Any]) -> list[float]:
+    """`row`'s decode time per token over `base`'s in the same round (`measure`)."""
+    return [a / b for a, b in zip(row["decode_all_ms_per_token"], base["decode_all_ms_per_token"])]
+
+
 def reports(model: torch.nn.Module, ids: torch.Tensor, args: argparse.Namespace) -> dict[str, Any]:
     """One more generate on a cache we keep, for its reports: KV bytes against an unpruned cache,
     reselection's swaps, offload's copies, the compiled graphs."""
@@ -346,8 +351,7 @@ def main(argv: list[str] | None = None) -> None:
                   f"(+ scored keys {row['score_share']:.1%}); host->device {row['offload']['h2d_bytes_per_step'] / 2**20:.2f} "
                   f"MiB per step after the first")
             if resident:
-                ratios = [a / b for a, b in zip(row["decode_all_ms_per_token"], resident["decode_all_ms_per_token"])]
-                row["decode_vs_resident_by_round"] = ratios
+                ratios = row["decode_vs_resident_by_round"] = ratios_by_round(row, resident)
                 print(f"decode step {row['decode_ms_per_token']:.2f} ms vs resident {resident['decode_ms_per_token']:.2f} ms "
                       f"({row['decode_ms_per_token'] / resident['decode_ms_per_token'] - 1:+.1%}; round by round "
                       f"{', '.join(f'{r - 1:+.1%}' for r in ratios)}); tokens equal to sliminfer_reselect's: "

@@ -46,7 +46,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gpu_decode import environment, generate, host_time, measure, profile_overlap, timed  # noqa: E402
+from gpu_decode import environment, generate, host_time, measure, profile_overlap, ratios_by_round, timed  # noqa: E402
 from gpu_prefill import build_model  # noqa: E402
 
 import slimpass  # noqa: E402
@@ -101,9 +101,8 @@ def timings(models: dict, ids, args, device) -> dict:
     """`gpu_decode.measure` over resident and one offload row, side by side (rounds, rotating order), and
     each offload row's decode time against resident's in the same round."""
     rows = measure(models, ids, args, device)
-    resident = rows["resident"]["decode_all_ms_per_token"]
     for name, row in rows.items():
-        row["vs_resident_by_round"] = [a / b - 1 for a, b in zip(row["decode_all_ms_per_token"], resident)]
+        row["vs_resident_by_round"] = [ratio - 1 for ratio in ratios_by_round(row, rows["resident"])]
         row["vs_resident"] = statistics.median(row["vs_resident_by_round"])
         row["host"] = host_time(models[name], lambda: generate(models[name], ids, args.new_tokens), device)
     return rows
