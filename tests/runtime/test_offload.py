@@ -184,7 +184,7 @@ def test_op_real_and_fake_agree():
     manager.add_layers([offload.LayerToOffload(5, keys, keys + 1, active_blocks=2, sink_tokens=8, block_size=8)])
     active = torch.tensor([[2, 4], [6, 1]])
     tail = torch.randn(2, 3, 5, 16)
-    real = offload.offload_kv(manager.handle, 5, active, active.flip(1), tail, tail, 8 + 2 * 8)
+    real = torch.ops.slimpass.offload_kv(manager.handle, 5, active, active.flip(1), tail, tail, 8 + 2 * 8)
     fake = offload._offload_kv_fake(manager.handle, 5, active, active.flip(1), tail, tail, 8 + 2 * 8)
     for r, f in zip(real, fake):
         assert r.shape == f.shape and r.dtype == f.dtype and r.device == f.device
