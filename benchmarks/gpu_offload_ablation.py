@@ -21,7 +21,15 @@ same round, and the host time of a decode forward and of the whole step (`gpu_de
 - ``offload/cat-only``: the op only concatenates front and tail (its floor: the custom op's dispatch and
   two cats);
 - ``offload/one-group``: as shipped but one copy group of every offloaded layer of a shape (fewer
-  launches, copies issued later).
+  launches, copies issued later);
+- ``offload/no-graphs``: the copies ahead launched every step instead of replayed from CUDA graphs;
+- ``offload/programs-N``: the copy kernel with N programs (shipped: `offload.COPY_PROGRAMS`);
+- ``offload/priority``, ``offload/priority-per-item``: both models decode on a high-priority stream (the
+  copies' side stream keeps the default, lowest priority), with the shipped copy layout or one program
+  per item (many short programs the block scheduler can put behind the compute's): can the copies be
+  kept out of the compute's way by priority rather than by holding few SMs?
+
+``--rows`` picks the rows (default: all).
 
 Last, after all timing (a profiler must not run before anything timed): for resident and shipped
 offload the profiler summary of a 16-token generate
@@ -35,6 +43,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import functools
 import json
 import statistics
 import sys
@@ -53,11 +62,15 @@ import slimpass  # noqa: E402
 from slimpass.runtime import offload  # noqa: E402
 
 
+ROWS = ("no-graphs", "no-kernel", "no-wait", "no-issue", "cat-only", "one-group", "programs-8", "programs-32",
+        "priority", "priority-per-item")
+
+
 @contextlib.contextmanager
 def patched(name: str):
-    """Switch off part of the manager's work for one row (see the module docstring)."""
+    """Switch off or change part of the manager's work for one row (see the module docstring)."""
     saved = offload._copy_blocks_triton, offload.OffloadManager.attend_kv, offload.OffloadManager._issue
-    add_layers = offload.OffloadManager.add_layers
+    add_layers, capture = offload.OffloadManager.add_layers, offload.OffloadManager._capture
     if name == "one-group":
         def one_group(self, layers):
             self.copy_group = len(layers)
@@ -90,11 +103,17 @@ def patched(name: str):
         offload.OffloadManager.attend_kv, offload.OffloadManager._issue = attend_kv, issue
     elif name == "no-issue":
         offload.OffloadManager._issue = lambda self, group, step: setattr(group, "issued_for", step)
+    elif name == "no-graphs":
+        offload.OffloadManager._capture = lambda self, group, step: None
+    elif name.startswith("programs-"):
+        offload._copy_blocks_triton = functools.partial(saved[0], programs=int(name.split("-")[1]))
+    elif name == "priority-per-item":
+        offload._copy_blocks_triton = functools.partial(saved[0], programs=None)
     try:
         yield
     finally:
         offload._copy_blocks_triton, offload.OffloadManager.attend_kv, offload.OffloadManager._issue = saved
-        offload.OffloadManager.add_layers = add_layers
+        offload.OffloadManager.add_layers, offload.OffloadManager._capture = add_layers, capture
 
 
 def timings(models: dict, ids, args, device) -> dict:
@@ -130,6 +149,8 @@ def main() -> None:
     parser.add_argument("--copy-group", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tiny", action="store_true", help="tiny float32 model on CPU: test this script")
+    parser.add_argument("--rows", default=",".join(ROWS), help="the offload rows after the shipped one, "
+                        f"comma-separated (default: all of {', '.join(ROWS)})")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     device = torch.device("cpu" if args.tiny else "cuda:0")
@@ -159,8 +180,13 @@ def main() -> None:
     result["tokens_equal"] = result["rows"]["offload/first_call"]["tokens"] == result["rows"]["resident/first_call"]["tokens"]
     for name, row in timings(models, ids, args, device).items():
         record(name, row)
-    for ablation in ("no-kernel", "no-wait", "no-issue", "cat-only", "one-group"):
-        with patched(ablation):
+    for ablation in args.rows.split(","):
+        if ablation not in ROWS:
+            raise SystemExit(f"--rows: unknown row {ablation!r}; choose from {', '.join(ROWS)}")
+        stream = torch.cuda.Stream(device, priority=-5) if ablation.startswith("priority") and not args.tiny else None
+        with patched(ablation), (torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()):
+            if stream is not None:
+                stream.wait_stream(torch.cuda.default_stream(device))
             rows = timings(models, ids, args, device)
         record(f"resident (beside {ablation})", rows["resident"])
         record(f"offload/{ablation}", rows["offload"])

@@ -5,7 +5,10 @@ reads pinned host memory right. A check to run by hand (CI has no GPU); exits no
 
 1. `_copy_blocks_kernel` on pinned host tensors against plain indexing (bitwise), full and changed-only, for
    a few program layouts, over a copy group of three layers; its slot tables and count of copied blocks.
-2. A small random-weight Llama (float32, Inductor) compiled twice, with pruning + reselection resident and
+2. The op over several steps with the copies ahead replayed from CUDA graphs and launched (graphs off):
+   every layer's K/V at every step against plain indexing (no sync between the calls), the same count of
+   copied blocks, and both step parities captured.
+3. A small random-weight Llama (float32, Inductor) compiled twice, with pruning + reselection resident and
    with ``offload=True``: greedy tokens must be equal for two prompt lengths and batch sizes.
 """
 
@@ -66,6 +69,42 @@ def check_kernel(device: torch.device, layouts=LAYOUTS) -> dict:
     return results
 
 
+def check_replay(device: torch.device, steps: int = 6) -> dict:
+    """The op through the dispatcher for a copy group of three layers over `steps` steps, with the manager's
+    CUDA graphs on and off; outputs compared after the last step (no sync in between, as in decoding)."""
+    layers, batch, heads, tokens, dim, block, slots, sinks = 3, 2, 3, 40 * 16, 64, 16, 8, 16
+    keys = torch.randn(layers, batch, heads, tokens, dim, device=device, dtype=torch.bfloat16)
+    values = torch.randn_like(keys)
+    tail = torch.randn(batch, heads, 5, dim, device=device, dtype=torch.bfloat16)
+    generator = torch.Generator().manual_seed(1)
+    sets = torch.stack([torch.randperm(38, generator=generator)[:slots] + 1
+                        for _ in range((steps + 1) * layers * batch)]).view(steps + 1, layers, batch, slots).to(device)
+    rows = torch.arange(batch, device=device)[:, None]
+    results = {}
+    for graphs in (True, False):
+        manager = offload.OffloadManager(device, copy_group=layers, graphs=graphs)
+        manager.add_layers([offload.LayerToOffload(i, keys[i], values[i], slots, sinks, block) for i in range(layers)])
+        outputs = [[torch.ops.slimpass.offload_kv(manager.handle, p, sets[step, p], sets[step + 1, p], tail, tail,
+                                                  sinks + slots * block) for p in range(layers)]
+                   for step in range(steps)]
+        torch.cuda.synchronize(device)
+        ok = True
+        for step in range(steps):
+            for p in range(layers):
+                index = (sets[step, p, :, :, None] * block + torch.arange(block, device=device)).flatten(1)
+                for got, source in zip(outputs[step][p], (keys[p], values[p])):
+                    picked = source.transpose(1, 2)[rows, index].transpose(1, 2)
+                    want = torch.cat([source[:, :, :sinks], picked, tail], 2)
+                    ok = ok and torch.equal(got, want)
+        name = "graphs" if graphs else "launches"
+        results[name] = ok
+        results[f"{name} blocks"] = manager.report()["blocks"]
+        if graphs:
+            results["graphs captured"] = sorted(manager.groups[0].graphs)
+    results["same blocks"] = results["graphs blocks"] == results["launches blocks"]
+    return results
+
+
 def check_generate(device: torch.device) -> list[dict]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -107,12 +146,15 @@ def main() -> None:
     torch._dynamo.config.recompile_limit = 64  # two models share the code objects' cache entries
     kernel = check_kernel(device)
     print("kernel:", kernel, flush=True)
+    replay = check_replay(device)
+    print("replay:", replay, flush=True)
     rows = [] if args.kernel_only else check_generate(device)
-    result = {"kernel": kernel, "generate": rows, "device": torch.cuda.get_device_name(device),
+    result = {"kernel": kernel, "replay": replay, "generate": rows, "device": torch.cuda.get_device_name(device),
               "torch": torch.__version__}
     if args.out:
         args.out.write_text(json.dumps(result, indent=1, default=str))
-    ok = all(kernel.values()) and all(all(row["equal"].values()) for row in rows)
+    ok = (all(kernel.values()) and replay["graphs"] and replay["launches"] and replay["same blocks"]
+          and replay["graphs captured"] == [0, 1] and all(all(row["equal"].values()) for row in rows))
     print("OK" if ok else "MISMATCH")
     sys.exit(0 if ok else 1)
 

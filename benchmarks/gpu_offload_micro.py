@@ -13,7 +13,12 @@ layer one bf16 GEMV of `--weights-mb` of weights (8B decoding: ~0.2 ms a layer o
    group (`--group` layers) on a side stream after the group's last layer, per copy-kernel layout
    (`--kernels`: slots per program x warps x programs; each also timed alone and checked against plain
    indexing by `gpu_offload_check.check_kernel`); ``compute+memcpy``: with one contiguous pinned->device
-   copy of the same bytes per group (an idealised DMA copy) instead.
+   copy of the same bytes per group (an idealised DMA copy) instead; ``priority ...``: the same with the
+   GEMVs on a high-priority stream (the copies' side stream keeps the default, lowest priority).
+3. ``breakdown``: host microseconds of each piece of the op, steady state (copies issued a step ahead):
+   the op through the dispatcher and called directly (the difference: dispatch), its two cats, the copy
+   of the next set, the event wait, a group's issue and the copy kernel's launch alone, and a replay of the
+   same copy captured in a CUDA graph.
 """
 
 from __future__ import annotations
@@ -73,6 +78,60 @@ def bench_manager(args, device):
             "copy_launch_us": launch * 1e6, "report": manager.report()}
 
 
+def per_call_us(fn, calls: int = 2000) -> float:
+    """Host microseconds per call of `fn` (no sync inside the loop)."""
+    for _ in range(20):
+        fn()
+    tick = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - tick) / calls * 1e6
+
+
+def bench_breakdown(args, device):
+    """Host time of the op's pieces, per call (see the module docstring)."""
+    manager = make_manager(device, args.group, args.tokens, 8, 128, args.slots, 16, args.group)
+    sets = step_sets(2, args.slots, args.tokens // 16, args.changed, device)
+    tail = torch.randn(1, 8, 100, 128, device=device, dtype=torch.bfloat16)
+    group, layer = manager.groups[0], manager.layers[0]
+    front = 64 + args.slots * 16
+
+    def step_of_group():  # every layer's op once: the group's copy issued at its last layer
+        for index in range(args.group):
+            torch.ops.slimpass.offload_kv(manager.handle, index, sets[0], sets[1], tail, tail, front)
+
+    def step_direct():
+        for index in range(args.group):
+            manager.attend_kv(index, sets[0], sets[1], tail, tail)
+
+    def issue():
+        manager._issue(group, layer.steps)
+
+    def kernel():
+        offload._copy_blocks_triton(group, 0, args.group, group.pending, 1, manager.issued)
+
+    stream = torch.cuda.current_stream(device)
+    out = {"op_per_layer": per_call_us(step_of_group, 500) / args.group,
+           "attend_kv_per_layer": per_call_us(step_direct, 500) / args.group,
+           "two_cats": per_call_us(lambda: (torch.cat([layer.front_k, tail], 2), torch.cat([layer.front_v, tail], 2))),
+           "pending_copy": per_call_us(lambda: layer.pending.copy_(sets[1])),
+           "wait_event": per_call_us(lambda: stream.wait_event(group.ready)),
+           "issue_per_group": per_call_us(issue, 500), "kernel_launch_per_group": per_call_us(kernel, 500)}
+    torch.cuda.synchronize(device)
+    graph, side = torch.cuda.CUDAGraph(), torch.cuda.Stream(device)
+    side.wait_stream(stream)
+    with torch.cuda.stream(side):
+        kernel()  # compiled and warm
+        graph.capture_begin(capture_error_mode="thread_local")
+        kernel()
+        graph.capture_end()
+    torch.cuda.synchronize(device)
+    with torch.cuda.stream(side):
+        out["graph_replay_per_group"] = per_call_us(graph.replay, 500)
+    torch.cuda.synchronize(device)
+    return out
+
+
 def full_copy(manager, want):
     for group in manager.groups:
         for position in range(len(group.layers)):
@@ -97,10 +156,17 @@ def bench_overlap(args, device):
             want = sets[step][None].expand(len(group.layers), -1, -1).contiguous()
             offload._copy_blocks_triton(group, 0, len(group.layers), want, step, manager.issued, **tile)
 
-    def run(mode, tile=None):
+    def run(mode, tile=None, priority=False):
         full_copy(manager, sets[0])
         torch.cuda.synchronize(device)
         start = time.perf_counter()
+        compute = torch.cuda.Stream(device, priority=-5) if priority else torch.cuda.current_stream(device)
+        with torch.cuda.stream(compute):
+            run_steps(mode, tile)
+        torch.cuda.synchronize(device)
+        return (time.perf_counter() - start) / args.steps * 1e3
+
+    def run_steps(mode, tile):
         for step in range(args.steps):
             for index in range(layers):
                 (x @ weights[index]).sum()
@@ -114,8 +180,6 @@ def bench_overlap(args, device):
                         else:
                             target[:per_layer * len(group.layers)].copy_(staging[:per_layer * len(group.layers)],
                                                                          non_blocking=True)
-        torch.cuda.synchronize(device)
-        return (time.perf_counter() - start) / args.steps * 1e3
 
     out = {}
     for mode in ("compute", "compute", "compute+memcpy"):
@@ -125,6 +189,9 @@ def bench_overlap(args, device):
         per, warps, programs = (int(x) for x in variant.split("x"))
         tile = {"slots_per_program": per, "num_warps": warps, "programs": programs or None}
         out[f"compute+zero_copy {variant}"] = run("compute+zero_copy", tile)
+        if args.priority:
+            out["priority compute"] = run("compute", priority=True)
+            out[f"priority compute+zero_copy {variant}"] = run("compute+zero_copy", tile, priority=True)
         full_copy(manager, sets[0])
         copies[0].record()
         for step in range(args.steps):
@@ -156,12 +223,19 @@ def main() -> None:
     parser.add_argument("--kernels", default="1x4x0,4x4x16,4x4x8,4x4x32,8x4x16,4x2x16",
                         help="copy-kernel layouts to time: slots per program x warps x programs (0: one per item), "
                              "comma-separated")
+    parser.add_argument("--priority", action="store_true", help="also time each layout with the GEMVs on a "
+                        "high-priority stream")
+    parser.add_argument("--only", choices=("manager", "breakdown", "overlap"), action="append",
+                        help="run only these parts (repeatable; default: all)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     device = torch.device("cuda:0")
     bench_manager(args, device)  # warm: kernel compiled
-    result = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__, "args": vars(args) | {"out": None},
-              "manager": bench_manager(args, device), "overlap": bench_overlap(args, device)}
+    result = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__,
+              "args": vars(args) | {"out": None}}
+    for part, bench in (("manager", bench_manager), ("breakdown", bench_breakdown), ("overlap", bench_overlap)):
+        if not args.only or part in args.only:
+            result[part] = bench(args, device)
     print(json.dumps(result, indent=1, default=str))
     if args.out:
         args.out.write_text(json.dumps(result, indent=1, default=str))

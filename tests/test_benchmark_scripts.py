@@ -51,7 +51,8 @@ def test_gpu_offload_ablation_rows(gpu_decode, tmp_path, monkeypatch):
     attend_kv = offload.OffloadManager.attend_kv
     monkeypatch.setattr(offload.OffloadManager, "attend_kv",
                         lambda self, *args: calls.append(1) or attend_kv(self, *args))
-    shipped = offload.OffloadManager._issue, offload.OffloadManager.add_layers, offload._copy_blocks_triton
+    manager = offload.OffloadManager
+    shipped = manager._issue, manager.add_layers, manager._capture, offload._copy_blocks_triton
     out = tmp_path / "ablation.json"
     monkeypatch.setattr(sys, "argv", ["gpu_offload_ablation.py", "--tiny", "--length", "600", "--new-tokens", "4",
                                       "--active-tokens", "64", "--repeats", "1", "--out", str(out)])
@@ -59,8 +60,8 @@ def test_gpu_offload_ablation_rows(gpu_decode, tmp_path, monkeypatch):
     result = json.loads(out.read_text())
     assert result["tokens_equal"] and calls  # it offloads (it once ran with pruning off: nothing to offload)
     rows = result["rows"]
-    for ablation in ("no-kernel", "no-wait", "no-issue", "cat-only", "one-group"):
+    for ablation in gpu_offload_ablation.ROWS:
         assert len(rows[f"offload/{ablation}"]["vs_resident_by_round"]) == 1
         assert rows[f"resident (beside {ablation})"]["vs_resident"] == 0.0
     # every row's patch undone
-    assert (offload.OffloadManager._issue, offload.OffloadManager.add_layers, offload._copy_blocks_triton) == shipped
+    assert (manager._issue, manager.add_layers, manager._capture, offload._copy_blocks_triton) == shipped
