@@ -7,7 +7,8 @@ reads pinned host memory right. A check to run by hand (CI has no GPU); exits no
    a few program layouts, over a copy group of three layers; its slot tables and count of copied blocks.
 2. The op over several steps with the copies ahead replayed from CUDA graphs and launched (graphs off):
    every layer's K/V at every step against plain indexing (no sync between the calls), the same count of
-   copied blocks, and both step parities captured.
+   copied blocks, and both step parities captured; then 50 more managers (requests) with graphs, one
+   after the other: device memory and the process's pinned host memory must not grow.
 3. A small random-weight Llama (float32, Inductor) compiled twice, with pruning + reselection resident and
    with ``offload=True``: greedy tokens must be equal for two prompt lengths and batch sizes.
 """
@@ -15,6 +16,7 @@ reads pinned host memory right. A check to run by hand (CI has no GPU); exits no
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 from pathlib import Path
@@ -102,7 +104,37 @@ def check_replay(device: torch.device, steps: int = 6) -> dict:
         if graphs:
             results["graphs captured"] = sorted(manager.groups[0].graphs)
     results["same blocks"] = results["graphs blocks"] == results["launches blocks"]
+    for graphs in (True, False):  # two rounds each: the first may still fill the allocator's caches
+        growth = [request_growth(device, keys, values, sets, tail, sinks, slots, block, graphs) for _ in range(2)]
+        results[f"growth, {'graphs' if graphs else 'launches'}"] = growth
     return results
+
+
+def request_growth(device, keys, values, sets, tail, sinks, slots, block, graphs, requests: int = 50) -> dict:
+    """Bytes of device memory (allocated, reserved) and of pinned host memory gained over `requests`
+    managers that each capture their graphs, run, and are dropped (after one warm-up request)."""
+    def request():
+        manager = offload.OffloadManager(device, copy_group=keys.shape[0], graphs=graphs)
+        manager.add_layers([offload.LayerToOffload(i, keys[i], values[i], slots, sinks, block)
+                            for i in range(keys.shape[0])])
+        for step in range(4):
+            for p in range(keys.shape[0]):
+                torch.ops.slimpass.offload_kv(manager.handle, p, sets[step, p], sets[step + 1, p], tail, tail,
+                                              sinks + slots * block)
+        torch.cuda.synchronize(device)
+
+    def usage():
+        gc.collect()
+        host = torch.cuda.memory.host_memory_stats().get("allocated_bytes.current", 0) \
+            if hasattr(torch.cuda.memory, "host_memory_stats") else 0
+        return torch.cuda.memory_allocated(device), torch.cuda.memory_reserved(device), host
+
+    request()
+    before = usage()
+    for _ in range(requests):
+        request()
+    after = usage()
+    return dict(zip(("allocated", "reserved", "pinned_host"), (a - b for a, b in zip(after, before))))
 
 
 def check_generate(device: torch.device) -> list[dict]:
@@ -154,7 +186,8 @@ def main() -> None:
     if args.out:
         args.out.write_text(json.dumps(result, indent=1, default=str))
     ok = (all(kernel.values()) and replay["graphs"] and replay["launches"] and replay["same blocks"]
-          and replay["graphs captured"] == [0, 1] and all(all(row["equal"].values()) for row in rows))
+          and replay["graphs captured"] == [0, 1] and not any(replay["growth, graphs"][1].values())
+          and all(all(row["equal"].values()) for row in rows))
     print("OK" if ok else "MISMATCH")
     sys.exit(0 if ok else 1)
 
