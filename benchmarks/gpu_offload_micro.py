@@ -17,8 +17,9 @@ layer one bf16 GEMV of `--weights-mb` of weights (8B decoding: ~0.2 ms a layer o
    GEMVs on a high-priority stream (the copies' side stream keeps the default, lowest priority).
 3. ``breakdown``: host microseconds of each piece of the op, steady state (copies issued a step ahead):
    the op through the dispatcher and called directly (the difference: dispatch), its two cats, the copy
-   of the next set, the event wait, a group's issue and the copy kernel's launch alone, and a replay of the
-   same copy captured in a CUDA graph.
+   of the next set, the event wait, a group's issue and the copy kernel's launch alone, a replay of the
+   same copy captured in a CUDA graph, and a capture (`OffloadManager._capture`: each request captures two
+   per copy group).
 """
 
 from __future__ import annotations
@@ -128,6 +129,7 @@ def bench_breakdown(args, device):
     torch.cuda.synchronize(device)
     with torch.cuda.stream(side):
         out["graph_replay_per_group"] = per_call_us(graph.replay, 500)
+        out["capture_per_graph"] = per_call_us(lambda: manager._capture(group, 1), 20)  # what a request pays
     torch.cuda.synchronize(device)
     return out
 
