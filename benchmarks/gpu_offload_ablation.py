@@ -23,7 +23,7 @@ same round, and the host time of a decode forward and of the whole step (`gpu_de
 - ``offload/one-group``: as shipped but one copy group of every offloaded layer of a shape (fewer
   launches, copies issued later);
 - ``offload/no-graphs``: the copies ahead launched every step instead of replayed from CUDA graphs;
-- ``offload/programs-N``: the copy kernel with N programs (shipped: `offload.COPY_PROGRAMS`);
+- ``offload/programs-N``: the copy kernel with N programs (shipped: `copy_kernel.COPY_PROGRAMS`);
 - ``offload/priority``, ``offload/priority-per-item``: both models decode on a high-priority stream (the
   copies' side stream keeps the default, lowest priority), with the shipped copy layout or one program
   per item (many short programs the block scheduler can put behind the compute's): can the copies be

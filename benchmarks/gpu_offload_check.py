@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import slimpass  # noqa: E402
 from slimpass.hf_compat import cache_argument  # noqa: E402
-from slimpass.runtime import offload  # noqa: E402
+from slimpass.runtime import copy_kernel, offload  # noqa: E402
 
 
 LAYOUTS = ({"slots_per_program": 1, "programs": None}, {"slots_per_program": 2, "programs": 3},
@@ -35,9 +35,9 @@ LAYOUTS = ({"slots_per_program": 1, "programs": None}, {"slots_per_program": 2, 
 
 
 def check_kernel(device: torch.device, layouts=LAYOUTS) -> dict:
-    """Per copy-kernel layout (`_copy_blocks_triton` keywords), for a group of three layers: a full copy
-    layer by layer, then two changed-only copies of the group; fronts, slot tables and the count of copied
-    blocks against plain indexing."""
+    """Per copy-kernel layout (`copy_kernel.copy_blocks_triton` keywords), for a group of three layers: a
+    full copy layer by layer, then two changed-only copies of the group; fronts, slot tables and the count
+    of copied blocks against plain indexing."""
     layers, batch, heads, tokens, dim, block, slots, sinks = 3, 2, 3, 40 * 16, 64, 16, 8, 16
     keys = torch.randn(layers, batch, heads, tokens, dim, device=device, dtype=torch.bfloat16)
     values = torch.randn_like(keys)
@@ -54,7 +54,7 @@ def check_kernel(device: torch.device, layouts=LAYOUTS) -> dict:
                     want[p, :, ::2] = manager.layers[p].current[:, ::2]  # half the slots keep their block
                     changed += int((want[p] != manager.layers[p].current).sum())
             for first, count in ([(p, 1) for p in range(layers)] if step == 0 else [(0, layers)]):
-                offload._copy_blocks_triton(group, first, count, want[first] if count == 1 else want, step,
+                copy_kernel.copy_blocks_triton(group, first, count, want[first] if count == 1 else want, step,
                                             manager.issued, **layout)
             for p in range(layers):
                 manager.layers[p].copied_for = step

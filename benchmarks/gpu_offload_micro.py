@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from gpu_offload_check import check_kernel
-from slimpass.runtime import offload
+from slimpass.runtime import copy_kernel, offload
 
 
 def make_manager(device, layers, tokens, heads, dim, slots, block, group):
@@ -72,7 +72,7 @@ def bench_manager(args, device):
     group = manager.groups[0]
     tick = time.perf_counter()
     for _ in range(200):
-        offload._copy_blocks_triton(group, 0, len(group.layers), group.pending, 1, manager.issued)
+        copy_kernel.copy_blocks_triton(group, 0, len(group.layers), group.pending, 1, manager.issued)
     launch = (time.perf_counter() - tick) / 200
     torch.cuda.synchronize(device)
     return {"host_ms_per_step": host / args.steps * 1e3, "wall_ms_per_step": total / args.steps * 1e3,
@@ -109,7 +109,7 @@ def bench_breakdown(args, device):
         manager._issue(group, layer.steps)
 
     def kernel():
-        offload._copy_blocks_triton(group, 0, args.group, group.pending, 1, manager.issued)
+        copy_kernel.copy_blocks_triton(group, 0, args.group, group.pending, 1, manager.issued)
 
     stream = torch.cuda.current_stream(device)
     out = {"op_per_layer": per_call_us(step_of_group, 500) / args.group,
@@ -137,7 +137,7 @@ def bench_breakdown(args, device):
 def full_copy(manager, want):
     for group in manager.groups:
         for position in range(len(group.layers)):
-            offload._copy_blocks_triton(group, position, 1, want, 0, manager.issued)
+            copy_kernel.copy_blocks_triton(group, position, 1, want, 0, manager.issued)
 
 
 def bench_overlap(args, device):
@@ -156,7 +156,7 @@ def bench_overlap(args, device):
     def copy_all(step, tile):
         for group in manager.groups:
             want = sets[step][None].expand(len(group.layers), -1, -1).contiguous()
-            offload._copy_blocks_triton(group, 0, len(group.layers), want, step, manager.issued, **tile)
+            copy_kernel.copy_blocks_triton(group, 0, len(group.layers), want, step, manager.issued, **tile)
 
     def run(mode, tile=None, priority=False):
         full_copy(manager, sets[0])
@@ -177,7 +177,7 @@ def bench_overlap(args, device):
                     with torch.cuda.stream(side):
                         if mode == "compute+zero_copy":
                             want = sets[step + 1][None].expand(len(group.layers), -1, -1).contiguous()
-                            offload._copy_blocks_triton(group, 0, len(group.layers), want, step + 1, manager.issued,
+                            copy_kernel.copy_blocks_triton(group, 0, len(group.layers), want, step + 1, manager.issued,
                                                         **tile)
                         else:
                             target[:per_layer * len(group.layers)].copy_(staging[:per_layer * len(group.layers)],

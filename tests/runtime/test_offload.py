@@ -202,8 +202,7 @@ def test_copy_kernel_in_triton_interpreter():
     pytest.importorskip("triton")
     script = textwrap.dedent("""
         import torch
-        from slimpass.runtime import offload
-        # (block size, head dim, slots per program): padded tiles, a block size that is no power of two
+        from slimpass.runtime import copy_kernel, offload
         # (block size, head dim, slots per program, programs): padded tiles, a block size that is no power
         # of two, one program per item or a few looping over them; a group of three layers of which the copies
         # touch one or all
@@ -225,8 +224,9 @@ def test_copy_kernel_in_triton_interpreter():
                             same = (want[p] == layer.current)[:, None, :, None].repeat_interleave(block, 2)
                             front = layer.front_k[:, :, block:]
                             front[same.expand_as(front)] = -1.0  # poison what must not be rewritten
-                    offload._copy_blocks_triton(group, first, count, want[first:first + count].squeeze(0) if count == 1
-                                                else want, step, manager.issued, slots_per_program=per, programs=programs)
+                    sets_now = want[first:first + count].squeeze(0) if count == 1 else want
+                    copy_kernel.copy_blocks_triton(group, first, count, sets_now, step, manager.issued,
+                                                   slots_per_program=per, programs=programs)
                     for p in range(first, first + count):
                         manager.layers[p].copied_for = step
                 rows = torch.arange(2)[:, None]
