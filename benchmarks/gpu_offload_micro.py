@@ -177,8 +177,8 @@ def bench_overlap(args, device):
                     with torch.cuda.stream(side):
                         if mode == "compute+zero_copy":
                             want = sets[step + 1][None].expand(len(group.layers), -1, -1).contiguous()
-                            copy_kernel.copy_blocks_triton(group, 0, len(group.layers), want, step + 1, manager.issued,
-                                                        **tile)
+                            copy_kernel.copy_blocks_triton(group, 0, len(group.layers), want, step + 1,
+                                                           manager.issued, **tile)
                         else:
                             target[:per_layer * len(group.layers)].copy_(staging[:per_layer * len(group.layers)],
                                                                          non_blocking=True)
