@@ -234,8 +234,7 @@ class OffloadManager:
                 graph = group.graphs.get(step % 2)
                 if graph is not None:
                     graph.replay()
-                    for index in group.layers:
-                        self.layers[index].copied_for = step
+                    self._copied(group, 0, len(group.layers), step)
                 else:
                     self._copy(group, 0, len(group.layers), group.pending, step)
                     if self.graphs:  # after the launch above compiled the kernel: record it for this parity
@@ -272,6 +271,10 @@ class OffloadManager:
             _copy_blocks_triton(group, first, count, want, step, self.issued)
         else:
             _copy_blocks_torch(group, first, count, want, step, self.issued)
+        self._copied(group, first, count, step)
+
+    def _copied(self, group: CopyGroup, first: int, count: int, step: int) -> None:
+        """Note that a copy for `step` was issued for the group's layers first..first+count-1."""
         for index in group.layers[first:first + count]:
             self.layers[index].copied_for = step
 
