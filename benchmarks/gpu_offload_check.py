@@ -34,6 +34,14 @@ LAYOUTS = ({"slots_per_program": 1, "programs": None}, {"slots_per_program": 2, 
            {"slots_per_program": 4, "programs": 16})
 
 
+def group_manager(device, keys, values, slots, sinks, block, graphs: bool = True) -> offload.OffloadManager:
+    """A manager holding one copy group of every layer of `keys` / `values` [layers, B, H, P, D]."""
+    manager = offload.OffloadManager(device, copy_group=keys.shape[0], graphs=graphs)
+    manager.add_layers([offload.LayerToOffload(i, keys[i], values[i], slots, sinks, block)
+                        for i in range(keys.shape[0])])
+    return manager
+
+
 def check_kernel(device: torch.device, layouts=LAYOUTS) -> dict:
     """Per copy-kernel layout (`copy_kernel.copy_blocks_triton` keywords), for a group of three layers: a
     full copy layer by layer, then two changed-only copies of the group; fronts, slot tables and the count
@@ -43,8 +51,7 @@ def check_kernel(device: torch.device, layouts=LAYOUTS) -> dict:
     values = torch.randn_like(keys)
     results = {}
     for layout in layouts:
-        manager = offload.OffloadManager(device, copy_group=layers)
-        manager.add_layers([offload.LayerToOffload(i, keys[i], values[i], slots, sinks, block) for i in range(layers)])
+        manager = group_manager(device, keys, values, slots, sinks, block)
         group, changed = manager.groups[0], 0
         for step in range(3):
             want = torch.stack([torch.stack([torch.randperm(38, device=device)[:slots] + 1 for _ in range(batch)])
@@ -84,8 +91,7 @@ def check_replay(device: torch.device, steps: int = 6) -> dict:
     rows = torch.arange(batch, device=device)[:, None]
     results = {}
     for graphs in (True, False):
-        manager = offload.OffloadManager(device, copy_group=layers, graphs=graphs)
-        manager.add_layers([offload.LayerToOffload(i, keys[i], values[i], slots, sinks, block) for i in range(layers)])
+        manager = group_manager(device, keys, values, slots, sinks, block, graphs)
         outputs = [[torch.ops.slimpass.offload_kv(manager.handle, p, sets[step, p], sets[step + 1, p], tail, tail,
                                                   sinks + slots * block) for p in range(layers)]
                    for step in range(steps)]
@@ -114,9 +120,7 @@ def request_growth(device, keys, values, sets, tail, sinks, slots, block, graphs
     """Bytes of device memory (allocated, reserved) and of pinned host memory gained over `requests`
     managers that each capture their graphs, run, and are dropped (after one warm-up request)."""
     def request():
-        manager = offload.OffloadManager(device, copy_group=keys.shape[0], graphs=graphs)
-        manager.add_layers([offload.LayerToOffload(i, keys[i], values[i], slots, sinks, block)
-                            for i in range(keys.shape[0])])
+        manager = group_manager(device, keys, values, slots, sinks, block, graphs)
         for step in range(4):
             for p in range(keys.shape[0]):
                 torch.ops.slimpass.offload_kv(manager.handle, p, sets[step, p], sets[step + 1, p], tail, tail,
