@@ -91,8 +91,29 @@ def options_for(variant: str, args: argparse.Namespace) -> dict[str, Any] | None
     return {**options, **args.options}
 
 
-def generate(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int, cache: Any = None) -> torch.Tensor:
-    extra = {}
+class StepClock:
+    """A `generate` streamer that notes the host's clock as each token arrives. generate hands every token to
+    the streamer (copied to the host: a wait for the GPU) before it starts the next step, so the gaps after
+    the first token are the decoding steps' times, one by one: unlike (end to end - TTFT) / (N - 1), their
+    median is not moved by a few slow steps, and a drift of the host's speed inside one generate shows."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def put(self, value) -> None:  # first the prompt, then each new token
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+    def steps_ms(self) -> list[float]:
+        """The decoding steps' times: the gaps between tokens after the first (the prefill's)."""
+        return [(b - a) * 1e3 for a, b in zip(self.times[1:], self.times[2:])]
+
+
+def generate(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int, cache: Any = None,
+             streamer: StepClock | None = None) -> torch.Tensor:
+    extra = {} if streamer is None else {"streamer": streamer}
     if cache is not None:
         from slimpass.hf_compat import cache_argument
 
@@ -128,14 +149,20 @@ def measure(models: dict[str, torch.nn.Module], ids: torch.Tensor, args: argpars
     load on the host's CPUs) falls on every variant alike. Peak memory: the most any of a variant's
     generates allocated."""
     names = list(models)
-    rows = {name: {"e2e_all_ms": [], "ttft_all_ms": [], "peak_gb": 0.0} for name in names}
+    rows = {name: {"e2e_all_ms": [], "ttft_all_ms": [], "step_all_ms": [], "step_p90_all_ms": [], "peak_gb": 0.0}
+            for name in names}
     for round_ in range(args.repeats):
         for name in names[round_ % len(names):] + names[:round_ % len(names)]:
             model, row = models[name], rows[name]
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            ms, out = timed(lambda: generate(model, ids, args.new_tokens), device)
+            clock = StepClock()
+            ms, out = timed(lambda: generate(model, ids, args.new_tokens, streamer=clock), device)
             row["e2e_all_ms"].append(ms)
+            steps = clock.steps_ms()
+            if steps:
+                row["step_all_ms"].append(statistics.median(steps))
+                row["step_p90_all_ms"].append(statistics.quantiles(steps, n=10)[-1] if len(steps) > 1 else steps[0])
             row["ttft_all_ms"].append(timed(lambda: generate(model, ids, 1), device)[0])
             if device.type == "cuda":
                 row["peak_gb"] = max(row["peak_gb"], torch.cuda.max_memory_allocated(device) / 2**30)
@@ -145,12 +172,14 @@ def measure(models: dict[str, torch.nn.Module], ids: torch.Tensor, args: argpars
         row["decode_all_ms_per_token"] = [(e - t) / max(args.new_tokens - 1, 1)
                                           for e, t in zip(row["e2e_all_ms"], row["ttft_all_ms"])]
         row["decode_ms_per_token"] = (row["e2e_ms"] - row["ttft_ms"]) / max(args.new_tokens - 1, 1)
+        row["step_ms"] = statistics.median(row["step_all_ms"]) if row["step_all_ms"] else None
     return rows
 
 
-def ratios_by_round(row: dict[str, Any], base: dict[str, Any]) -> list[float]:
-    """`row`'s decode time per token over `base`'s in the same round (`measure`)."""
-    return [a / b for a, b in zip(row["decode_all_ms_per_token"], base["decode_all_ms_per_token"])]
+def ratios_by_round(row: dict[str, Any], base: dict[str, Any], key: str = "decode_all_ms_per_token") -> list[float]:
+    """`row`'s decode time per token over `base`'s in the same round (`measure`); ``key="step_all_ms"``:
+    the ratio of the median decoding steps (`StepClock`)."""
+    return [a / b for a, b in zip(row[key], base[key])]
 
 
 def reports(model: torch.nn.Module, ids: torch.Tensor, args: argparse.Namespace) -> dict[str, Any]:
@@ -352,10 +381,12 @@ def main(argv: list[str] | None = None) -> None:
                   f"MiB per step after the first")
             if resident:
                 ratios = row["decode_vs_resident_by_round"] = ratios_by_round(row, resident)
-                print(f"decode step {row['decode_ms_per_token']:.2f} ms vs resident {resident['decode_ms_per_token']:.2f} ms "
+                steps = row["step_vs_resident_by_round"] = ratios_by_round(row, resident, "step_all_ms")
+                print(f"decode per token {row['decode_ms_per_token']:.2f} ms vs resident {resident['decode_ms_per_token']:.2f} ms "
                       f"({row['decode_ms_per_token'] / resident['decode_ms_per_token'] - 1:+.1%}; round by round "
-                      f"{', '.join(f'{r - 1:+.1%}' for r in ratios)}); tokens equal to sliminfer_reselect's: "
-                      f"{row['tokens'] == resident['tokens']}")
+                      f"{', '.join(f'{r - 1:+.1%}' for r in ratios)}); median step {row['step_ms']:.2f} ms vs "
+                      f"{resident['step_ms']:.2f} ms (round by round {', '.join(f'{r - 1:+.1%}' for r in steps)}); "
+                      f"tokens equal to sliminfer_reselect's: {row['tokens'] == resident['tokens']}")
             if row.get("profile"):
                 p = row["profile"]
                 print(f"profile (16 tokens): {p['copy_kernels']} copy kernels on stream(s) {p['copy_streams']}, "

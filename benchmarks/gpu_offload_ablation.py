@@ -123,6 +123,8 @@ def timings(models: dict, ids, args, device) -> dict:
     for name, row in rows.items():
         row["vs_resident_by_round"] = [ratio - 1 for ratio in ratios_by_round(row, rows["resident"])]
         row["vs_resident"] = statistics.median(row["vs_resident_by_round"])
+        row["step_vs_resident_by_round"] = [ratio - 1 for ratio in ratios_by_round(row, rows["resident"], "step_all_ms")]
+        row["step_vs_resident"] = statistics.median(row["step_vs_resident_by_round"])
         row["host"] = host_time(models[name], lambda: generate(models[name], ids, args.new_tokens), device)
     return rows
 
@@ -150,7 +152,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tiny", action="store_true", help="tiny float32 model on CPU: test this script")
     parser.add_argument("--rows", default=",".join(ROWS), help="the offload rows after the shipped one, "
-                        f"comma-separated (default: all of {', '.join(ROWS)})")
+                        f"comma-separated, '' for none (default: all of {', '.join(ROWS)})")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     device = torch.device("cpu" if args.tiny else "cuda:0")
@@ -180,7 +182,7 @@ def main() -> None:
     result["tokens_equal"] = result["rows"]["offload/first_call"]["tokens"] == result["rows"]["resident/first_call"]["tokens"]
     for name, row in timings(models, ids, args, device).items():
         record(name, row)
-    for ablation in args.rows.split(","):
+    for ablation in filter(None, args.rows.split(",")):
         if ablation not in ROWS:
             raise SystemExit(f"--rows: unknown row {ablation!r}; choose from {', '.join(ROWS)}")
         stream = torch.cuda.Stream(device, priority=-5) if ablation.startswith("priority") and not args.tiny else None
@@ -198,7 +200,8 @@ def main() -> None:
     for name, row in result["rows"].items():
         if "decode_ms_per_token" in row:
             print(f"{name:28s} decode {row['decode_ms_per_token']:6.2f} ms/token (vs resident, median of rounds "
-                  f"{row['vs_resident']:+.1%})  forward host {row['host']['forward_host_ms']:.2f} ms  "
+                  f"{row['vs_resident']:+.1%}); median step {row['step_ms']:.2f} ms ({row['step_vs_resident']:+.1%})  "
+                  f"forward host {row['host']['forward_host_ms']:.2f} ms  "
                   f"step {row['host']['step_ms']:.2f} ms")
 
 

@@ -29,10 +29,11 @@ def test_gpu_decode_times_variants_side_by_side(gpu_decode, tmp_path):
     assert list(rows) == ["hf_eager", "sliminfer_reselect", "sliminfer_offload"]
     for row in rows.values():
         assert len(row["e2e_all_ms"]) == len(row["ttft_all_ms"]) == len(row["decode_all_ms_per_token"]) == 2
+        assert len(row["step_all_ms"]) == 2 and 0 < row["step_ms"] <= max(row["step_p90_all_ms"])
         assert len(row["tokens"]) == 6
     offload, resident = rows["sliminfer_offload"], rows["sliminfer_reselect"]
     assert offload["tokens"] == resident["tokens"]  # the copies that share the weights decode as one model alone
-    assert len(offload["decode_vs_resident_by_round"]) == 2
+    assert len(offload["decode_vs_resident_by_round"]) == len(offload["step_vs_resident_by_round"]) == 2
     assert offload["offload"]["layers"] > 0 and offload["offload"]["h2d_bytes_per_step"] > 0
     assert offload["gpu_kv_share"] < resident["kv_share"]
     assert resident["reselection"] and not resident["offload"]
@@ -62,6 +63,22 @@ def test_gpu_offload_ablation_rows(gpu_decode, tmp_path, monkeypatch):
     rows = result["rows"]
     for ablation in gpu_offload_ablation.ROWS:
         assert len(rows[f"offload/{ablation}"]["vs_resident_by_round"]) == 1
+        assert len(rows[f"offload/{ablation}"]["step_vs_resident_by_round"]) == 1
         assert rows[f"resident (beside {ablation})"]["vs_resident"] == 0.0
     # every row's patch undone
     assert (manager._issue, manager.add_layers, manager._capture, offload._copy_blocks_triton) == shipped
+
+
+def test_step_clock_times_each_decoding_step(gpu_decode):
+    """The streamer sees the prompt, then every new token: N tokens give N - 1 decoding steps."""
+    import argparse
+
+    from gpu_prefill import build_model
+
+    import torch
+
+    model = build_model(argparse.Namespace(tiny=True, layers=2, seed=0), torch.device("cpu"))
+    clock = gpu_decode.StepClock()
+    out = gpu_decode.generate(model, torch.randint(0, model.config.vocab_size, (1, 12)), 5, streamer=clock)
+    assert out.shape[1] == 17 and len(clock.times) == 6
+    assert len(clock.steps_ms()) == 4 and all(step > 0 for step in clock.steps_ms())
