@@ -149,8 +149,8 @@ def measure(models: dict[str, torch.nn.Module], ids: torch.Tensor, args: argpars
     load on the host's CPUs) falls on every variant alike. Peak memory: the most any of a variant's
     generates allocated."""
     names = list(models)
-    rows = {name: {"e2e_all_ms": [], "ttft_all_ms": [], "step_all_ms": [], "step_p90_all_ms": [], "peak_gb": 0.0}
-            for name in names}
+    rows = {name: {"e2e_all_ms": [], "ttft_all_ms": [], "step_all_ms": [], "step_p90_all_ms": [], "step_series_ms": [],
+                   "peak_gb": 0.0} for name in names}
     for round_ in range(args.repeats):
         for name in names[round_ % len(names):] + names[:round_ % len(names)]:
             model, row = models[name], rows[name]
@@ -161,6 +161,7 @@ def measure(models: dict[str, torch.nn.Module], ids: torch.Tensor, args: argpars
             row["e2e_all_ms"].append(ms)
             steps = clock.steps_ms()
             if steps:
+                row["step_series_ms"].append([round(step, 3) for step in steps])
                 row["step_all_ms"].append(statistics.median(steps))
                 row["step_p90_all_ms"].append(statistics.quantiles(steps, n=10)[-1] if len(steps) > 1 else steps[0])
             row["ttft_all_ms"].append(timed(lambda: generate(model, ids, 1), device)[0])
@@ -352,7 +353,7 @@ def main(argv: list[str] | None = None) -> None:
         if row["options"] is not None:
             row.update(reports(models[variant], ids, args))
         rows.append(row)
-        print(json.dumps({k: v for k, v in row.items() if k not in ("tokens", "graphs")}, default=str), flush=True)
+        print(json.dumps({k: v for k, v in row.items() if k not in ("tokens", "graphs", "step_series_ms")}, default=str), flush=True)
     if args.profile and device.type == "cuda":  # last: nothing is timed after the profiler ran
         for row in rows:
             if row["variant"] in ("sliminfer_reselect", "sliminfer_offload") and row["variant"] in models:

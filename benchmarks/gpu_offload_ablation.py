@@ -168,7 +168,7 @@ def main() -> None:
 
     def record(name, row):
         result["rows"][name] = row
-        print(name, json.dumps({k: v for k, v in row.items() if k != "tokens"}, default=str), flush=True)
+        print(name, json.dumps({k: v for k, v in row.items() if k not in ("tokens", "step_series_ms")}, default=str), flush=True)
         if args.out:
             args.out.write_text(json.dumps(result, indent=1, default=str))
 
