@@ -210,35 +210,53 @@ def reports(model: torch.nn.Module, ids: torch.Tensor, args: argparse.Namespace)
 def host_time(model: torch.nn.Module, fn, device: torch.device) -> dict[str, float]:
     """Per decoding step of one call (model forwards after the prefill's): the host time of the forward
     (hooks around it; no sync inside unless the forward syncs) and the time from one forward's start to the
-    next's (the whole step: the forward, then generate's own work and its sync), medians in ms."""
-    starts, hosts = [], []
+    next's (the whole step: the forward, then generate's own work and its sync), medians in ms. On a GPU
+    also how far the GPU trails the host at each forward's end: an event recorded by the hook, timed from
+    one recorded while the GPU was idle at the call's start, against the host's clock. Near zero: the GPU
+    keeps up and waits for the host's launches (the step is host-bound); milliseconds: work is queued (the
+    GPU is the bound, or the host raced ahead of it)."""
+    starts, hosts, ends = [], [], []
+    cuda = device.type == "cuda"
 
     def before(*_):
         starts.append(time.perf_counter())
 
     def after(*_):
-        hosts.append(time.perf_counter() - starts[-1])
+        now = time.perf_counter()
+        hosts.append(now - starts[-1])
+        if cuda:
+            ends.append((now, torch.cuda.Event(enable_timing=True)))
+            ends[-1][1].record()
 
     handles = [model.register_forward_pre_hook(before), model.register_forward_hook(after)]
     try:
+        sync(device)
+        if cuda:
+            origin = torch.cuda.Event(enable_timing=True)
+            origin.record()
+        zero = time.perf_counter()
         fn()
         sync(device)
     finally:
         for handle in handles:
             handle.remove()
     steps = [b - a for a, b in zip(starts[1:], starts[2:])]
+    lags = [origin.elapsed_time(event) - (host - zero) * 1e3 for host, event in ends[1:]]
     return {"forward_host_ms": statistics.median(hosts[1:]) * 1e3 if len(hosts) > 1 else None,
-            "step_ms": statistics.median(steps) * 1e3 if steps else None}
+            "step_ms": statistics.median(steps) * 1e3 if steps else None,
+            "gpu_lag_at_forward_end_ms": statistics.median(lags) if lags else None}
 
 
-def profile_overlap(fn, device: torch.device) -> dict[str, Any]:
+def profile_overlap(fn, device: torch.device, cpu: bool = True) -> dict[str, Any]:
     """Kernels of one call under the profiler: the offload copy kernels on the side stream and the share of
-    their time during which a kernel ran on the compute stream (the stream with the most other kernel time)."""
+    their time during which a kernel ran on the compute stream (the stream with the most other kernel time).
+    ``cpu=False`` traces only the GPU's activity (less host time added; no CPU ops listed)."""
     import tempfile
 
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if cpu else [ProfilerActivity.CUDA]
+    with profile(activities=activities) as prof:
         start = time.perf_counter()
         fn()
         sync(device)

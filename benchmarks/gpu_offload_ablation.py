@@ -20,6 +20,10 @@ same round, and the host time of a decode forward and of the whole step (`gpu_de
 - ``offload/no-issue``: no side-stream work at all (only the op's cat and bookkeeping);
 - ``offload/cat-only``: the op only concatenates front and tail (its floor: the custom op's dispatch and
   two cats);
+- ``offload/empty-op``: the op only allocates its two outputs (no kernel, no copy, no wait): the cost of
+  calling an op from the compiled graph at all;
+- ``offload/timed-op``: as shipped, with the host time of each `attend_kv` noted in the compiled graph
+  (``in_situ``: its median, and the median host time from one offloaded layer's op to the next's);
 - ``offload/one-group``: as shipped but one copy group of every offloaded layer of a shape (fewer
   launches, copies issued later);
 - ``offload/no-graphs``: the copies ahead launched every step instead of replayed from CUDA graphs;
@@ -47,6 +51,7 @@ import functools
 import json
 import statistics
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -62,8 +67,9 @@ import slimpass  # noqa: E402
 from slimpass.runtime import offload  # noqa: E402
 
 
-ROWS = ("no-graphs", "no-kernel", "no-wait", "no-issue", "cat-only", "one-group", "programs-8", "programs-32",
-        "priority", "priority-per-item")
+ROWS = ("no-graphs", "no-kernel", "no-wait", "no-issue", "cat-only", "empty-op", "timed-op", "one-group",
+        "programs-8", "programs-32", "priority", "priority-per-item")
+IN_SITU: list[tuple[int, float, float]] = []  # the timed-op row's calls: (layer, start, host seconds in attend_kv)
 
 
 @contextlib.contextmanager
@@ -84,6 +90,24 @@ def patched(name: str):
             return torch.cat([layer.front_k, k], dim=2), torch.cat([layer.front_v, v], dim=2)
 
         offload.OffloadManager.attend_kv = cat_only
+    elif name == "empty-op":
+        def empty_op(self, index, active, upcoming, k, v):
+            layer = self.layers[index]
+            layer.steps += 1
+            shape = (*k.shape[:2], layer.front_k.shape[2] + k.shape[2], k.shape[3])
+            return k.new_empty(shape), v.new_empty(shape)
+
+        offload.OffloadManager.attend_kv = empty_op
+    elif name == "timed-op":
+        def timed_op(self, index, *args):
+            start = time.perf_counter()
+            try:
+                return saved[1](self, index, *args)
+            finally:
+                IN_SITU.append((index, start, time.perf_counter() - start))
+
+        IN_SITU.clear()
+        offload.OffloadManager.attend_kv = timed_op
     elif name == "no-kernel":
         offload._copy_blocks_triton = lambda *args, **kwargs: None
     elif name == "no-wait":
@@ -129,16 +153,31 @@ def timings(models: dict, ids, args, device) -> dict:
     return rows
 
 
+def in_situ() -> dict:
+    """The timed-op row's notes: attend_kv's host time per call, and from one call's start to the next's
+    within a step (from one offloaded layer to the next deeper one)."""
+    gaps = [(b[1] - a[1]) * 1e6 for a, b in zip(IN_SITU, IN_SITU[1:]) if b[0] > a[0]]
+    return {"calls": len(IN_SITU), "attend_kv_us": statistics.median(c[2] * 1e6 for c in IN_SITU) if IN_SITU else None,
+            "between_ops_us": statistics.median(gaps) if gaps else None}
+
+
 def sync_count(model, ids) -> dict:
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            generate(model, ids, 4)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    messages = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
-    return {"syncs": len(messages), "first": messages[:6]}
+    """Host<->device synchronisations `torch.cuda.set_sync_debug_mode` sees in a 4- and an 8-token
+    generate; the difference over 4 is the count per decoding step."""
+    counts, first = [], []
+    for tokens in (4, 8):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                generate(model, ids, tokens)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        messages = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+        counts.append(len(messages))
+        first = first or messages[:6]
+    return {"syncs_4_tokens": counts[0], "syncs_8_tokens": counts[1], "per_step": (counts[1] - counts[0]) / 4,
+            "first": first}
 
 
 def main() -> None:
@@ -190,12 +229,18 @@ def main() -> None:
             if stream is not None:
                 stream.wait_stream(torch.cuda.default_stream(device))
             rows = timings(models, ids, args, device)
+        if ablation == "timed-op":
+            rows["offload"]["in_situ"] = in_situ()
         record(f"resident (beside {ablation})", rows["resident"])
         record(f"offload/{ablation}", rows["offload"])
     if not args.tiny:  # last: nothing is timed after these
-        record("offload/sync_debug", sync_count(models["offload"], ids))
-        for name, model in models.items():  # the same profile for both: top CPU ops side by side
+        for name, model in models.items():
+            record(f"{name}/sync_debug", sync_count(model, ids))
+        with patched("cat-only"):
+            record("offload/cat-only/sync_debug", sync_count(models["offload"], ids))
+        for name, model in models.items():  # the same profiles for both: top CPU ops side by side
             record(f"{name}/profile", profile_overlap(lambda: generate(model, ids, 16), device))
+            record(f"{name}/profile_gpu_only", profile_overlap(lambda: generate(model, ids, 16), device, cpu=False))
     print(f"offload's tokens equal resident's: {result['tokens_equal']}")
     for name, row in result["rows"].items():
         if "decode_ms_per_token" in row:

@@ -65,6 +65,8 @@ def test_gpu_offload_ablation_rows(gpu_decode, tmp_path, monkeypatch):
         assert len(rows[f"offload/{ablation}"]["vs_resident_by_round"]) == 1
         assert len(rows[f"offload/{ablation}"]["step_vs_resident_by_round"]) == 1
         assert rows[f"resident (beside {ablation})"]["vs_resident"] == 0.0
+    timed = rows["offload/timed-op"]["in_situ"]
+    assert timed["calls"] > 0 and timed["attend_kv_us"] > 0 and timed["between_ops_us"] > 0
     # every row's patch undone
     assert (manager._issue, manager.add_layers, manager._capture, offload._copy_blocks_triton) == shipped
 
