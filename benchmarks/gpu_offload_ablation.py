@@ -35,6 +35,10 @@ same round, and the host time of a decode forward and of the whole step (`gpu_de
 
 ``--rows`` picks the rows (default: all).
 
+With ``--spy-seconds S``, after the timing, py-spy samples the host's stacks for S seconds per model
+(resident, offload, offload with the op cut to its cats; `host_sampler`): where a step's host time goes,
+Python and native, including what torch.profiler does not record.
+
 Last, after all timing (a profiler must not run before anything timed): for resident and shipped
 offload the profiler summary of a 16-token generate
 (`gpu_decode.profile_overlap`: copy overlap, compute-stream stalls right after a copy, top CPU ops), and
@@ -51,6 +55,7 @@ import functools
 import json
 import statistics
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -62,6 +67,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from gpu_decode import environment, generate, host_time, measure, profile_overlap, ratios_by_round, timed  # noqa: E402
 from gpu_prefill import build_model  # noqa: E402
+from host_sampler import HostSampler, summarize  # noqa: E402
 
 import slimpass  # noqa: E402
 from slimpass.runtime import offload  # noqa: E402
@@ -161,6 +167,28 @@ def in_situ() -> dict:
             "between_ops_us": statistics.median(gaps) if gaps else None}
 
 
+def host_samples(models: dict, ids, args) -> dict:
+    """py-spy's samples of the host while each model decodes (`host_sampler`): resident, offload, and
+    offload with its op cut to its two cats, each for ``--spy-seconds``; per model the shares of where the
+    host was (a generate's prefill included) and the host time per generate."""
+    raw = Path(tempfile.gettempdir()) / "slimpass_host_samples.txt"
+    calls = {}
+    try:
+        with HostSampler(raw) as sampler:
+            for name, model in models.items():
+                calls[name] = sampler.sample(name, lambda: generate(model, ids, args.new_tokens), args.spy_seconds)
+            with patched("cat-only"):
+                calls["offload_cat_only"] = sampler.sample(
+                    "offload_cat_only", lambda: generate(models["offload"], ids, args.new_tokens), args.spy_seconds)
+    except RuntimeError as error:
+        return {"error": str(error)}
+    summary = summarize(raw.read_text(), sampler.markers, sampler.rate)
+    for name, row in summary.items():
+        row["generates"] = calls[name]
+        row["sampled_ms_per_generate"] = row["seconds"] * 1e3 / calls[name]
+    return summary
+
+
 def sync_count(model, ids) -> dict:
     """Host<->device synchronisations `torch.cuda.set_sync_debug_mode` sees in a 4- and an 8-token
     generate; the difference over 4 is the count per decoding step."""
@@ -192,6 +220,8 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="tiny float32 model on CPU: test this script")
     parser.add_argument("--rows", default=",".join(ROWS), help="the offload rows after the shipped one, "
                         f"comma-separated, '' for none (default: all of {', '.join(ROWS)})")
+    parser.add_argument("--spy-seconds", type=float, default=0.0, help="after the timing, sample the host "
+                        "with py-spy ($PY_SPY or on PATH) this long per model (benchmarks/host_sampler.py)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     device = torch.device("cpu" if args.tiny else "cuda:0")
@@ -233,6 +263,8 @@ def main() -> None:
             rows["offload"]["in_situ"] = in_situ()
         record(f"resident (beside {ablation})", rows["resident"])
         record(f"offload/{ablation}", rows["offload"])
+    if args.spy_seconds:
+        record("host_samples", host_samples(models, ids, args))
     if not args.tiny:  # last: nothing is timed after these
         for name, model in models.items():
             record(f"{name}/sync_debug", sync_count(model, ids))

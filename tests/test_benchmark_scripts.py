@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.test_host_sampler import fake_py_spy
+
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
@@ -55,8 +57,10 @@ def test_gpu_offload_ablation_rows(gpu_decode, tmp_path, monkeypatch):
     manager = offload.OffloadManager
     shipped = manager._issue, manager.add_layers, manager._capture, offload._copy_blocks_triton
     out = tmp_path / "ablation.json"
+    monkeypatch.setenv("PY_SPY", str(fake_py_spy(tmp_path, ["resident", "offload", "offload_cat_only"])))
     monkeypatch.setattr(sys, "argv", ["gpu_offload_ablation.py", "--tiny", "--length", "600", "--new-tokens", "4",
-                                      "--active-tokens", "64", "--repeats", "1", "--out", str(out)])
+                                      "--active-tokens", "64", "--repeats", "1", "--spy-seconds", "0.01",
+                                      "--out", str(out)])
     gpu_offload_ablation.main()
     result = json.loads(out.read_text())
     assert result["tokens_equal"] and calls  # it offloads (it once ran with pruning off: nothing to offload)
@@ -65,6 +69,9 @@ def test_gpu_offload_ablation_rows(gpu_decode, tmp_path, monkeypatch):
         assert len(rows[f"offload/{ablation}"]["vs_resident_by_round"]) == 1
         assert len(rows[f"offload/{ablation}"]["step_vs_resident_by_round"]) == 1
         assert rows[f"resident (beside {ablation})"]["vs_resident"] == 0.0
+    samples = rows["host_samples"]  # sampled under a marker per model (a stand-in py-spy)
+    assert set(samples) == {"resident", "offload", "offload_cat_only"}
+    assert all(row["generates"] >= 1 and row["samples"] == 5 for row in samples.values())
     timed = rows["offload/timed-op"]["in_situ"]
     assert timed["calls"] > 0 and timed["attend_kv_us"] > 0 and timed["between_ops_us"] > 0
     # every row's patch undone
