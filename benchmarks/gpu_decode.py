@@ -371,7 +371,8 @@ def main(argv: list[str] | None = None) -> None:
         if row["options"] is not None:
             row.update(reports(models[variant], ids, args))
         rows.append(row)
-        print(json.dumps({k: v for k, v in row.items() if k not in ("tokens", "graphs", "step_series_ms")}, default=str), flush=True)
+        shown = {k: v for k, v in row.items() if k not in ("tokens", "graphs", "step_series_ms")}
+        print(json.dumps(shown, default=str), flush=True)
     if args.profile and device.type == "cuda":  # last: nothing is timed after the profiler ran
         for row in rows:
             if row["variant"] in ("sliminfer_reselect", "sliminfer_offload") and row["variant"] in models:
@@ -401,7 +402,8 @@ def main(argv: list[str] | None = None) -> None:
             if resident:
                 ratios = row["decode_vs_resident_by_round"] = ratios_by_round(row, resident)
                 steps = row["step_vs_resident_by_round"] = ratios_by_round(row, resident, "step_all_ms")
-                print(f"decode per token {row['decode_ms_per_token']:.2f} ms vs resident {resident['decode_ms_per_token']:.2f} ms "
+                print(f"decode per token {row['decode_ms_per_token']:.2f} ms vs resident "
+                      f"{resident['decode_ms_per_token']:.2f} ms "
                       f"({row['decode_ms_per_token'] / resident['decode_ms_per_token'] - 1:+.1%}; round by round "
                       f"{', '.join(f'{r - 1:+.1%}' for r in ratios)}); median step {row['step_ms']:.2f} ms vs "
                       f"{resident['step_ms']:.2f} ms (round by round {', '.join(f'{r - 1:+.1%}' for r in steps)}); "

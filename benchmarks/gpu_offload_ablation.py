@@ -75,12 +75,13 @@ from slimpass.runtime import offload  # noqa: E402
 
 ROWS = ("no-graphs", "no-kernel", "no-wait", "no-issue", "cat-only", "empty-op", "timed-op", "one-group",
         "programs-8", "programs-32", "priority", "priority-per-item")
-IN_SITU: list[tuple[int, float, float]] = []  # the timed-op row's calls: (layer, start, host seconds in attend_kv)
 
 
 @contextlib.contextmanager
 def patched(name: str):
-    """Switch off or change part of the manager's work for one row (see the module docstring)."""
+    """Switch off or change part of the manager's work for one row (see the module docstring). Yields a
+    list the timed-op row fills with its calls: (layer, start, host seconds in attend_kv)."""
+    notes: list[tuple[int, float, float]] = []
     saved = offload._copy_blocks_triton, offload.OffloadManager.attend_kv, offload.OffloadManager._issue
     add_layers, capture = offload.OffloadManager.add_layers, offload.OffloadManager._capture
     if name == "one-group":
@@ -110,9 +111,8 @@ def patched(name: str):
             try:
                 return saved[1](self, index, *args)
             finally:
-                IN_SITU.append((index, start, time.perf_counter() - start))
+                notes.append((index, start, time.perf_counter() - start))
 
-        IN_SITU.clear()
         offload.OffloadManager.attend_kv = timed_op
     elif name == "no-kernel":
         offload._copy_blocks_triton = lambda *args, **kwargs: None
@@ -140,7 +140,7 @@ def patched(name: str):
     elif name == "priority-per-item":
         offload._copy_blocks_triton = functools.partial(saved[0], programs=None)
     try:
-        yield
+        yield notes
     finally:
         offload._copy_blocks_triton, offload.OffloadManager.attend_kv, offload.OffloadManager._issue = saved
         offload.OffloadManager.add_layers, offload.OffloadManager._capture = add_layers, capture
@@ -153,17 +153,18 @@ def timings(models: dict, ids, args, device) -> dict:
     for name, row in rows.items():
         row["vs_resident_by_round"] = [ratio - 1 for ratio in ratios_by_round(row, rows["resident"])]
         row["vs_resident"] = statistics.median(row["vs_resident_by_round"])
-        row["step_vs_resident_by_round"] = [ratio - 1 for ratio in ratios_by_round(row, rows["resident"], "step_all_ms")]
+        steps = ratios_by_round(row, rows["resident"], "step_all_ms")
+        row["step_vs_resident_by_round"] = [ratio - 1 for ratio in steps]
         row["step_vs_resident"] = statistics.median(row["step_vs_resident_by_round"])
         row["host"] = host_time(models[name], lambda: generate(models[name], ids, args.new_tokens), device)
     return rows
 
 
-def in_situ() -> dict:
+def in_situ(notes: list[tuple[int, float, float]]) -> dict:
     """The timed-op row's notes: attend_kv's host time per call, and from one call's start to the next's
     within a step (from one offloaded layer to the next deeper one)."""
-    gaps = [(b[1] - a[1]) * 1e6 for a, b in zip(IN_SITU, IN_SITU[1:]) if b[0] > a[0]]
-    return {"calls": len(IN_SITU), "attend_kv_us": statistics.median(c[2] * 1e6 for c in IN_SITU) if IN_SITU else None,
+    gaps = [(b[1] - a[1]) * 1e6 for a, b in zip(notes, notes[1:]) if b[0] > a[0]]
+    return {"calls": len(notes), "attend_kv_us": statistics.median(c[2] * 1e6 for c in notes) if notes else None,
             "between_ops_us": statistics.median(gaps) if gaps else None}
 
 
@@ -237,7 +238,8 @@ def main() -> None:
 
     def record(name, row):
         result["rows"][name] = row
-        print(name, json.dumps({k: v for k, v in row.items() if k not in ("tokens", "step_series_ms")}, default=str), flush=True)
+        shown = {k: v for k, v in row.items() if k not in ("tokens", "step_series_ms")}
+        print(name, json.dumps(shown, default=str), flush=True)
         if args.out:
             args.out.write_text(json.dumps(result, indent=1, default=str))
 
@@ -255,12 +257,13 @@ def main() -> None:
         if ablation not in ROWS:
             raise SystemExit(f"--rows: unknown row {ablation!r}; choose from {', '.join(ROWS)}")
         stream = torch.cuda.Stream(device, priority=-5) if ablation.startswith("priority") and not args.tiny else None
-        with patched(ablation), (torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()):
+        on_stream = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+        with patched(ablation) as notes, on_stream:
             if stream is not None:
                 stream.wait_stream(torch.cuda.default_stream(device))
             rows = timings(models, ids, args, device)
         if ablation == "timed-op":
-            rows["offload"]["in_situ"] = in_situ()
+            rows["offload"]["in_situ"] = in_situ(notes)
         record(f"resident (beside {ablation})", rows["resident"])
         record(f"offload/{ablation}", rows["offload"])
     if args.spy_seconds:

@@ -3,8 +3,10 @@ decodes inside a marker function, so that each sampled stack names the model it 
 
 torch.profiler only sees the events it records (aten ops, CUDA runtime calls, `record_function` ranges):
 Python between them (Dynamo's frame, AOTAutograd's runtime wrappers, our wrappers, generate's loop) and a
-wait inside a call it does not record are invisible to it. A sampler sees both, with ``--native`` down to
-the driver. py-spy is not a dependency: give its path in ``$PY_SPY`` or put it on ``PATH`` (``pip
+wait inside a call it does not record are invisible to it. A sampler sees both: by default the Python
+frames, time blocked in a C call counted in the Python frame that made it, read without pausing the
+process; ``native=True`` adds C frames down to the driver, but pauses the process at every sample (on a
+CPU it ran a tiny model's decoding ~5× slower, which changes what a host-bound step waits for). py-spy is not a dependency: give its path in ``$PY_SPY`` or put it on ``PATH`` (``pip
 install py-spy``; on a machine without network, carry its wheel and install it with ``--no-deps``).
 
     with HostSampler(out_path, rate=250) as sampler:
@@ -47,7 +49,7 @@ def _marked(name: str) -> Callable[[Callable[[], object]], None]:
 class HostSampler:
     """py-spy recording this process (raw collapsed stacks to `out`) from `__enter__` to `__exit__`."""
 
-    def __init__(self, out: Path, rate: int = 250, native: bool = True) -> None:
+    def __init__(self, out: Path, rate: int = 250, native: bool = False) -> None:
         self.out, self.rate, self.native = Path(out), rate, native
         self.markers: list[str] = []
         self.process: subprocess.Popen | None = None
@@ -61,8 +63,10 @@ class HostSampler:
             ctypes.CDLL(None).prctl(_PR_SET_PTRACER, _PR_SET_PTRACER_ANY, 0, 0, 0)
         except (OSError, AttributeError):
             pass
-        command = [exe, "record", "--pid", str(os.getpid()), "--rate", str(self.rate), "--format", "raw",
-                   "--output", str(self.out)] + (["--native"] if self.native else [])
+        # --idle: time blocked in a call counts too; without --native py-spy reads the process's memory
+        # without pausing it (--nonblocking), so the sampled host runs at its own speed
+        command = [exe, "record", "--pid", str(os.getpid()), "--rate", str(self.rate), "--format", "raw", "--idle",
+                   "--output", str(self.out)] + (["--native"] if self.native else ["--nonblocking"])
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         time.sleep(2.0)  # attach
         if self.process.poll() is not None:
