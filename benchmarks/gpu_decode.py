@@ -295,9 +295,7 @@ def profile_overlap(fn, device: torch.device, cpu: bool = True) -> dict[str, Any
             "stalls": len(stalls), "stall_us": sum(stalls),
             "compute_busy_share": sum(b - a for a, b in merged) / wall,
             "top_cpu_ops": [(e.key, e.count, round(e.self_cpu_time_total)) for e in
-                            sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:40]],
-            "offload_op_cpu_us": sum(e.cpu_time_total for e in prof.key_averages() if "offload_kv" in e.key),
-            "offload_op_calls": sum(e.count for e in prof.key_averages() if "offload_kv" in e.key)}
+                            sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:40]]}
 
 
 def agreement(row: dict[str, Any], base: dict[str, Any]) -> int:

@@ -13,17 +13,14 @@ same round, and the host time of a decode forward and of the whole step (`gpu_de
 
 - ``resident``: pruning + reselection, resident cache (the baseline);
 - ``offload``: ``offload=True`` as shipped;
-- ``offload/no-kernel``: the copy kernel's launch replaced by nothing (events, waits and the op's other
+- ``offload/no-kernel``: the copy kernel's launch replaced by nothing (events, waits and the manager's other
   work stay): what the copies cost on the GPU and the launches on the host;
 - ``offload/no-wait``: copies issued as shipped but the compute stream never waits for them: what waiting
   costs (stalls);
-- ``offload/no-issue``: no side-stream work at all (only the op's cat and bookkeeping);
-- ``offload/cat-only``: the op only concatenates front and tail (its floor: the custom op's dispatch and
-  two cats);
-- ``offload/empty-op``: the op only allocates its two outputs (no kernel, no copy, no wait): the cost of
-  calling an op from the compiled graph at all;
-- ``offload/timed-op``: as shipped, with the host time of each `attend_kv` noted in the compiled graph
-  (``in_situ``: its median, and the median host time from one offloaded layer's op to the next's);
+- ``offload/no-issue``: no copies after the steps (the fronts keep their first blocks): the graph's
+  reads of the fronts and writes of the next sets alone;
+- ``offload/timed-steps``: as shipped, with the manager's host time before and after each step's graph
+  noted (``manager_us``);
 - ``offload/one-group``: as shipped but one copy group of every offloaded layer of a shape (fewer
   launches, copies issued later);
 - ``offload/no-graphs``: the copies ahead launched every step instead of replayed from CUDA graphs;
@@ -36,7 +33,7 @@ same round, and the host time of a decode forward and of the whole step (`gpu_de
 ``--rows`` picks the rows (default: all).
 
 With ``--spy-seconds S``, after the timing, py-spy samples the host's stacks for S seconds per model
-(resident, offload, offload with the op cut to its cats; `host_sampler`): where a step's host time goes,
+(resident, offload; `host_sampler`): where a step's host time goes,
 Python and native, including what torch.profiler does not record.
 
 Last, after all timing (a profiler must not run before anything timed): for resident and shipped
@@ -73,68 +70,43 @@ import slimpass  # noqa: E402
 from slimpass.runtime import offload  # noqa: E402
 
 
-ROWS = ("no-graphs", "no-kernel", "no-wait", "no-issue", "cat-only", "empty-op", "timed-op", "one-group",
-        "programs-8", "programs-32", "priority", "priority-per-item")
+ROWS = ("no-graphs", "no-kernel", "no-wait", "no-issue", "timed-steps", "one-group", "programs-8", "programs-32",
+        "priority", "priority-per-item")
 
 
 @contextlib.contextmanager
 def patched(name: str):
     """Switch off or change part of the manager's work for one row (see the module docstring). Yields a
-    list the timed-op row fills with its calls: (layer, start, host seconds in attend_kv)."""
-    notes: list[tuple[int, float, float]] = []
-    saved = offload._copy_blocks_triton, offload.OffloadManager.attend_kv, offload.OffloadManager._issue
-    add_layers, capture = offload.OffloadManager.add_layers, offload.OffloadManager._capture
+    list the timed-steps row fills with the manager's calls around each step: (what, host seconds)."""
+    notes: list[tuple[str, float]] = []
+    manager = offload.OffloadManager
+    saved = offload._copy_blocks_triton, manager.before_step, manager.after_step, manager._issue
+    add_layers, capture = manager.add_layers, manager._capture
     if name == "one-group":
         def one_group(self, layers):
             self.copy_group = len(layers)
             add_layers(self, layers)
 
-        offload.OffloadManager.add_layers = one_group
-    elif name == "cat-only":
-        def cat_only(self, index, active, upcoming, k, v):
-            layer = self.layers[index]
-            layer.steps += 1
-            return torch.cat([layer.front_k, k], dim=2), torch.cat([layer.front_v, v], dim=2)
+        manager.add_layers = one_group
+    elif name == "timed-steps":
+        def timed(what, call):
+            def run(self, *args):
+                start = time.perf_counter()
+                try:
+                    return call(self, *args)
+                finally:
+                    notes.append((what, time.perf_counter() - start))
+            return run
 
-        offload.OffloadManager.attend_kv = cat_only
-    elif name == "empty-op":
-        def empty_op(self, index, active, upcoming, k, v):
-            layer = self.layers[index]
-            layer.steps += 1
-            shape = (*k.shape[:2], layer.front_k.shape[2] + k.shape[2], k.shape[3])
-            return k.new_empty(shape), v.new_empty(shape)
-
-        offload.OffloadManager.attend_kv = empty_op
-    elif name == "timed-op":
-        def timed_op(self, index, *args):
-            start = time.perf_counter()
-            try:
-                return saved[1](self, index, *args)
-            finally:
-                notes.append((index, start, time.perf_counter() - start))
-
-        offload.OffloadManager.attend_kv = timed_op
+        manager.before_step, manager.after_step = timed("before", saved[1]), timed("after", saved[2])
     elif name == "no-kernel":
         offload._copy_blocks_triton = lambda *args, **kwargs: None
     elif name == "no-wait":
-        wait = torch.cuda.Stream.wait_event
-
-        def attend_kv(self, *args, **kwargs):
-            torch.cuda.Stream.wait_event = lambda *a, **k: None
-            try:
-                return saved[1](self, *args, **kwargs)
-            finally:
-                torch.cuda.Stream.wait_event = wait
-
-        def issue(self, group, step):  # the side stream still waits for the compute stream
-            torch.cuda.Stream.wait_event = wait
-            saved[2](self, group, step)
-
-        offload.OffloadManager.attend_kv, offload.OffloadManager._issue = attend_kv, issue
+        manager.before_step = lambda self: None
     elif name == "no-issue":
-        offload.OffloadManager._issue = lambda self, group, step: setattr(group, "issued_for", step)
+        manager._issue = lambda self, group, step: setattr(group, "issued_for", step)
     elif name == "no-graphs":
-        offload.OffloadManager._capture = lambda self, group, step: None
+        manager._capture = lambda self, group, step: None
     elif name.startswith("programs-"):
         offload._copy_blocks_triton = functools.partial(saved[0], programs=int(name.split("-")[1]))
     elif name == "priority-per-item":
@@ -142,8 +114,8 @@ def patched(name: str):
     try:
         yield notes
     finally:
-        offload._copy_blocks_triton, offload.OffloadManager.attend_kv, offload.OffloadManager._issue = saved
-        offload.OffloadManager.add_layers, offload.OffloadManager._capture = add_layers, capture
+        offload._copy_blocks_triton, manager.before_step, manager.after_step, manager._issue = saved
+        manager.add_layers, manager._capture = add_layers, capture
 
 
 def timings(models: dict, ids, args, device) -> dict:
@@ -160,17 +132,15 @@ def timings(models: dict, ids, args, device) -> dict:
     return rows
 
 
-def in_situ(notes: list[tuple[int, float, float]]) -> dict:
-    """The timed-op row's notes: attend_kv's host time per call, and from one call's start to the next's
-    within a step (from one offloaded layer to the next deeper one)."""
-    gaps = [(b[1] - a[1]) * 1e6 for a, b in zip(notes, notes[1:]) if b[0] > a[0]]
-    return {"calls": len(notes), "attend_kv_us": statistics.median(c[2] * 1e6 for c in notes) if notes else None,
-            "between_ops_us": statistics.median(gaps) if gaps else None}
+def step_notes(notes: list[tuple[str, float]]) -> dict:
+    """The timed-steps row's notes: the manager's host time before and after a step's graph, medians in µs."""
+    return {what: statistics.median(seconds * 1e6 for kind, seconds in notes if kind == what)
+            if any(kind == what for kind, _ in notes) else None for what in ("before", "after")}
 
 
 def host_samples(models: dict, ids, args) -> dict:
     """py-spy's samples of the host while each model decodes (`host_sampler`): resident, offload, and
-    offload with its op cut to its two cats, each for ``--spy-seconds``; per model the shares of where the
+    each for ``--spy-seconds``; per model the shares of where the
     host was (a generate's prefill included) and the host time per generate."""
     raw = Path(tempfile.gettempdir()) / "slimpass_host_samples.txt"
     calls = {}
@@ -178,9 +148,6 @@ def host_samples(models: dict, ids, args) -> dict:
         with HostSampler(raw) as sampler:
             for name, model in models.items():
                 calls[name] = sampler.sample(name, lambda: generate(model, ids, args.new_tokens), args.spy_seconds)
-            with patched("cat-only"):
-                calls["offload_cat_only"] = sampler.sample(
-                    "offload_cat_only", lambda: generate(models["offload"], ids, args.new_tokens), args.spy_seconds)
     except RuntimeError as error:
         return {"error": str(error)}
     summary = summarize(raw.read_text(), sampler.markers, sampler.rate)
@@ -262,8 +229,8 @@ def main() -> None:
             if stream is not None:
                 stream.wait_stream(torch.cuda.default_stream(device))
             rows = timings(models, ids, args, device)
-        if ablation == "timed-op":
-            rows["offload"]["in_situ"] = in_situ(notes)
+        if ablation == "timed-steps":
+            rows["offload"]["manager_us"] = step_notes(notes)
         record(f"resident (beside {ablation})", rows["resident"])
         record(f"offload/{ablation}", rows["offload"])
     if args.spy_seconds:
@@ -271,8 +238,6 @@ def main() -> None:
     if not args.tiny:  # last: nothing is timed after these
         for name, model in models.items():
             record(f"{name}/sync_debug", sync_count(model, ids))
-        with patched("cat-only"):
-            record("offload/cat-only/sync_debug", sync_count(models["offload"], ids))
         for name, model in models.items():  # the same profiles for both: top CPU ops side by side
             record(f"{name}/profile", profile_overlap(lambda: generate(model, ids, 16), device))
             record(f"{name}/profile_gpu_only", profile_overlap(lambda: generate(model, ids, 16), device, cpu=False))

@@ -78,29 +78,44 @@ def check_kernel(device: torch.device, layouts=LAYOUTS) -> dict:
     return results
 
 
+def decode_steps(manager: offload.OffloadManager, sets: torch.Tensor, tail: torch.Tensor, steps: int) -> list:
+    """What a cache and its decode graphs do from the second decoding step on, for every layer of
+    `manager` (`sets` [steps + 1, layers, B, m]): fill the fronts for step 1, then per step wait, read
+    ``cat(front, tail)`` and write the next set (the graph's part), and issue the copies. No sync."""
+    manager.start({p: (layer.host_k.to(tail.device), layer.host_v.to(tail.device), sets[1, p])
+                   for p, layer in manager.layers.items()}, 1)
+    outputs = []
+    for step in range(1, steps + 1):
+        manager.before_step()
+        outputs.append([(torch.cat([layer.front_k, tail], 2), torch.cat([layer.front_v, tail], 2))
+                        for layer in manager.layers.values()])
+        for p, layer in manager.layers.items():
+            layer.pending.copy_(sets[step + 1, p])
+        manager.after_step(step)
+    return outputs
+
+
 def check_replay(device: torch.device, steps: int = 6) -> dict:
-    """The op through the dispatcher for a copy group of three layers over `steps` steps, with the manager's
-    CUDA graphs on and off; outputs compared after the last step (no sync in between, as in decoding)."""
+    """Decoding steps of a copy group of three layers (`decode_steps`), with the manager's CUDA graphs on
+    and off; what each step read compared after the last step (no sync in between, as in decoding)."""
     layers, batch, heads, tokens, dim, block, slots, sinks = 3, 2, 3, 40 * 16, 64, 16, 8, 16
     keys = torch.randn(layers, batch, heads, tokens, dim, device=device, dtype=torch.bfloat16)
     values = torch.randn_like(keys)
     tail = torch.randn(batch, heads, 5, dim, device=device, dtype=torch.bfloat16)
     generator = torch.Generator().manual_seed(1)
     sets = torch.stack([torch.randperm(38, generator=generator)[:slots] + 1
-                        for _ in range((steps + 1) * layers * batch)]).view(steps + 1, layers, batch, slots).to(device)
+                        for _ in range((steps + 2) * layers * batch)]).view(steps + 2, layers, batch, slots).to(device)
     rows = torch.arange(batch, device=device)[:, None]
     results = {}
     for graphs in (True, False):
         manager = group_manager(device, keys, values, slots, sinks, block, graphs)
-        outputs = [[torch.ops.slimpass.offload_kv(manager.handle, p, sets[step, p], sets[step + 1, p], tail, tail,
-                                                  sinks + slots * block) for p in range(layers)]
-                   for step in range(steps)]
+        outputs = decode_steps(manager, sets, tail, steps)
         torch.cuda.synchronize(device)
         ok = True
-        for step in range(steps):
+        for step in range(1, steps + 1):
             for p in range(layers):
                 index = (sets[step, p, :, :, None] * block + torch.arange(block, device=device)).flatten(1)
-                for got, source in zip(outputs[step][p], (keys[p], values[p])):
+                for got, source in zip(outputs[step - 1][p], (keys[p], values[p])):
                     picked = source.transpose(1, 2)[rows, index].transpose(1, 2)
                     want = torch.cat([source[:, :, :sinks], picked, tail], 2)
                     ok = ok and torch.equal(got, want)
@@ -120,11 +135,7 @@ def request_growth(device, keys, values, sets, tail, sinks, slots, block, graphs
     """Bytes of device memory (allocated, reserved) and of pinned host memory gained over `requests`
     managers that each capture their graphs, run, and are dropped (after one warm-up request)."""
     def request():
-        manager = group_manager(device, keys, values, slots, sinks, block, graphs)
-        for step in range(4):
-            for p in range(keys.shape[0]):
-                torch.ops.slimpass.offload_kv(manager.handle, p, sets[step, p], sets[step + 1, p], tail, tail,
-                                              sinks + slots * block)
+        decode_steps(group_manager(device, keys, values, slots, sinks, block, graphs), sets, tail, 4)
         torch.cuda.synchronize(device)
 
     def usage():

@@ -7,19 +7,19 @@ Shapes: Llama-3.1-8B at 32k after pruning (20 offloaded slim layers of 8319 cach
 head dim 128, bf16, 128 active blocks of 16 tokens, `--changed` of them new each step). Compute: per
 layer one bf16 GEMV of `--weights-mb` of weights (8B decoding: ~0.2 ms a layer on an H100).
 
-1. ``manager``: simulated decode steps of the ``slimpass::offload_kv`` op for 20 layers (no compute): host
-   ms per step (no sync), wall ms per step, and the host time of one copy-kernel launch (a group's).
+1. ``manager``: simulated decoding steps of 20 offloaded layers (no compute): the manager's host ms per
+   step around the step (no sync), wall ms per step, and the host time of one copy-kernel launch (a
+   group's).
 2. ``compute``: the GEMVs alone; ``compute+zero_copy <tile>``: the same with the copy kernel of each copy
    group (`--group` layers) on a side stream after the group's last layer, per copy-kernel layout
    (`--kernels`: slots per program x warps x programs; each also timed alone and checked against plain
    indexing by `gpu_offload_check.check_kernel`); ``compute+memcpy``: with one contiguous pinned->device
    copy of the same bytes per group (an idealised DMA copy) instead; ``priority ...``: the same with the
    GEMVs on a high-priority stream (the copies' side stream keeps the default, lowest priority).
-3. ``breakdown``: host microseconds of each piece of the op, steady state (copies issued a step ahead):
-   the op through the dispatcher and called directly (the difference: dispatch), its two cats, the copy
-   of the next set, the event wait, a group's issue and the copy kernel's launch alone, a replay of the
-   same copy captured in a CUDA graph, and a capture (`OffloadManager._capture`: each request captures two
-   per copy group).
+3. ``breakdown``: host microseconds of each piece of the manager's work around a step, steady state (one
+   copy group): before the step (the wait), after it (the next sets stacked, the copy issued), the stack
+   alone, a group's issue and the copy kernel's launch alone, a replay of the same copy captured in a CUDA
+   graph, and a capture (`OffloadManager._capture`: each request captures two per copy group).
 """
 
 from __future__ import annotations
@@ -35,10 +35,14 @@ from gpu_offload_check import check_kernel
 from slimpass.runtime import copy_kernel, offload
 
 
-def make_manager(device, layers, tokens, heads, dim, slots, block, group):
+def make_manager(device, layers, tokens, heads, dim, slots, block, group, first=None):
+    """A manager of `layers` offloaded layers; with `first` ([1, slots] blocks) its fronts filled for step 1
+    (`OffloadManager.start`), as a cache does before its second decoding step."""
     manager = offload.OffloadManager(device, copy_group=group)
     keys = torch.randn(1, heads, tokens, dim, device=device, dtype=torch.bfloat16)
     manager.add_layers([offload.LayerToOffload(index, keys, keys, slots, 64, block) for index in range(layers)])
+    if first is not None:
+        manager.start({index: (keys, keys, first) for index in range(layers)}, 1)
     return manager
 
 
@@ -54,18 +58,22 @@ def step_sets(steps, slots, blocks, changed, device):
 
 
 def bench_manager(args, device):
-    """Host and wall time of the op (`offload_kv` through the dispatcher, as the compiled graph calls it) for
-    every layer of a step, and of the Triton copy kernel's launch alone."""
-    manager = make_manager(device, args.layers, args.tokens, 8, 128, args.slots, 16, args.group)
-    sets = step_sets(args.steps + 1, args.slots, args.tokens // 16, args.changed, device)
-    tail = torch.randn(1, 8, 100, 128, device=device, dtype=torch.bfloat16)
+    """Host and wall time of the manager's work around simulated decoding steps of `--layers` layers (no
+    compute): before each step, then each layer's next set written (what the decode graph does; not host
+    time of the manager's), then after the step; and the Triton copy kernel's launch alone."""
+    sets = step_sets(args.steps + 2, args.slots, args.tokens // 16, args.changed, device)
+    manager = make_manager(device, args.layers, args.tokens, 8, 128, args.slots, 16, args.group, first=sets[0])
     host = 0.0
     torch.cuda.synchronize(device)
     start = time.perf_counter()
-    for step in range(args.steps):
+    for step in range(1, args.steps + 1):
         tick = time.perf_counter()
-        for layer in range(args.layers):
-            torch.ops.slimpass.offload_kv(manager.handle, layer, sets[step], sets[step + 1], tail, tail, 64 + 128 * 16)
+        manager.before_step()
+        host += time.perf_counter() - tick
+        for layer in manager.layers.values():
+            layer.pending.copy_(sets[step])
+        tick = time.perf_counter()
+        manager.after_step(step)
         host += time.perf_counter() - tick
     torch.cuda.synchronize(device)
     total = time.perf_counter() - start
@@ -90,34 +98,25 @@ def per_call_us(fn, calls: int = 2000) -> float:
 
 
 def bench_breakdown(args, device):
-    """Host time of the op's pieces, per call (see the module docstring)."""
-    manager = make_manager(device, args.group, args.tokens, 8, 128, args.slots, 16, args.group)
+    """Host time of the manager's pieces around a step, per call (see the module docstring)."""
     sets = step_sets(2, args.slots, args.tokens // 16, args.changed, device)
-    tail = torch.randn(1, 8, 100, 128, device=device, dtype=torch.bfloat16)
-    group, layer = manager.groups[0], manager.layers[0]
-    front = 64 + args.slots * 16
+    manager = make_manager(device, args.group, args.tokens, 8, 128, args.slots, 16, args.group, first=sets[0])
+    group = manager.groups[0]
+    layers = [manager.layers[index] for index in group.layers]
+    steps = iter(range(1, 10**9))
 
-    def step_of_group():  # every layer's op once: the group's copy issued at its last layer
-        for index in range(args.group):
-            torch.ops.slimpass.offload_kv(manager.handle, index, sets[0], sets[1], tail, tail, front)
-
-    def step_direct():
-        for index in range(args.group):
-            manager.attend_kv(index, sets[0], sets[1], tail, tail)
-
-    def issue():
-        manager._issue(group, layer.steps)
+    def after():  # a step of one group: its next sets stacked, its copy issued (replayed after two steps)
+        manager.after_step(next(steps))
 
     def kernel():
         copy_kernel.copy_blocks_triton(group, 0, args.group, group.pending, 1, manager.issued)
 
+    out = {"before_step_per_group": per_call_us(manager.before_step, 500),
+           "after_step_per_group": per_call_us(after, 500),
+           "stack_next_sets": per_call_us(lambda: torch.stack([layer.pending for layer in layers], out=group.pending)),
+           "issue_per_group": per_call_us(lambda: manager._issue(group, next(steps)), 500),
+           "kernel_launch_per_group": per_call_us(kernel, 500)}
     stream = torch.cuda.current_stream(device)
-    out = {"op_per_layer": per_call_us(step_of_group, 500) / args.group,
-           "attend_kv_per_layer": per_call_us(step_direct, 500) / args.group,
-           "two_cats": per_call_us(lambda: (torch.cat([layer.front_k, tail], 2), torch.cat([layer.front_v, tail], 2))),
-           "pending_copy": per_call_us(lambda: layer.pending.copy_(sets[1])),
-           "wait_event": per_call_us(lambda: stream.wait_event(group.ready)),
-           "issue_per_group": per_call_us(issue, 500), "kernel_launch_per_group": per_call_us(kernel, 500)}
     torch.cuda.synchronize(device)
     graph, side = torch.cuda.CUDAGraph(), torch.cuda.Stream(device)
     side.wait_stream(stream)

@@ -120,11 +120,16 @@ def compile(  # noqa: A001 - mirrors torch.compile
                 "decode masks over the full prompt length, which a pruned cache does not hold: pass a "
                 "slimpass.SlimCache(model.config) or no cache (one is made)")
         prefill = isinstance(cache, slim_cache.SlimCache) and cache.get_seq_length() == 0
+        decoding = isinstance(cache, slim_cache.SlimCache) and not prefill and cache.recorded
         if prefill:
             state.last_keep = None  # set again by this call's prefill graph when pruning is compiled in
+        elif decoding:
+            cache.before_step()
         out = compiled(*args, **kwargs)
         if prefill:
             cache.record_prefill(_prompt_length(args, kwargs), state.last_keep or [], config)
+        elif decoding:
+            cache.after_step()
         return out
 
     original_generate = model.__dict__.get("_slimpass_original_generate", model.generate)

@@ -51,13 +51,14 @@ def test_gpu_offload_ablation_rows(gpu_decode, tmp_path, monkeypatch):
     from slimpass.runtime import offload
 
     calls = []
-    attend_kv = offload.OffloadManager.attend_kv
-    monkeypatch.setattr(offload.OffloadManager, "attend_kv",
-                        lambda self, *args: calls.append(1) or attend_kv(self, *args))
+    after_step = offload.OffloadManager.after_step
+    monkeypatch.setattr(offload.OffloadManager, "after_step",
+                        lambda self, *args: calls.append(1) or after_step(self, *args))
     manager = offload.OffloadManager
-    shipped = manager._issue, manager.add_layers, manager._capture, offload._copy_blocks_triton
+    shipped = (manager._issue, manager.add_layers, manager._capture, manager.before_step, manager.after_step,
+               offload._copy_blocks_triton)
     out = tmp_path / "ablation.json"
-    monkeypatch.setenv("PY_SPY", str(fake_py_spy(tmp_path, ["resident", "offload", "offload_cat_only"])))
+    monkeypatch.setenv("PY_SPY", str(fake_py_spy(tmp_path, ["resident", "offload"])))
     monkeypatch.setattr(sys, "argv", ["gpu_offload_ablation.py", "--tiny", "--length", "600", "--new-tokens", "4",
                                       "--active-tokens", "64", "--repeats", "1", "--spy-seconds", "0.01",
                                       "--out", str(out)])
@@ -70,12 +71,13 @@ def test_gpu_offload_ablation_rows(gpu_decode, tmp_path, monkeypatch):
         assert len(rows[f"offload/{ablation}"]["step_vs_resident_by_round"]) == 1
         assert rows[f"resident (beside {ablation})"]["vs_resident"] == 0.0
     samples = rows["host_samples"]  # sampled under a marker per model (a stand-in py-spy)
-    assert set(samples) == {"resident", "offload", "offload_cat_only"}
+    assert set(samples) == {"resident", "offload"}
     assert all(row["generates"] >= 1 and row["samples"] == 5 for row in samples.values())
-    timed = rows["offload/timed-op"]["in_situ"]
-    assert timed["calls"] > 0 and timed["attend_kv_us"] > 0 and timed["between_ops_us"] > 0
+    timed = rows["offload/timed-steps"]["manager_us"]
+    assert timed["before"] > 0 and timed["after"] > 0
     # every row's patch undone
-    assert (manager._issue, manager.add_layers, manager._capture, offload._copy_blocks_triton) == shipped
+    assert (manager._issue, manager.add_layers, manager._capture, manager.before_step, manager.after_step,
+            offload._copy_blocks_triton) == shipped
 
 
 def test_step_clock_times_each_decoding_step(gpu_decode):

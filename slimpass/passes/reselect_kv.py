@@ -58,10 +58,11 @@ class ReselectKV(GraphPass):
         proven: dict[torch.fx.Node, str] = {}  # mask producer -> "" (hides nothing) or why not
         for marker in markers:
             active, stats, positions, units, index = marker.args[:5]
-            handle = marker.args[5] if len(marker.args) > 5 else marker.kwargs.get("offload")
+            fronts = [marker.args[i] if len(marker.args) > i else marker.kwargs.get(name)
+                      for i, name in enumerate(("front_k", "front_v", "pending"), start=5)]
             layer = layers.get(index)
             reason = self._why_not(layer, ctx) or self._mask_reason(gm, layer, ctx, proven)
-            if reason and handle is not None:
+            if reason and fronts[0] is not None:
                 raise RuntimeError(f"reselect_kv: layer {index} is offloaded (SlimConfig.offload) and holds only its "
                                    f"last prompt block on the accelerator, but its attention cannot be rewritten: "
                                    f"{reason}. Run with offload=False")
@@ -79,7 +80,7 @@ class ReselectKV(GraphPass):
                     reselection.reselect_attention,
                     (layer.q, layer.k_full, layer.v_full, active, stats, positions, units, float(scale), config.scorer,
                      config.block_size, config.unit_size, config.local_window, config.sink_blocks, config.gamma,
-                     config.reselect_unit, index, handle))
+                     config.reselect_unit, index, *fronts))
             node.meta["slimpass"] = {"layer": index, "role": "reselect"}
             attention.replace_all_uses_with(node)
             gm.graph.erase_node(attention)

@@ -14,35 +14,35 @@ the resident path's gather (`reselection.attended_tokens`), so offload on and of
 Reselection keeps a block in its slot while it stays active (`reselection.assign_slots`), so a swap
 rewrites only the slots whose block changed.
 
-Reselection decides a layer's next active set one step ahead, so the copies for step s + 1 can start as
-soon as step s has passed the layer. Consecutive layers of one shape form a *copy group*
+Reselection decides a layer's next active set one step ahead, so the copies for step s + 1 can run
+while step s + 1 has not started. Consecutive layers of one shape form a *copy group*
 (`SlimConfig.copy_group` of them), whose buffers are stacked so that one kernel launch copies for all of
-them. The decode graph calls one op per layer, ``slimpass::offload_kv``, before the attention
-(`reselection.reselect_attention` puts it there with the layer's active sets for this step and the next):
+them. No op of ours runs inside the compiled decode graph: the graph reads the fronts and writes each
+layer's next set into a buffer the manager owns (`pending`), as traced PyTorch that the compiler fuses
+(`reselection.reselect_attention`), and `SlimCache` calls the manager around each step's forward:
 
-- the first layer of a group makes the compute stream wait on the event of the group's copy, issued a
-  step earlier (on the first step instead each layer copies all its active blocks, on the compute stream);
-- it returns ``cat(front, tail)`` and stores the next step's active set in a buffer the manager owns;
-- at the group's last layer it records an event and issues, on the side stream after that event, one
-  copy of the blocks that change for the group's next step: it runs while the rest of the step computes.
+- the first decoding step runs resident: its active set is chosen by its own query, and the layers'
+  prompt K/V are still on the accelerator (their copy to the host started after the prefill);
+- before the second step, `start` fills the fronts from those K/V with a gather on the accelerator and
+  the cache cuts the layers to their tails (the decode graph that reads the fronts is a second graph);
+- before every later step the compute stream waits for the copies issued after the step before;
+- after each step (its reads of the fronts and writes of the next sets are all enqueued) an event is
+  recorded and each group's copy of the blocks that change for the next step is issued on the side
+  stream after it.
 
-The side stream reads and writes only buffers the manager owns (host K/V, fronts, slot tables), never
-one the compiler allocated. On CUDA the copy is a Triton kernel (`slimpass.runtime.copy_kernel`) that
-reads the changed blocks straight from pinned host memory (mapped into the device's address space), so
-only changed blocks cross the bus; a few programs loop over the blocks, so the copy holds few SMs while it
-waits on the bus. It also keeps the slot tables and counts the copied blocks on the device (no host sync,
-no extra launches). Elsewhere it is plain tensor indexing.
+An op inside the graph cost far more host time per call than the same work in a loop (docs/PERF.md,
+fifth round), and decoding is host-bound at batch 1; around the graph the manager's work is a few calls
+per group a step.
 
-Decoding is host-bound at batch 1 (the compiled step launches hundreds of kernels), so every microsecond
-the op spends on the host lengthens the step. Two things keep it short (measured on an H200 host,
-docs/PERF.md): the op is registered straight with the dispatcher (`torch.library.Library`), not through
-`torch.library.custom_op`, whose Python wrappers cost ~50 µs a call there; and a group's copy ahead, whose
-arguments are the same every other step (the slot tables alternate by step parity), is captured once per
-parity in a CUDA graph and replayed (~5 µs instead of a ~70 µs Triton launch). If capturing fails, the
-manager logs why once and launches the kernel instead.
-
-The op gets tensors only; a request's manager is found through its ``handle`` (a CPU int64 scalar held
-by the cache) in a weak registry, so every cache has its own state and dropping the cache frees it.
+The side stream reads and writes only buffers the manager owns (host K/V, fronts, slot tables, the
+stacked next sets), never one the compiler allocated. On CUDA the copy is a Triton kernel
+(`slimpass.runtime.copy_kernel`) that reads the changed blocks straight from pinned host memory (mapped
+into the device's address space), so only changed blocks cross the bus; a few programs loop over the
+blocks, so the copy holds few SMs while it waits on the bus. It also keeps the slot tables and counts the
+copied blocks on the device (no host sync, no extra launches). Elsewhere it is plain tensor indexing.
+A group's copy, whose arguments are the same every other step (the slot tables alternate by step
+parity), is captured once per parity in a CUDA graph and replayed (~5 µs instead of a ~70 µs Triton
+launch). If capturing fails, the manager logs why once and launches the kernel instead.
 """
 
 from __future__ import annotations
@@ -56,14 +56,12 @@ from typing import Any
 
 import torch
 
+from slimpass.runtime.block_index import block_tokens, gather_tokens
 from slimpass.runtime.copy_kernel import copy_blocks_torch as _copy_blocks_torch
 from slimpass.runtime.copy_kernel import copy_blocks_triton as _copy_blocks_triton
 from slimpass.runtime.copy_kernel import triton
 
 log = logging.getLogger(__name__)
-
-_MANAGERS: weakref.WeakValueDictionary[int, OffloadManager] = weakref.WeakValueDictionary()
-
 
 class OffloadMemoryError(MemoryError):
     """Host memory for the offloaded K/V could not be allocated (pinned)."""
@@ -114,14 +112,14 @@ class OffloadedLayer:
     front_k: torch.Tensor
     front_v: torch.Tensor
     tables: torch.Tensor  # [2, B, m]
-    pending: torch.Tensor  # [B, m]
-    steps: int = 0  # decoding steps seen (offload_kv calls)
+    pending: torch.Tensor  # [B, m] its own (not a view of the group's: the decode graph writes it)
+    steps: int = 0  # decoding steps done (set at the start and after each step)
     copied_for: int = -1  # the step of the last copy issued for it
 
     @classmethod
     def of(cls, index: int, group: CopyGroup, position: int) -> OffloadedLayer:
         return cls(index, group, position, group.host_k[position], group.host_v[position], group.front_k[position],
-                   group.front_v[position], group.tables[position], group.pending[position])
+                   group.front_v[position], group.tables[position], group.pending[position].clone())
 
     sink_tokens = property(lambda self: self.group.sink_tokens)
     block_size = property(lambda self: self.group.block_size)
@@ -161,10 +159,9 @@ class OffloadManager:
         self.graph_pool = None
         self.layers: dict[int, OffloadedLayer] = {}
         self.groups: list[CopyGroup] = []
-        self.issued = torch.zeros((), dtype=torch.long, device=self.device)  # blocks copied after the first step
-        self.first_fetched = 0
-        self.handle = torch.tensor(id(self), dtype=torch.long)
-        _MANAGERS[id(self)] = self
+        self.issued = torch.zeros((), dtype=torch.long, device=self.device)  # blocks copied host -> accelerator
+        self.started: int | None = None  # the decoding step the fronts were first filled for
+        self.start_blocks = 0  # blocks gathered into the fronts at the start, on the accelerator
         if self.cuda:  # the side stream may still read host memory that dies with the manager
             weakref.finalize(self, self.stream.synchronize)
 
@@ -206,27 +203,45 @@ class OffloadManager:
         for position, layer in enumerate(run):
             self.layers[layer.index] = OffloadedLayer.of(layer.index, group, position)
 
-    # --- what the op does ----------------------------------------------------------------------------
-    def attend_kv(self, index: int, active: torch.Tensor, upcoming: torch.Tensor, k: torch.Tensor,
-                  v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        layer = self.layers[index]
-        group, position = layer.group, layer.position
-        step, layer.steps = layer.steps, layer.steps + 1
-        if step == 0 or group.issued_for != step:  # the first step (its set was chosen by this step's query)
-            self._copy(group, position, 1, active, step)  # or no copy was issued ahead: copy now
-            if step == 0:
-                self.first_fetched += active.numel()
-        elif position == 0 and self.cuda:  # the group's copy for this step, issued a step ago
-            torch.cuda.current_stream(self.device).wait_event(group.ready)
-        keys, values = torch.cat([layer.front_k, k], dim=2), torch.cat([layer.front_v, v], dim=2)
-        layer.pending.copy_(upcoming)
-        if position == len(group.layers) - 1:  # the group's next step is decided: fetch it
+    # --- around each decoding step (`SlimCache.before_step`, `SlimCache.after_step`) ----------------------
+    def start(self, layers: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]], step: int) -> None:
+        """Fill every front for decoding step `step` (the first step ran resident): per layer index its
+        K/V ``[B, Hkv, P, D]`` still on the accelerator and its active set ``[B, m]`` for that step. A gather
+        on the accelerator: nothing crosses the bus."""
+        for group in self.groups:
+            for position, index in enumerate(group.layers):
+                keys, values, active = layers[index]
+                tokens = block_tokens(active, group.block_size)
+                group.front_k[position, :, :, group.sink_tokens:] = gather_tokens(keys, tokens)
+                group.front_v[position, :, :, group.sink_tokens:] = gather_tokens(values, tokens)
+                group.tables[position, step % 2].copy_(active)
+                self.layers[index].pending.copy_(active)
+                self.layers[index].steps = step
+                self.start_blocks += active.numel()
+            self._copied(group, 0, len(group.layers), step)
+            group.issued_for = step
+        self.started = step
+
+    def before_step(self) -> None:
+        """Before a decoding step's graph: the compute stream waits for the copies issued after the step
+        before (the graph's first reads of the fronts come after this on that stream)."""
+        if self.cuda:
+            stream = torch.cuda.current_stream(self.device)
+            for group in self.groups:
+                stream.wait_event(group.ready)
+
+    def after_step(self, step: int) -> None:
+        """After decoding step `step`'s graph (its reads of the fronts and its writes of the next sets,
+        `pending`, are all enqueued): issue each group's copy for step + 1 on the side stream."""
+        for layer in self.layers.values():
+            layer.steps = step + 1
+        for group in self.groups:  # the layers' next sets into the group's stacked buffer the copy reads
+            torch.stack([self.layers[index].pending for index in group.layers], out=group.pending)
             self._issue(group, step + 1)
-        return keys, values
 
     def _issue(self, group: CopyGroup, step: int) -> None:
-        """Copy the group's blocks for `step` (its `pending` sets) on the side stream, once the compute
-        stream is past every read of the fronts for the step before."""
+        """Copy the group's blocks for `step` (its stacked `pending` sets) on the side stream, once the
+        compute stream is past every read of the fronts for the step before."""
         if self.cuda:
             group.done.record(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(self.stream):
@@ -265,8 +280,8 @@ class OffloadManager:
 
     def _copy(self, group: CopyGroup, first: int, count: int, want: torch.Tensor, step: int) -> None:
         """Make the front slots of the group's layers first..first+count-1 hold the blocks `want`
-        ([count, B, m], or [B, m] for one layer) for decoding step `step`: all of them on the first step,
-        afterwards only the slots whose block changed (counted in `issued`)."""
+        ([count, B, m], or [B, m] for one layer) for decoding step `step` (after `start`): the slots whose
+        block changed since the step before (counted in `issued`)."""
         if self.cuda and triton is not None:
             _copy_blocks_triton(group, first, count, want, step, self.issued)
         else:
@@ -280,9 +295,9 @@ class OffloadManager:
 
     # --- reports -------------------------------------------------------------------------------------
     def report(self) -> dict[str, float]:
-        """Blocks copied host -> accelerator: on the first step (all active blocks) and after it (changed
-        ones, counted when used: a copy issued for a step that never ran is not), their bytes, and the
-        bytes per step after the first (waits for the side stream)."""
+        """Blocks copied host -> accelerator (changed ones, counted when used: a copy issued for a step
+        that never ran is not), their bytes and the bytes per step after the fronts were filled (waits for
+        the side stream); the blocks gathered into the fronts at the start, on the accelerator."""
         if not self.layers:
             return {}
         if self.cuda:
@@ -290,49 +305,16 @@ class OffloadManager:
         fetched = int(self.issued)
         for group in self.groups:
             step = self.layers[group.layers[0]].steps
-            if group.issued_for == step:  # issued ahead for a step that has not run
+            if group.issued_for == step != self.started:  # a copy issued ahead for a step that has not run
                 fetched -= int((group.tables[:, step % 2] != group.tables[:, (step - 1) % 2]).sum())
         group = self.groups[0]
         block_bytes = 2 * group.host_k[0, 0, :, :group.block_size].nbytes
         steps = max(layer.steps for layer in self.layers.values())
+        copied = steps - (self.started if self.started is not None else steps) - 1  # steps that used copies
         return {"layers": len(self.layers), "groups": len(self.groups), "steps": steps,
-                "first_step_blocks": self.first_fetched, "blocks": fetched, "h2d_bytes": fetched * block_bytes,
-                "h2d_bytes_per_step": fetched * block_bytes / max(steps - 1, 1)}
+                "start_blocks": self.start_blocks, "blocks": fetched, "h2d_bytes": fetched * block_bytes,
+                "h2d_bytes_per_step": fetched * block_bytes / max(copied, 1)}
 
 
 def _names(layers: Sequence[int]) -> str:
     return f"layers {layers[0]}-{layers[-1]}" if len(layers) > 1 else f"layer {layers[0]}"
-
-
-def manager(handle: torch.Tensor) -> OffloadManager:
-    found = _MANAGERS.get(int(handle))
-    if found is None:
-        raise RuntimeError("slimpass offload: this decoding step's SlimCache is gone (the compiled graph was called "
-                           "with a cache whose manager was freed); pass the live cache")
-    return found
-
-
-# --- the op -------------------------------------------------------------------------------------------
-# Registered with the dispatcher directly: `custom_op`'s Python wrappers (autograd, kernel switch, aliasing
-# check) cost more host time than the op's own work (module docstring). The op never needs a gradient.
-_LIB = torch.library.Library("slimpass", "FRAGMENT")
-_LIB.define("offload_kv(Tensor handle, int layer, Tensor active, Tensor upcoming, Tensor k, Tensor v, "
-            "SymInt front_tokens) -> (Tensor, Tensor)")
-
-
-def offload_kv(handle: torch.Tensor, layer: int, active: torch.Tensor, upcoming: torch.Tensor, k: torch.Tensor,
-               v: torch.Tensor, front_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``slimpass::offload_kv``: K/V a decoding step at offloaded slim layer `layer` attends to:
-    ``cat(front, k)``, ``cat(front, v)`` (k, v: the layer's resident tail), the front holding the blocks of
-    `active` [B, m]; `upcoming` [B, m] is the layer's active set for its next step, which the side stream
-    may fetch from here on (module docstring)."""
-    return manager(handle).attend_kv(layer, active, upcoming, k, v)
-
-
-_LIB.impl("offload_kv", offload_kv, "CompositeExplicitAutograd")
-
-
-@torch.library.register_fake("slimpass::offload_kv", lib=_LIB)
-def _offload_kv_fake(handle, layer, active, upcoming, k, v, front_tokens):
-    shape = (k.shape[0], k.shape[1], front_tokens + k.shape[2], k.shape[3])
-    return k.new_empty(shape), v.new_empty(shape)

@@ -24,20 +24,20 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from slimpass.runtime import offload as _offload  # noqa: F401 - registers slimpass::offload_kv
 from slimpass.runtime.block_index import block_tokens, gather_tokens
 from slimpass.runtime.scoring import ScoreSettings, get_scorer
 
 
 @torch.library.custom_op("slimpass::bind_layer_state", mutates_args=("active", "stats"))
 def bind_layer_state(active: torch.Tensor, stats: torch.Tensor, prompt_positions: torch.Tensor,
-                     unit_keys: torch.Tensor | None, layer: int, offload: torch.Tensor | None = None) -> None:
-    """Marks, in a traced decode step, the reselection state of decoder layer `layer` (`offload`: the
-    handle of the cache's `OffloadManager` when the layer is offloaded). No effect: the `reselect_kv`
-    pass replaces it; in a graph that pass declined the layer attends to all its tokens (an offloaded
-    layer cannot: the cache raises). (Declared as writing its state so that no compiler drops it before
-    the pass sees it.)"""
-    if offload is not None:
+                     unit_keys: torch.Tensor | None, layer: int, front_k: torch.Tensor | None = None,
+                     front_v: torch.Tensor | None = None, pending: torch.Tensor | None = None) -> None:
+    """Marks, in a traced decode step, the reselection state of decoder layer `layer` (with offload, once
+    the layer's prompt K/V are on the host: its fronts and the buffer its next active set goes to,
+    `slimpass.runtime.offload`). No effect: the `reselect_kv` pass replaces it; in a graph that pass
+    declined the layer attends to all its tokens (an offloaded layer cannot: the cache raises). (Declared
+    as writing its state so that no compiler drops it before the pass sees it.)"""
+    if front_k is not None:
         raise RuntimeError(
             f"slimpass: decoder layer {layer} is offloaded (SlimConfig.offload) but this decoding step ran outside "
             "the sliminfer backend's compiled graph, so it would attend to the layer's last block only. Decode "
@@ -46,7 +46,7 @@ def bind_layer_state(active: torch.Tensor, stats: torch.Tensor, prompt_positions
 
 
 @bind_layer_state.register_fake
-def _(active, stats, prompt_positions, unit_keys, layer, offload=None):
+def _(active, stats, prompt_positions, unit_keys, layer, front_k=None, front_v=None, pending=None):
     return None
 
 
@@ -96,12 +96,14 @@ def reselect_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, active
                        prompt_positions: torch.Tensor, unit_keys: torch.Tensor | None, scale: float, scorer: str,
                        block_size: int, unit_size: int, local_window: int, sink_blocks: int,
                        gamma: float, reselect_unit: int = 1, layer: int = 0,
-                       offload: torch.Tensor | None = None) -> torch.Tensor:
+                       front_k: torch.Tensor | None = None, front_v: torch.Tensor | None = None,
+                       pending: torch.Tensor | None = None) -> torch.Tensor:
     """One decoding step's attention at a slim layer: q [B, Hq, 1, D] over the active part of k, v
     [B, Hkv, n, D] (the layer's cache including this step). Updates `active` (for the next step) and `stats`.
-    With `offload` (an `OffloadManager` handle) k, v hold only the last prompt block and the generated
-    tokens, `unit_keys` the keys scored, and the sink and active blocks come from the manager
-    (`slimpass.runtime.offload`).
+    With `front_k` (an offloaded layer, `slimpass.runtime.offload`) k, v hold only the last prompt block
+    and the generated tokens, `unit_keys` the keys scored, and the fronts the sink and active blocks (the
+    manager copied this step's set into them, slot by slot, after the step before); the next step's set
+    is written to `pending`, where the manager's copy after this step reads it.
 
     Plain traceable PyTorch (no host syncs, sizes symbolic in the cache length): the pass calls it from the
     decode graph, AOTAutograd traces through it (the writes to `active` and `stats` become the graph's
@@ -122,12 +124,12 @@ def reselect_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, active
     shared = (best[:, :, None] == now[:, None, :]).any(dim=2).sum(dim=1)  # [B]
     swap = ~first & (shared < gamma * count)
     upcoming = torch.where(swap[:, None], assign_slots(now, best), now)
-    if offload is None:
+    if front_k is None:
         index = attended_tokens(now, prompt_tokens, k.shape[2], block_size, sink_blocks)
         keys, values = gather_tokens(k, index), gather_tokens(v, index)
-    else:
-        sinks = min(sink_blocks, (prompt_tokens - 1) // block_size) * block_size
-        keys, values = torch.ops.slimpass.offload_kv(offload, layer, now, upcoming, k, v, sinks + count * block_size)
+    else:  # the fronts hold the sinks and the blocks of `now`, slot by slot (no first step here: it runs resident)
+        keys, values = torch.cat([front_k, k], dim=2), torch.cat([front_v, v], dim=2)
+        pending.copy_(upcoming)
     out = F.scaled_dot_product_attention(q, keys, values, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
     active.copy_(upcoming)
     stats.add_(torch.stack([torch.ones_like(stats[0]), torch.where(swap, count - shared, 0).sum()]))

@@ -48,21 +48,26 @@ class SlimLayer(DynamicLayer):
         self.active: torch.Tensor | None = None  # reselection state (slimpass.runtime.reselection), when armed
         self.stats: torch.Tensor | None = None
         self.unit_keys: torch.Tensor | None = None
-        self.offload: torch.Tensor | None = None  # the OffloadManager's handle, when the layer is offloaded
+        self.offloaded = False  # its prompt K/V go to the host (SlimConfig.offload)
+        self.front_k: torch.Tensor | None = None  # once they are there: the sink and active blocks (offload)
+        self.front_v: torch.Tensor | None = None
+        self.pending: torch.Tensor | None = None  # where a step writes the layer's next active set (offload)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
         keys, values = super().update(key_states, value_states, *args, **kwargs)
         if self.active is not None:  # a decoding step at an armed slim layer: show the pass its state
             torch.ops.slimpass.bind_layer_state(self.active, self.stats, self.prompt_positions, self.unit_keys,
-                                                self.index, self.offload)
+                                                self.index, self.front_k, self.front_v, self.pending)
         return keys, values
 
     def reset(self) -> None:
         super().reset()
-        self.prompt_positions = self.active = self.stats = self.unit_keys = self.offload = None
+        self.prompt_positions = self.active = self.stats = self.unit_keys = None
+        self.front_k = self.front_v = self.pending = None
+        self.offloaded = False
 
     def _refuse_offloaded(self, what: str) -> None:
-        if self.offload is not None:
+        if self.offloaded:
             raise NotImplementedError(
                 f"SlimCache: {what} of offloaded layer {self.index} is not supported (its prompt K/V live in host "
                 "memory, out of this layer's tensors); run with offload=False")
@@ -174,6 +179,8 @@ class SlimCache(DynamicCache):
         self.recorded = False
         self.block_bytes = 0  # K + V bytes of one block of one row (for the reselection report)
         self.offload: offload.OffloadManager | None = None
+        self.offload_block = 0
+        self.steps = 0  # decoding steps run (before_step / after_step)
 
     # --- what transformers asks -------------------------------------------------------------------------
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -226,7 +233,7 @@ class SlimCache(DynamicCache):
                     offloaded.append(layer)
         if offloaded:
             self._offload(offloaded, config)
-        self.prompt_len = prompt_len
+        self.prompt_len, self.steps = prompt_len, 0
         self.recorded = True
 
     def _arm(self, layer: SlimLayer, config: SlimConfig) -> None:
@@ -243,23 +250,51 @@ class SlimCache(DynamicCache):
             self.block_bytes = 2 * layer.keys[0, :, :block].nbytes
 
     def _offload(self, layers: list[SlimLayer], config: SlimConfig) -> None:
-        """Move armed slim layers' prompt K/V to the host (`slimpass.runtime.offload`): each keeps its last
-        prompt block (the tail every step attends to) and the keys reselection scores against."""
+        """Copy armed slim layers' prompt K/V to the host (`slimpass.runtime.offload`). They stay on the
+        accelerator for the first decoding step, which runs resident (its active set is chosen by its own
+        query); before the second, `before_step` fills the fronts and cuts each layer to its last prompt
+        block, keeping the keys reselection scores against."""
         self.offload = offload.OffloadManager(layers[0].keys.device, config.copy_group)
-        block, moved = config.block_size, []
+        self.offload_block = block = config.block_size
+        moved = []
         for layer in layers:
             last = (layer.prompt_positions.shape[1] - 1) // block
             sinks = min(config.sink_blocks, last) * block
             moved.append(offload.LayerToOffload(layer.index, layer.keys, layer.values, layer.active.shape[1], sinks,
                                                 block))
-        self.offload.add_layers(moved)
-        for layer in layers:
             if layer.unit_keys is None:  # reselect_unit == 1 scores the prompt keys themselves: they stay
                 layer.unit_keys = layer.keys
-            last = (layer.prompt_positions.shape[1] - 1) // block
-            layer.keys = layer.keys[:, :, last * block:].clone()
-            layer.values = layer.values[:, :, last * block:].clone()
-            layer.offload = self.offload.handle
+            layer.offloaded = True
+        self.offload.add_layers(moved)
+
+    # --- around each decoding step (slimpass.compile's forward calls these) ------------------------------
+    def before_step(self) -> None:
+        """Before a decoding step's forward. Under offload, before the second step: fill the fronts from the
+        layers' K/V still on the accelerator (the first step's reselection chose this step's sets) and cut
+        the layers to their tails, so the step's graph reads the fronts (a graph of its own: Dynamo sees
+        them appear); before every later step: order the compute stream after the copies."""
+        manager = self.offload
+        if manager is None or self.steps < 1:
+            return
+        if manager.started is None:
+            block = self.offload_block
+            offloaded = {index: self.layers[index] for index in manager.layers}
+            manager.start({index: (layer.keys, layer.values, layer.active) for index, layer in offloaded.items()},
+                          self.steps)
+            for index, layer in offloaded.items():
+                last = (layer.prompt_positions.shape[1] - 1) // block
+                layer.keys = layer.keys[:, :, last * block:].clone()
+                layer.values = layer.values[:, :, last * block:].clone()
+                moved = manager.layers[index]
+                layer.front_k, layer.front_v, layer.pending = moved.front_k, moved.front_v, moved.pending
+        manager.before_step()
+
+    def after_step(self) -> None:
+        """After a decoding step's forward (its kernels all enqueued): under offload, the copies for the next
+        step."""
+        if self.offload is not None and self.offload.started is not None:
+            self.offload.after_step(self.steps)
+        self.steps += 1
 
     def offload_report(self) -> dict[str, float]:
         """Under offload: the host -> accelerator block copies so far (`OffloadManager.report`); {} otherwise."""
@@ -268,7 +303,7 @@ class SlimCache(DynamicCache):
     def reset(self) -> None:
         super().reset()
         self.offload = None
-        self.prompt_len, self.recorded = 0, False
+        self.prompt_len, self.recorded, self.steps = 0, False, 0
 
     def reselection_report(self) -> dict[int, dict[str, int | float]]:
         """Per armed slim layer: decoding steps, active tokens per row, blocks swapped in after the first
@@ -305,6 +340,7 @@ class SlimCache(DynamicCache):
         rows, dense = [], 0
         dense_tokens = self.get_seq_length()
         managed = self.offload.layers if self.offload is not None else {}
+        started = self.offload is not None and self.offload.started is not None
         for index, layer in enumerate(self.layers):
             tensors = [t for t in (layer.keys, layer.values) if isinstance(t, torch.Tensor) and t.numel()]
             moved = managed.get(index)
@@ -313,7 +349,7 @@ class SlimCache(DynamicCache):
             size = sum(t.nbytes for t in tensors)
             on_cpu = sum(t.nbytes for t in tensors if t.device.type == "cpu")
             scored = layer.unit_keys.nbytes if layer.unit_keys is not None else 0
-            if moved is not None:  # the front's sinks and slots are copies of host tokens: count tokens once
+            if moved is not None and started:  # the front's sinks and slots copy host tokens: count them once
                 tokens = layer.prompt_positions.shape[1] + self.generated()
             else:
                 tokens = layer.get_seq_length()

@@ -92,7 +92,7 @@ def test_copies_counted_are_the_swaps():
     block_bytes = 2 * 16 * 8 * 4  # K + V, head dim 16, 8 tokens, float32, summed over heads below
     assert report["blocks"] == swaps > 0
     assert report["h2d_bytes"] == swaps * block_bytes * offloaded.config.num_key_value_heads
-    assert report["first_step_blocks"] == sum(layer.current.numel() for layer in layers.values())
+    assert report["start_blocks"] == sum(layer.current.numel() for layer in layers.values())
     assert report["steps"] == 11
 
 
@@ -112,7 +112,7 @@ def test_memory_report_under_offload_sums_tensor_sizes():
 
 
 def test_no_growth_and_no_shared_state_across_requests():
-    """Each request's manager dies with its cache (the registry holds it weakly); live tensors do not grow."""
+    """Each request's manager dies with its cache; live tensors do not grow."""
     _, offloaded, _ = _pair()
     ids = _ids(1, 300)
     first = _generate(offloaded, ids)[0]
@@ -123,7 +123,7 @@ def test_no_growth_and_no_shared_state_across_requests():
 
     for _ in range(3):
         _generate(offloaded, ids)
-    before, managers, registered = live_tensors(), [], len(offload._MANAGERS)
+    before, managers = live_tensors(), []
     for _ in range(100):
         got, cache = _generate(offloaded, ids, new_tokens=10)
         assert torch.equal(got, first)
@@ -131,7 +131,6 @@ def test_no_growth_and_no_shared_state_across_requests():
         del got, cache
     gc.collect()
     assert all(ref() is None for ref in managers)
-    assert len(offload._MANAGERS) <= registered
     assert live_tensors() <= before
 
 
@@ -172,28 +171,33 @@ def test_pinned_allocation_failure_names_the_size(monkeypatch):
 
 def test_offloaded_layer_outside_the_compiled_graph_raises():
     """Regression: a decoding step that ran eagerly (no reselect_kv) would attend to the last block only."""
-    manager = offload.OffloadManager("cpu")
-    state = torch.zeros(1, 2, dtype=torch.long)
+    state, front = torch.zeros(1, 2, dtype=torch.long), torch.zeros(1, 1, 24, 4)
     with pytest.raises(RuntimeError, match="layer 4 is offloaded .*recompile_limit"):
-        torch.ops.slimpass.bind_layer_state(state, torch.zeros(2, dtype=torch.long), state, None, 4, manager.handle)
+        torch.ops.slimpass.bind_layer_state(state, torch.zeros(2, dtype=torch.long), state, None, 4, front, front,
+                                            state)
 
 
-def test_op_real_and_fake_agree():
+def test_start_fills_the_fronts_on_the_device_and_a_step_copies_the_next_sets():
+    """`start` gathers each front from the layer's K/V still on the accelerator (no host copy); after a
+    step, the copy for the next one takes the blocks of the layer's `pending` set from the host."""
     manager = offload.OffloadManager("cpu")
     keys = torch.randn(2, 3, 64, 16)
     manager.add_layers([offload.LayerToOffload(5, keys, keys + 1, active_blocks=2, sink_tokens=8, block_size=8)])
+    layer = manager.layers[5]
     active = torch.tensor([[2, 4], [6, 1]])
-    tail = torch.randn(2, 3, 5, 16)
-    real = torch.ops.slimpass.offload_kv(manager.handle, 5, active, active.flip(1), tail, tail, 8 + 2 * 8)
-    fake = offload._offload_kv_fake(manager.handle, 5, active, active.flip(1), tail, tail, 8 + 2 * 8)
-    for r, f in zip(real, fake):
-        assert r.shape == f.shape and r.dtype == f.dtype and r.device == f.device
-    assert torch.equal(real[0][:, :, :8], keys[:, :, :8])
-    assert torch.equal(real[0][1, :, 8:16], keys[1, :, 48:56]) and torch.equal(real[1][0, :, 16:24], keys[0, :, 32:40] + 1)
-    assert torch.equal(real[0][:, :, 24:], tail)
-    layer = manager.layers[5]  # the next step's set is copied as soon as it is known (a group of one)
-    assert torch.equal(layer.pending, active.flip(1)) and torch.equal(layer.current, active.flip(1))
-    assert layer.steps == 1 and layer.group.issued_for == 1 and manager.report()["first_step_blocks"] == 4
+    manager.start({5: (keys, keys + 1, active)}, step=1)
+    assert torch.equal(layer.front_k[:, :, :8], keys[:, :, :8])  # sinks, then the slots' blocks
+    assert torch.equal(layer.front_k[1, :, 8:16], keys[1, :, 48:56]) and torch.equal(layer.front_v[0, :, 16:24],
+                                                                                       keys[0, :, 32:40] + 1)
+    assert manager.report()["start_blocks"] == 4 and manager.report()["blocks"] == 0
+    layer.pending.copy_(torch.tensor([[2, 7], [3, 1]]))  # what step 1's graph writes: one new block per row
+    manager.before_step()
+    manager.after_step(1)
+    assert torch.equal(layer.front_k[0, :, 16:24], keys[0, :, 56:64]) and torch.equal(layer.front_v[1, :, 8:16],
+                                                                                        keys[1, :, 24:32] + 1)
+    assert torch.equal(layer.current, layer.pending) and layer.steps == 2 and layer.group.issued_for == 2
+    manager.after_step(2)  # step 2 ran: its copy counts (2 blocks); the one issued for step 3 does not
+    assert manager.report()["blocks"] == 2 and manager.report()["steps"] == 3
 
 
 def test_copy_kernel_in_triton_interpreter():
