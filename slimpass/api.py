@@ -105,8 +105,6 @@ def compile(  # noqa: A001 - mirrors torch.compile
     def forward(*args: Any, **kwargs: Any) -> Any:
         if config.prune:
             _drop_trivial_mask(kwargs)
-        if config.dynamic_prompt:
-            _mark_dynamic(args, kwargs)
         cache = _cache_of(kwargs)
         use_cache = kwargs.get("use_cache")
         if use_cache is None:
@@ -124,7 +122,9 @@ def compile(  # noqa: A001 - mirrors torch.compile
         if prefill:
             state.last_keep = None  # set again by this call's prefill graph when pruning is compiled in
         elif decoding:
-            cache.before_step()
+            cache.before_step()  # may replace the cache's tensors (offload): before marking them dynamic
+        if config.dynamic_prompt:
+            _mark_dynamic(args, kwargs)
         out = compiled(*args, **kwargs)
         if prefill:
             cache.record_prefill(_prompt_length(args, kwargs), state.last_keep or [], config)
