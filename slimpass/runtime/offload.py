@@ -63,6 +63,7 @@ from slimpass.runtime.copy_kernel import triton
 
 log = logging.getLogger(__name__)
 
+
 class OffloadMemoryError(MemoryError):
     """Host memory for the offloaded K/V could not be allocated (pinned)."""
 

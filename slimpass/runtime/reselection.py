@@ -95,9 +95,8 @@ def assign_slots(active: torch.Tensor, best: torch.Tensor) -> torch.Tensor:
 def reselect_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, active: torch.Tensor, stats: torch.Tensor,
                        prompt_positions: torch.Tensor, unit_keys: torch.Tensor | None, scale: float, scorer: str,
                        block_size: int, unit_size: int, local_window: int, sink_blocks: int,
-                       gamma: float, reselect_unit: int = 1, layer: int = 0,
-                       front_k: torch.Tensor | None = None, front_v: torch.Tensor | None = None,
-                       pending: torch.Tensor | None = None) -> torch.Tensor:
+                       gamma: float, reselect_unit: int = 1, front_k: torch.Tensor | None = None,
+                       front_v: torch.Tensor | None = None, pending: torch.Tensor | None = None) -> torch.Tensor:
     """One decoding step's attention at a slim layer: q [B, Hq, 1, D] over the active part of k, v
     [B, Hkv, n, D] (the layer's cache including this step). Updates `active` (for the next step) and `stats`.
     With `front_k` (an offloaded layer, `slimpass.runtime.offload`) k, v hold only the last prompt block
