@@ -63,8 +63,7 @@ def check_kernel(device: torch.device, layouts=LAYOUTS) -> dict:
             for first, count in ([(p, 1) for p in range(layers)] if step == 0 else [(0, layers)]):
                 copy_kernel.copy_blocks_triton(group, first, count, want[first] if count == 1 else want, step,
                                             manager.issued, **layout)
-            for p in range(layers):
-                manager.layers[p].copied_for = step
+            group.issued_for = step
             torch.cuda.synchronize(device)
             rows = torch.arange(batch, device=device)[:, None]
             ok = int(manager.issued) == changed

@@ -102,8 +102,8 @@ class CopyGroup:
 
 @dataclasses.dataclass(eq=False)
 class OffloadedLayer:
-    """One offloaded slim layer: its views into its group's buffers (taken once: the op runs every step)
-    and its step count."""
+    """One offloaded slim layer: its views into its group's buffers (taken once) and its own next-set
+    buffer."""
 
     index: int
     group: CopyGroup
@@ -114,8 +114,6 @@ class OffloadedLayer:
     front_v: torch.Tensor
     tables: torch.Tensor  # [2, B, m]
     pending: torch.Tensor  # [B, m] its own (not a view of the group's: the decode graph writes it)
-    steps: int = 0  # decoding steps done (set at the start and after each step)
-    copied_for: int = -1  # the step of the last copy issued for it
 
     @classmethod
     def of(cls, index: int, group: CopyGroup, position: int) -> OffloadedLayer:
@@ -127,8 +125,8 @@ class OffloadedLayer:
 
     @property
     def current(self) -> torch.Tensor:
-        """[B, m] the block in each front slot once the last copy issued has run (-1: none yet)."""
-        return self.tables[max(self.copied_for, 0) % 2]
+        """[B, m] the block in each front slot once the group's last copy issued has run (-1: none yet)."""
+        return self.tables[max(self.group.issued_for, 0) % 2]
 
 
 @dataclasses.dataclass
@@ -162,6 +160,7 @@ class OffloadManager:
         self.groups: list[CopyGroup] = []
         self.issued = torch.zeros((), dtype=torch.long, device=self.device)  # blocks copied host -> accelerator
         self.started: int | None = None  # the decoding step the fronts were first filled for
+        self.steps = 0  # decoding steps done (set by `start` and `after_step`)
         self.start_blocks = 0  # blocks gathered into the fronts at the start, on the accelerator
         if self.cuda:  # the side stream may still read host memory that dies with the manager
             weakref.finalize(self, self.stream.synchronize)
@@ -217,11 +216,9 @@ class OffloadManager:
                 group.front_v[position, :, :, group.sink_tokens:] = gather_tokens(values, tokens)
                 group.tables[position, step % 2].copy_(active)
                 self.layers[index].pending.copy_(active)
-                self.layers[index].steps = step
                 self.start_blocks += active.numel()
-            self._copied(group, 0, len(group.layers), step)
             group.issued_for = step
-        self.started = step
+        self.started = self.steps = step
 
     def before_step(self) -> None:
         """Before a decoding step's graph: the compute stream waits for the copies issued after the step
@@ -234,8 +231,7 @@ class OffloadManager:
     def after_step(self, step: int) -> None:
         """After decoding step `step`'s graph (its reads of the fronts and its writes of the next sets,
         `pending`, are all enqueued): issue each group's copy for step + 1 on the side stream."""
-        for layer in self.layers.values():
-            layer.steps = step + 1
+        self.steps = step + 1
         for group in self.groups:  # the layers' next sets into the group's stacked buffer the copy reads
             torch.stack([self.layers[index].pending for index in group.layers], out=group.pending)
             self._issue(group, step + 1)
@@ -250,14 +246,13 @@ class OffloadManager:
                 graph = group.graphs.get(step % 2)
                 if graph is not None:
                     graph.replay()
-                    self._copied(group, 0, len(group.layers), step)
                 else:
-                    self._copy(group, 0, len(group.layers), group.pending, step)
+                    self._copy(group, step)
                     if self.graphs:  # after the launch above compiled the kernel: record it for this parity
                         self._capture(group, step)
                 group.ready.record(self.stream)
         else:
-            self._copy(group, 0, len(group.layers), group.pending, step)
+            self._copy(group, step)
         group.issued_for = step
 
     def _capture(self, group: CopyGroup, step: int) -> None:
@@ -279,20 +274,11 @@ class OffloadManager:
             return
         group.graphs[step % 2] = graph
 
-    def _copy(self, group: CopyGroup, first: int, count: int, want: torch.Tensor, step: int) -> None:
-        """Make the front slots of the group's layers first..first+count-1 hold the blocks `want`
-        ([count, B, m], or [B, m] for one layer) for decoding step `step` (after `start`): the slots whose
-        block changed since the step before (counted in `issued`)."""
-        if self.cuda and triton is not None:
-            _copy_blocks_triton(group, first, count, want, step, self.issued)
-        else:
-            _copy_blocks_torch(group, first, count, want, step, self.issued)
-        self._copied(group, first, count, step)
-
-    def _copied(self, group: CopyGroup, first: int, count: int, step: int) -> None:
-        """Note that a copy for `step` was issued for the group's layers first..first+count-1."""
-        for index in group.layers[first:first + count]:
-            self.layers[index].copied_for = step
+    def _copy(self, group: CopyGroup, step: int) -> None:
+        """Make the group's front slots hold its stacked `pending` sets for decoding step `step` (after
+        `start`): the slots whose block changed since the step before (counted in `issued`)."""
+        copy = _copy_blocks_triton if self.cuda and triton is not None else _copy_blocks_torch
+        copy(group, 0, len(group.layers), group.pending, step, self.issued)
 
     # --- reports -------------------------------------------------------------------------------------
     def report(self) -> dict[str, float]:
@@ -304,15 +290,14 @@ class OffloadManager:
         if self.cuda:
             self.stream.synchronize()
         fetched = int(self.issued)
+        step = self.steps
         for group in self.groups:
-            step = self.layers[group.layers[0]].steps
             if group.issued_for == step != self.started:  # a copy issued ahead for a step that has not run
                 fetched -= int((group.tables[:, step % 2] != group.tables[:, (step - 1) % 2]).sum())
         group = self.groups[0]
         block_bytes = 2 * group.host_k[0, 0, :, :group.block_size].nbytes
-        steps = max(layer.steps for layer in self.layers.values())
-        copied = steps - (self.started if self.started is not None else steps) - 1  # steps that used copies
-        return {"layers": len(self.layers), "groups": len(self.groups), "steps": steps,
+        copied = step - (self.started if self.started is not None else step) - 1  # steps that used copies
+        return {"layers": len(self.layers), "groups": len(self.groups), "steps": step,
                 "start_blocks": self.start_blocks, "blocks": fetched, "h2d_bytes": fetched * block_bytes,
                 "h2d_bytes_per_step": fetched * block_bytes / max(copied, 1)}
 

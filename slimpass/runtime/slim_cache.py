@@ -179,7 +179,6 @@ class SlimCache(DynamicCache):
         self.recorded = False
         self.block_bytes = 0  # K + V bytes of one block of one row (for the reselection report)
         self.offload: offload.OffloadManager | None = None
-        self.offload_block = 0
         self.steps = 0  # decoding steps run (before_step / after_step)
 
     # --- what transformers asks -------------------------------------------------------------------------
@@ -255,8 +254,7 @@ class SlimCache(DynamicCache):
         query); before the second, `before_step` fills the fronts and cuts each layer to its last prompt
         block, keeping the keys reselection scores against."""
         self.offload = offload.OffloadManager(layers[0].keys.device, config.copy_group)
-        self.offload_block = block = config.block_size
-        moved = []
+        block, moved = config.block_size, []
         for layer in layers:
             last = (layer.prompt_positions.shape[1] - 1) // block
             sinks = min(config.sink_blocks, last) * block
@@ -277,15 +275,13 @@ class SlimCache(DynamicCache):
         if manager is None or self.steps < 1:
             return
         if manager.started is None:
-            block = self.offload_block
             offloaded = {index: self.layers[index] for index in manager.layers}
             manager.start({index: (layer.keys, layer.values, layer.active) for index, layer in offloaded.items()},
                           self.steps)
             for index, layer in offloaded.items():
-                last = (layer.prompt_positions.shape[1] - 1) // block
-                layer.keys = layer.keys[:, :, last * block:].clone()
-                layer.values = layer.values[:, :, last * block:].clone()
                 moved = manager.layers[index]
+                tail = (layer.prompt_positions.shape[1] - 1) // moved.block_size * moved.block_size
+                layer.keys, layer.values = layer.keys[:, :, tail:].clone(), layer.values[:, :, tail:].clone()
                 layer.front_k, layer.front_v, layer.pending = moved.front_k, moved.front_v, moved.pending
         manager.before_step()
 

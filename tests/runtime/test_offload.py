@@ -195,7 +195,7 @@ def test_start_fills_the_fronts_on_the_device_and_a_step_copies_the_next_sets():
     manager.after_step(1)
     assert torch.equal(layer.front_k[0, :, 16:24], keys[0, :, 56:64]) and torch.equal(layer.front_v[1, :, 8:16],
                                                                                         keys[1, :, 24:32] + 1)
-    assert torch.equal(layer.current, layer.pending) and layer.steps == 2 and layer.group.issued_for == 2
+    assert torch.equal(layer.current, layer.pending) and manager.steps == 2 and layer.group.issued_for == 2
     manager.after_step(2)  # step 2 ran: its copy counts (2 blocks); the one issued for step 3 does not
     assert manager.report()["blocks"] == 2 and manager.report()["steps"] == 3
 
@@ -231,8 +231,7 @@ def test_copy_kernel_in_triton_interpreter():
                     sets_now = want[first:first + count].squeeze(0) if count == 1 else want
                     copy_kernel.copy_blocks_triton(group, first, count, sets_now, step, manager.issued,
                                                    slots_per_program=per, programs=programs)
-                    for p in range(first, first + count):
-                        manager.layers[p].copied_for = step
+                    group.issued_for = step
                 rows = torch.arange(2)[:, None]
                 for p in range(3):
                     layer = manager.layers[p]
