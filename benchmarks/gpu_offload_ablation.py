@@ -139,9 +139,9 @@ def step_notes(notes: list[tuple[str, float]]) -> dict:
 
 
 def host_samples(models: dict, ids, args) -> dict:
-    """py-spy's samples of the host while each model decodes (`host_sampler`): resident, offload, and
-    each for ``--spy-seconds``; per model the shares of where the
-    host was (a generate's prefill included) and the host time per generate."""
+    """py-spy's samples of the host while each model decodes (`host_sampler`), resident and offload, each
+    for ``--spy-seconds``: per model the shares of where the host was (a generate's prefill included) and
+    the host time per generate."""
     raw = Path(tempfile.gettempdir()) / "slimpass_host_samples.txt"
     calls = {}
     try:
