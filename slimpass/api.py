@@ -46,7 +46,10 @@ def _mark_dynamic(args: tuple, kwargs: dict) -> None:
         for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
             if isinstance(tensor, torch.Tensor) and tensor.dim() == 4 and tensor.shape[2] > 1:
                 torch._dynamo.maybe_mark_dynamic(tensor, 2)
-        for name, dim in (("prompt_positions", 1), ("active", 1), ("unit_keys", 2)):  # SlimLayer's
+        # SlimLayer's. Not `active`: its count of blocks is the config's (active_tokens // block_size) for every
+        # prompt, and a static count lets Inductor sort the slots in its own kernels instead of aten.sort (on an
+        # H200, one layer's slot update: 159 µs of host time against 467 µs with a symbolic count)
+        for name, dim in (("prompt_positions", 1), ("unit_keys", 2)):
             tensor = getattr(layer, name, None)
             if isinstance(tensor, torch.Tensor) and tensor.shape[dim] > 1:
                 torch._dynamo.maybe_mark_dynamic(tensor, dim)
