@@ -32,6 +32,7 @@ sliminfer_reselect's (they must be equal).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import datetime
 import importlib.metadata
@@ -207,14 +208,51 @@ def reports(model: torch.nn.Module, ids: torch.Tensor, args: argparse.Namespace)
     )
 
 
-def host_time(model: torch.nn.Module, fn, device: torch.device) -> dict[str, float]:
+@contextlib.contextmanager
+def _timed_parts():
+    """Notes (part, host start, host seconds) of every call of Inductor's compiled graphs and of
+    `SlimCache.before_step` / `after_step` while open."""
+    from torch._inductor.output_code import CompiledFxGraph
+
+    from slimpass.runtime.slim_cache import SlimCache
+
+    notes: list[tuple[str, float, float]] = []
+    saved = [(CompiledFxGraph, "__call__", "graph"), (SlimCache, "before_step", "cache_before_step"),
+             (SlimCache, "after_step", "cache_after_step")]
+    originals = [getattr(owner, name) for owner, name, _ in saved]
+
+    def timed(call, part):
+        def run(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return call(*args, **kwargs)
+            finally:
+                notes.append((part, start, time.perf_counter() - start))
+        return run
+
+    for (owner, name, part), call in zip(saved, originals):
+        setattr(owner, name, timed(call, part))
+    try:
+        yield notes
+    finally:
+        for (owner, name, _), call in zip(saved, originals):
+            setattr(owner, name, call)
+
+
+def host_time(model: torch.nn.Module, fn, device: torch.device) -> dict[str, Any]:
     """Per decoding step of one call (model forwards after the prefill's): the host time of the forward
     (hooks around it; no sync inside unless the forward syncs) and the time from one forward's start to the
     next's (the whole step: the forward, then generate's own work and its sync), medians in ms. On a GPU
     also how far the GPU trails the host at each forward's end: an event recorded by the hook, timed from
     one recorded while the GPU was idle at the call's start, against the host's clock. Near zero: the GPU
     keeps up and waits for the host's launches (the step is host-bound); milliseconds: work is queued (the
-    GPU is the bound, or the host raced ahead of it)."""
+    GPU is the bound, or the host raced ahead of it).
+
+    `forward_parts_ms`, where a decoding forward's host time goes (medians, ms): ``graph``, the call of
+    Inductor's compiled graph (its launches; None under another inner compiler); ``before_graph``, from the
+    forward's start to that call (slimpass' wrapper, `SlimCache.before_step`, Dynamo's guards, AOTAutograd's
+    wrappers); ``cache_before_step`` and ``cache_after_step``, `SlimCache`'s work around the graph (under
+    offload the manager's waits and copies)."""
     starts, hosts, ends = [], [], []
     cuda = device.type == "cuda"
 
@@ -230,13 +268,14 @@ def host_time(model: torch.nn.Module, fn, device: torch.device) -> dict[str, flo
 
     handles = [model.register_forward_pre_hook(before), model.register_forward_hook(after)]
     try:
-        sync(device)
-        if cuda:
-            origin = torch.cuda.Event(enable_timing=True)
-            origin.record()
-        zero = time.perf_counter()
-        fn()
-        sync(device)
+        with _timed_parts() as notes:
+            sync(device)
+            if cuda:
+                origin = torch.cuda.Event(enable_timing=True)
+                origin.record()
+            zero = time.perf_counter()
+            fn()
+            sync(device)
     finally:
         for handle in handles:
             handle.remove()
@@ -244,7 +283,23 @@ def host_time(model: torch.nn.Module, fn, device: torch.device) -> dict[str, flo
     lags = [origin.elapsed_time(event) - (host - zero) * 1e3 for host, event in ends[1:]]
     return {"forward_host_ms": statistics.median(hosts[1:]) * 1e3 if len(hosts) > 1 else None,
             "step_ms": statistics.median(steps) * 1e3 if steps else None,
-            "gpu_lag_at_forward_end_ms": statistics.median(lags) if lags else None}
+            "gpu_lag_at_forward_end_ms": statistics.median(lags) if lags else None,
+            "forward_parts_ms": forward_parts(notes, starts[1:], hosts[1:])}
+
+
+def forward_parts(notes: list[tuple[str, float, float]], starts: list[float], hosts: list[float]) -> dict[str, Any]:
+    """`host_time`'s `forward_parts_ms` from `_timed_parts`' notes and the decoding forwards' starts and host
+    times (s): each part's median over the forwards of its summed time inside each forward."""
+    parts: dict[str, list[float]] = {"graph": [], "before_graph": [], "cache_before_step": [], "cache_after_step": []}
+    for start, host in zip(starts, hosts):
+        inside = [(part, begin, seconds) for part, begin, seconds in notes if start <= begin <= start + host]
+        for part in ("graph", "cache_before_step", "cache_after_step"):
+            if any(kind == part for kind, _, _ in inside):
+                parts[part].append(sum(seconds for kind, _, seconds in inside if kind == part))
+        graphs = [begin for kind, begin, _ in inside if kind == "graph"]
+        if graphs:
+            parts["before_graph"].append(min(graphs) - start)
+    return {part: statistics.median(values) * 1e3 if values else None for part, values in parts.items()}
 
 
 def profile_overlap(fn, device: torch.device, cpu: bool = True) -> dict[str, Any]:

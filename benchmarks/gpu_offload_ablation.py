@@ -9,7 +9,8 @@ Both models are compiled first (shallow copies of one model: the same weights), 
 side: each row is `gpu_decode.measure` over resident and the offloading model (``--repeats`` rounds, the
 order rotating), so every offload row has its own resident control from the same minutes; a row gives
 end-to-end ms, decode ms per token, the median over rounds of its decode time against resident's in the
-same round, and the host time of a decode forward and of the whole step (`gpu_decode.host_time`):
+same round, and the host time of a decode forward, its parts (the compiled graph's call, what comes before
+it, the cache's work after it) and of the whole step (`gpu_decode.host_time`):
 
 - ``resident``: pruning + reselection, resident cache (the baseline);
 - ``offload``: ``offload=True`` as shipped;
@@ -244,10 +245,16 @@ def main() -> None:
     print(f"offload's tokens equal resident's: {result['tokens_equal']}")
     for name, row in result["rows"].items():
         if "decode_ms_per_token" in row:
+            parts = row["host"]["forward_parts_ms"]
             print(f"{name:28s} decode {row['decode_ms_per_token']:6.2f} ms/token (vs resident, median of rounds "
                   f"{row['vs_resident']:+.1%}); median step {row['step_ms']:.2f} ms ({row['step_vs_resident']:+.1%})  "
-                  f"forward host {row['host']['forward_host_ms']:.2f} ms  "
+                  f"forward host {row['host']['forward_host_ms']:.2f} ms (graph {_ms(parts['graph'])}, "
+                  f"before it {_ms(parts['before_graph'])}, after_step {_ms(parts['cache_after_step'])})  "
                   f"step {row['host']['step_ms']:.2f} ms")
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f} ms"
 
 
 if __name__ == "__main__":

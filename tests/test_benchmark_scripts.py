@@ -74,6 +74,8 @@ def test_gpu_offload_ablation_rows(gpu_decode, tmp_path, monkeypatch):
     samples = rows["host_samples"]  # sampled under a marker per model (a stand-in py-spy)
     assert set(samples) == {"resident", "offload"}
     assert all(row["generates"] >= 1 and row["samples"] == 5 for row in samples.values())
+    parts = rows["offload"]["host"]["forward_parts_ms"]  # the eager inner compiler: no Inductor graph to time
+    assert parts["graph"] is parts["before_graph"] is None and parts["cache_after_step"] > 0
     timed = rows["offload/timed-steps"]["manager_us"]
     assert timed["before"] > 0 and timed["after"] > 0
     # every row's patch undone
@@ -94,3 +96,16 @@ def test_step_clock_times_each_decoding_step(gpu_decode):
     out = gpu_decode.generate(model, torch.randint(0, model.config.vocab_size, (1, 12)), 5, streamer=clock)
     assert out.shape[1] == 17 and len(clock.times) == 6
     assert len(clock.steps_ms()) == 4 and all(step > 0 for step in clock.steps_ms())
+
+
+def test_forward_parts_sums_each_part_inside_each_forward(gpu_decode):
+    # two forwards (start s, host time 1 s); graph calls and the cache's calls noted inside and outside them
+    notes = [("cache_before_step", 10.1, 0.05), ("graph", 10.2, 0.5), ("graph", 10.75, 0.1),
+             ("cache_after_step", 10.9, 0.05), ("graph", 11.5, 9.0),  # between the forwards: not counted
+             ("graph", 12.4, 0.3), ("cache_after_step", 12.8, 0.1)]
+    parts = gpu_decode.forward_parts(notes, [10.0, 12.0], [1.0, 1.0])
+    assert parts["graph"] == pytest.approx((600 + 300) / 2)  # per forward its summed calls; the median of two
+    assert parts["before_graph"] == pytest.approx((200 + 400) / 2)
+    assert parts["cache_after_step"] == pytest.approx((50 + 100) / 2)
+    assert parts["cache_before_step"] == pytest.approx(50)  # only the first forward had one
+    assert gpu_decode.forward_parts([], [10.0], [1.0]) == dict.fromkeys(parts)
