@@ -109,3 +109,12 @@ def test_forward_parts_sums_each_part_inside_each_forward(gpu_decode):
     assert parts["cache_after_step"] == pytest.approx((50 + 100) / 2)
     assert parts["cache_before_step"] == pytest.approx(50)  # only the first forward had one
     assert gpu_decode.forward_parts([], [10.0], [1.0]) == dict.fromkeys(parts)
+
+
+def test_gpu_slot_sorts_times_both_counts(gpu_decode, tmp_path):
+    import gpu_slot_sorts
+
+    result = gpu_slot_sorts.main(["--blocks", "64", "--slots", "8", "--calls", "3", "--out", str(tmp_path / "s.json")])
+    assert json.loads((tmp_path / "s.json").read_text()) == result
+    assert result["static"]["host_us_per_call"] > 0 and result["symbolic"]["host_us_per_call"] > 0
+    assert result["static"]["kernels"] == {}  # no Triton on the CPU
