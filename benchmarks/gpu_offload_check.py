@@ -5,8 +5,9 @@ reads pinned host memory right. A check to run by hand (CI has no GPU); exits no
 
 1. `_copy_blocks_kernel` on pinned host tensors against plain indexing (bitwise), full and changed-only, for
    a few program layouts, over a copy group of three layers; its slot tables and count of copied blocks.
-2. The op over several steps with the copies ahead replayed from CUDA graphs and launched (graphs off):
-   every layer's K/V at every step against plain indexing (no sync between the calls), the same count of
+2. The manager over several decoding steps (`decode_steps`: what a cache and its graphs do around each
+   step), with the copies ahead replayed from CUDA graphs and launched (graphs off): every layer's
+   `cat(front, tail)` at every step against plain indexing (no sync between the calls), the same count of
    copied blocks, and both step parities captured; then 50 more managers (requests) with graphs, one
    after the other: device memory and the process's pinned host memory must not grow.
 3. A small random-weight Llama (float32, Inductor) compiled twice, with pruning + reselection resident and
