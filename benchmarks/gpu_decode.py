@@ -41,6 +41,7 @@ import os
 import statistics
 import sys
 import time
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -300,6 +301,107 @@ def forward_parts(notes: list[tuple[str, float, float]], starts: list[float], ho
         if graphs:
             parts["before_graph"].append(min(graphs) - start)
     return {part: statistics.median(values) * 1e3 if values else None for part, values in parts.items()}
+
+
+class LaunchTimes:
+    """While open (and `recording`): per call that Inductor's code makes to run a kernel, its host time,
+    without a profiler: Triton kernels by name (`CachingAutotuner.run`; ``static`` counts those launched
+    by Inductor's static launcher), aten ops called from Python by overload (`OpOverload.__call__`:
+    Inductor's fallbacks such as ``aten.sort.stable``) and Inductor's `extern_kernels` (``extern:mm``, ...).
+    A call made inside another noted call is noted too (its time is in both)."""
+
+    def __init__(self) -> None:
+        self.calls: Counter = Counter()
+        self.static: Counter = Counter()
+        self.seconds: defaultdict = defaultdict(float)
+        self.recording = True
+        self._saved: list[tuple[Any, str, Any]] = []
+        self._static_launch = False
+
+    def _timed(self, call, name_of):
+        def run(*args, **kwargs):
+            if not self.recording:
+                return call(*args, **kwargs)
+            name, self._static_launch = name_of(args), False
+            start = time.perf_counter()
+            try:
+                return call(*args, **kwargs)
+            finally:
+                self.seconds[name] += time.perf_counter() - start
+                self.calls[name] += 1
+                self.static[name] += self._static_launch
+        return run
+
+    def _patch(self, owner: Any, name: str, value: Any) -> None:
+        self._saved.append((owner, name, getattr(owner, name)))
+        setattr(owner, name, value)
+
+    def __enter__(self) -> LaunchTimes:
+        self._patch(torch._ops.OpOverload, "__call__",
+                    self._timed(torch._ops.OpOverload.__call__, lambda args: str(args[0])))
+        try:
+            from torch._inductor.select_algorithm import extern_kernels
+        except ImportError:
+            extern_kernels = None
+        for name, call in list(vars(extern_kernels or object()).items()):
+            if callable(call):
+                self._patch(extern_kernels, name, self._timed(call, lambda args, name=name: f"extern:{name}"))
+        try:
+            from torch._inductor.runtime import static_triton_launcher, triton_heuristics
+        except ImportError:  # no Triton: Inductor launches nothing through these
+            return self
+        run = triton_heuristics.CachingAutotuner.run
+        self._patch(triton_heuristics.CachingAutotuner, "run",
+                    self._timed(run, lambda args: getattr(args[0].fn, "__name__", "triton")))
+        for kernel in vars(static_triton_launcher).values():
+            if isinstance(kernel, type) and "run" in vars(kernel):
+                def static_run(launcher, *args, _run=vars(kernel)["run"], **kwargs):
+                    self._static_launch = True
+                    return _run(launcher, *args, **kwargs)
+                self._patch(kernel, "run", static_run)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for owner, name, value in reversed(self._saved):
+            setattr(owner, name, value)
+        self._saved.clear()
+
+    def clear(self) -> None:
+        self.calls.clear(), self.static.clear(), self.seconds.clear()
+
+    def summary(self, per: int, top: int = 60) -> dict[str, Any]:
+        """Per name, divided by `per` (steps, calls): calls, host µs, µs a call, the static launcher's share
+        of its calls; the `top` costliest names and the total over all."""
+        rows = {name: {"calls": self.calls[name] / per, "us": self.seconds[name] * 1e6 / per,
+                       "us_per_call": self.seconds[name] * 1e6 / self.calls[name],
+                       "static_share": self.static[name] / self.calls[name]}
+                for name in sorted(self.calls, key=lambda name: -self.seconds[name])[:top]}
+        return {"per": per, "total_us": sum(self.seconds.values()) * 1e6 / per, "rows": rows}
+
+
+def launch_times(model: torch.nn.Module, fn, device: torch.device) -> dict[str, Any]:
+    """`LaunchTimes` over the decoding forwards of one call (`fn`, a generate of `model`; the prefill's
+    forward is left out): per decoding step, each kernel call's host time. Plain runs, no profiler: what
+    torch.profiler or a sampler would slow down (a launch that waits for the GPU) shows here."""
+    forwards = [0]
+    with LaunchTimes() as notes:
+        def before(*_):
+            notes.recording = forwards[0] >= 1
+            forwards[0] += 1
+
+        def after(*_):
+            notes.recording = False
+
+        handles = [model.register_forward_pre_hook(before), model.register_forward_hook(after)]
+        try:
+            notes.recording = False
+            sync(device)
+            fn()
+            sync(device)
+        finally:
+            for handle in handles:
+                handle.remove()
+    return notes.summary(max(forwards[0] - 1, 1))
 
 
 def profile_overlap(fn, device: torch.device, cpu: bool = True) -> dict[str, Any]:

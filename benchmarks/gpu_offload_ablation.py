@@ -33,6 +33,10 @@ it, the cache's work after it) and of the whole step (`gpu_decode.host_time`):
 
 ``--rows`` picks the rows (default: all).
 
+With ``--launch-times``, after the timing, every kernel call's host time per decoding step for resident
+and offload (`gpu_decode.launch_times`: Triton launches, aten ops, Inductor's extern kernels; no profiler),
+and the names whose time differs most between them: which launches grow when nothing slows the host.
+
 With ``--spy-seconds S``, after the timing, py-spy samples the host's stacks for S seconds per model
 (resident, offload; `host_sampler`): where a step's host time goes,
 Python and native, including what torch.profiler does not record.
@@ -63,7 +67,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gpu_decode import environment, generate, host_time, measure, profile_overlap, ratios_by_round, timed  # noqa: E402
+from gpu_decode import (environment, generate, host_time, launch_times, measure, profile_overlap,  # noqa: E402
+                        ratios_by_round, timed)
 from gpu_prefill import build_model  # noqa: E402
 from host_sampler import HostSampler, summarize  # noqa: E402
 
@@ -158,6 +163,18 @@ def host_samples(models: dict, ids, args) -> dict:
     return summary
 
 
+def launch_difference(resident: dict, offload: dict, top: int = 30) -> dict:
+    """Offload's kernel calls against resident's (`gpu_decode.launch_times`, per decoding step): the total
+    host µs of each, and the names whose host µs differ most (Inductor names its Triton kernels after what
+    they fuse, so a kernel of one graph may have no namesake in the other)."""
+    names = set(resident["rows"]) | set(offload["rows"])
+    us = {name: (resident["rows"].get(name, {}).get("us", 0.0), offload["rows"].get(name, {}).get("us", 0.0))
+          for name in names}
+    largest = sorted(us, key=lambda name: -abs(us[name][1] - us[name][0]))[:top]
+    return {"total_us": {"resident": resident["total_us"], "offload": offload["total_us"]},
+            "rows": {name: {"resident_us": us[name][0], "offload_us": us[name][1]} for name in largest}}
+
+
 def sync_count(model, ids) -> dict:
     """Host<->device synchronisations `torch.cuda.set_sync_debug_mode` sees in a 4- and an 8-token
     generate; the difference over 4 is the count per decoding step."""
@@ -191,6 +208,8 @@ def main() -> None:
                         f"comma-separated, '' for none (default: all of {', '.join(ROWS)})")
     parser.add_argument("--spy-seconds", type=float, default=0.0, help="after the timing, sample the host "
                         "with py-spy ($PY_SPY or on PATH) this long per model (benchmarks/host_sampler.py)")
+    parser.add_argument("--launch-times", action="store_true", help="after the timing, each kernel call's host "
+                        "time per decoding step, resident and offload, without a profiler (gpu_decode.launch_times)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     device = torch.device("cpu" if args.tiny else "cuda:0")
@@ -234,6 +253,11 @@ def main() -> None:
             rows["offload"]["manager_us"] = step_notes(notes)
         record(f"resident (beside {ablation})", rows["resident"])
         record(f"offload/{ablation}", rows["offload"])
+    if args.launch_times:
+        for name, model in models.items():
+            record(f"{name}/launch_times", launch_times(model, lambda: generate(model, ids, args.new_tokens), device))
+        record("launch_times_difference", launch_difference(result["rows"]["resident/launch_times"],
+                                                            result["rows"]["offload/launch_times"]))
     if args.spy_seconds:
         record("host_samples", host_samples(models, ids, args))
     if not args.tiny:  # last: nothing is timed after these

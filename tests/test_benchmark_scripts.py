@@ -61,7 +61,7 @@ def test_gpu_offload_ablation_rows(gpu_decode, tmp_path, monkeypatch):
     out = tmp_path / "ablation.json"
     monkeypatch.setenv("PY_SPY", str(fake_py_spy(tmp_path, ["resident", "offload"])))
     monkeypatch.setattr(sys, "argv", ["gpu_offload_ablation.py", "--tiny", "--length", "600", "--new-tokens", "4",
-                                      "--active-tokens", "64", "--repeats", "1", "--spy-seconds", "0.01",
+                                      "--active-tokens", "64", "--repeats", "1", "--spy-seconds", "0.01", "--launch-times",
                                       "--out", str(out)])
     gpu_offload_ablation.main()
     result = json.loads(out.read_text())
@@ -76,6 +76,11 @@ def test_gpu_offload_ablation_rows(gpu_decode, tmp_path, monkeypatch):
     assert all(row["generates"] >= 1 and row["samples"] == 5 for row in samples.values())
     parts = rows["offload"]["host"]["forward_parts_ms"]  # the eager inner compiler: no Inductor graph to time
     assert parts["graph"] is parts["before_graph"] is None and parts["cache_after_step"] > 0
+    for name in ("resident", "offload"):  # per decoding step (3 of 4 tokens); the eager inner compiler's graph
+        launches = rows[f"{name}/launch_times"]  # calls its ops from C++: only its size queries are noted
+        assert launches["per"] == 3 and set(launches["rows"]) <= {"aten.sym_size.int"}
+    difference = rows["launch_times_difference"]
+    assert difference["total_us"]["offload"] == rows["offload/launch_times"]["total_us"]
     timed = rows["offload/timed-steps"]["manager_us"]
     assert timed["before"] > 0 and timed["after"] > 0
     # every row's patch undone
@@ -117,4 +122,28 @@ def test_gpu_slot_sorts_times_both_counts(gpu_decode, tmp_path):
     result = gpu_slot_sorts.main(["--blocks", "64", "--slots", "8", "--calls", "3", "--out", str(tmp_path / "s.json")])
     assert json.loads((tmp_path / "s.json").read_text()) == result
     assert result["static"]["host_us_per_call"] > 0 and result["symbolic"]["host_us_per_call"] > 0
-    assert result["static"]["kernels"] == {}  # no Triton on the CPU
+    for count in ("static", "symbolic"):  # no Triton sorts on the CPU: the slot update's four sorts are aten's
+        assert result[count]["kernels"]["rows"]["aten.sort.stable"]["calls"] == 4
+
+
+def test_launch_times_notes_inductors_calls_per_decoding_forward(gpu_decode):
+    import torch
+
+    class Step(torch.nn.Module):
+        def forward(self, x, y):
+            return torch.sort(x @ y, dim=1, stable=True).values
+
+    model = Step()
+    model.forward = torch.compile(model.forward, backend="inductor", dynamic=False)
+    x, y = torch.randn(4, 8), torch.randn(8, 600)  # 600 > 512: Inductor sorts with aten, not its own kernels
+    model(x, y)  # compiled before the timing
+
+    def three_forwards():  # as a generate: the first forward (the prefill's) is left out
+        for _ in range(3):
+            model(x, y)
+
+    notes = gpu_decode.launch_times(model, three_forwards, torch.device("cpu"))
+    assert notes["per"] == 2
+    assert notes["rows"]["aten.sort.stable"]["calls"] == 1 and notes["rows"]["extern:mm"]["calls"] == 1
+    assert notes["total_us"] >= notes["rows"]["extern:mm"]["us"] > 0
+    assert torch._ops.OpOverload.__call__.__name__ == "__call__"  # unpatched again
