@@ -44,6 +44,7 @@ import time
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import torch
 
@@ -218,9 +219,6 @@ def _timed_parts():
     from slimpass.runtime.slim_cache import SlimCache
 
     notes: list[tuple[str, float, float]] = []
-    saved = [(CompiledFxGraph, "__call__", "graph"), (SlimCache, "before_step", "cache_before_step"),
-             (SlimCache, "after_step", "cache_after_step")]
-    originals = [getattr(owner, name) for owner, name, _ in saved]
 
     def timed(call, part):
         def run(*args, **kwargs):
@@ -231,13 +229,23 @@ def _timed_parts():
                 notes.append((part, start, time.perf_counter() - start))
         return run
 
-    for (owner, name, part), call in zip(saved, originals):
-        setattr(owner, name, timed(call, part))
-    try:
+    with contextlib.ExitStack() as patches:
+        for owner, name, part in ((CompiledFxGraph, "__call__", "graph"),
+                                  (SlimCache, "before_step", "cache_before_step"),
+                                  (SlimCache, "after_step", "cache_after_step")):
+            patches.enter_context(mock.patch.object(owner, name, timed(getattr(owner, name), part)))
         yield notes
+
+
+@contextlib.contextmanager
+def _forward_hooks(model: torch.nn.Module, before, after):
+    """`before` and `after` hooked around each forward of `model` while open."""
+    handles = [model.register_forward_pre_hook(before), model.register_forward_hook(after)]
+    try:
+        yield
     finally:
-        for (owner, name, _), call in zip(saved, originals):
-            setattr(owner, name, call)
+        for handle in handles:
+            handle.remove()
 
 
 def host_time(model: torch.nn.Module, fn, device: torch.device) -> dict[str, Any]:
@@ -267,19 +275,14 @@ def host_time(model: torch.nn.Module, fn, device: torch.device) -> dict[str, Any
             ends.append((now, torch.cuda.Event(enable_timing=True)))
             ends[-1][1].record()
 
-    handles = [model.register_forward_pre_hook(before), model.register_forward_hook(after)]
-    try:
-        with _timed_parts() as notes:
-            sync(device)
-            if cuda:
-                origin = torch.cuda.Event(enable_timing=True)
-                origin.record()
-            zero = time.perf_counter()
-            fn()
-            sync(device)
-    finally:
-        for handle in handles:
-            handle.remove()
+    with _forward_hooks(model, before, after), _timed_parts() as notes:
+        sync(device)
+        if cuda:
+            origin = torch.cuda.Event(enable_timing=True)
+            origin.record()
+        zero = time.perf_counter()
+        fn()
+        sync(device)
     steps = [b - a for a, b in zip(starts[1:], starts[2:])]
     lags = [origin.elapsed_time(event) - (host - zero) * 1e3 for host, event in ends[1:]]
     return {"forward_host_ms": statistics.median(hosts[1:]) * 1e3 if len(hosts) > 1 else None,
@@ -315,7 +318,7 @@ class LaunchTimes:
         self.static: Counter = Counter()
         self.seconds: defaultdict = defaultdict(float)
         self.recording = True
-        self._saved: list[tuple[Any, str, Any]] = []
+        self._patches = contextlib.ExitStack()
         self._static_launch = False
 
     def _timed(self, call, name_of):
@@ -333,8 +336,7 @@ class LaunchTimes:
         return run
 
     def _patch(self, owner: Any, name: str, value: Any) -> None:
-        self._saved.append((owner, name, getattr(owner, name)))
-        setattr(owner, name, value)
+        self._patches.enter_context(mock.patch.object(owner, name, value))
 
     def __enter__(self) -> LaunchTimes:
         self._patch(torch._ops.OpOverload, "__call__",
@@ -343,7 +345,7 @@ class LaunchTimes:
             from torch._inductor.select_algorithm import extern_kernels
         except ImportError:
             extern_kernels = None
-        for name, call in list(vars(extern_kernels or object()).items()):
+        for name, call in list(vars(extern_kernels).items()) if extern_kernels is not None else ():
             if callable(call):
                 self._patch(extern_kernels, name, self._timed(call, lambda args, name=name: f"extern:{name}"))
         try:
@@ -362,9 +364,7 @@ class LaunchTimes:
         return self
 
     def __exit__(self, *exc) -> None:
-        for owner, name, value in reversed(self._saved):
-            setattr(owner, name, value)
-        self._saved.clear()
+        self._patches.close()
 
     def clear(self) -> None:
         self.calls.clear(), self.static.clear(), self.seconds.clear()
@@ -392,15 +392,11 @@ def launch_times(model: torch.nn.Module, fn, device: torch.device) -> dict[str, 
         def after(*_):
             notes.recording = False
 
-        handles = [model.register_forward_pre_hook(before), model.register_forward_hook(after)]
-        try:
-            notes.recording = False
+        notes.recording = False
+        with _forward_hooks(model, before, after):
             sync(device)
             fn()
             sync(device)
-        finally:
-            for handle in handles:
-                handle.remove()
     return notes.summary(max(forwards[0] - 1, 1))
 
 

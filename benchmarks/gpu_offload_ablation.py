@@ -61,6 +61,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -85,15 +86,16 @@ def patched(name: str):
     """Switch off or change part of the manager's work for one row (see the module docstring). Yields a
     list the timed-steps row fills with the manager's calls around each step: (what, host seconds)."""
     notes: list[tuple[str, float]] = []
-    manager = offload.OffloadManager
-    saved = offload._copy_blocks_triton, manager.before_step, manager.after_step, manager._issue
-    add_layers, capture = manager.add_layers, manager._capture
+    manager, copy_kernel = offload.OffloadManager, offload._copy_blocks_triton
+    replace: list[tuple[object, str, object]] = []
     if name == "one-group":
+        add_layers = manager.add_layers
+
         def one_group(self, layers):
             self.copy_group = len(layers)
             add_layers(self, layers)
 
-        manager.add_layers = one_group
+        replace.append((manager, "add_layers", one_group))
     elif name == "timed-steps":
         def timed(what, call):
             def run(self, *args):
@@ -104,24 +106,25 @@ def patched(name: str):
                     notes.append((what, time.perf_counter() - start))
             return run
 
-        manager.before_step, manager.after_step = timed("before", saved[1]), timed("after", saved[2])
+        replace += [(manager, "before_step", timed("before", manager.before_step)),
+                    (manager, "after_step", timed("after", manager.after_step))]
     elif name == "no-kernel":
-        offload._copy_blocks_triton = lambda *args, **kwargs: None
+        replace.append((offload, "_copy_blocks_triton", lambda *args, **kwargs: None))
     elif name == "no-wait":
-        manager.before_step = lambda self: None
+        replace.append((manager, "before_step", lambda self: None))
     elif name == "no-issue":
-        manager._issue = lambda self, group, step: setattr(group, "issued_for", step)
+        replace.append((manager, "_issue", lambda self, group, step: setattr(group, "issued_for", step)))
     elif name == "no-graphs":
-        manager._capture = lambda self, group, step: None
+        replace.append((manager, "_capture", lambda self, group, step: None))
     elif name.startswith("programs-"):
-        offload._copy_blocks_triton = functools.partial(saved[0], programs=int(name.split("-")[1]))
+        programs = int(name.split("-")[1])
+        replace.append((offload, "_copy_blocks_triton", functools.partial(copy_kernel, programs=programs)))
     elif name == "priority-per-item":
-        offload._copy_blocks_triton = functools.partial(saved[0], programs=None)
-    try:
+        replace.append((offload, "_copy_blocks_triton", functools.partial(copy_kernel, programs=None)))
+    with contextlib.ExitStack() as patches:
+        for owner, attribute, value in replace:
+            patches.enter_context(mock.patch.object(owner, attribute, value))
         yield notes
-    finally:
-        offload._copy_blocks_triton, manager.before_step, manager.after_step, manager._issue = saved
-        manager.add_layers, manager._capture = add_layers, capture
 
 
 def timings(models: dict, ids, args, device) -> dict:
