@@ -376,7 +376,8 @@ class LaunchTimes:
                        "us_per_call": self.seconds[name] * 1e6 / self.calls[name],
                        "static_share": self.static[name] / self.calls[name]}
                 for name in sorted(self.calls, key=lambda name: -self.seconds[name])[:top]}
-        return {"per": per, "total_us": sum(self.seconds.values()) * 1e6 / per, "rows": rows}
+        return {"per": per, "total_us": sum(self.seconds.values()) * 1e6 / per,
+                "total_calls": sum(self.calls.values()) / per, "rows": rows}
 
 
 def launch_times(model: torch.nn.Module, fn, device: torch.device) -> dict[str, Any]:

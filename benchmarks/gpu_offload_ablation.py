@@ -175,6 +175,7 @@ def launch_difference(resident: dict, offload: dict, top: int = 30) -> dict:
           for name in names}
     largest = sorted(us, key=lambda name: -abs(us[name][1] - us[name][0]))[:top]
     return {"total_us": {"resident": resident["total_us"], "offload": offload["total_us"]},
+            "total_calls": {"resident": resident.get("total_calls"), "offload": offload.get("total_calls")},
             "rows": {name: {"resident_us": us[name][0], "offload_us": us[name][1]} for name in largest}}
 
 
