@@ -36,6 +36,7 @@ import contextlib
 import copy
 import datetime
 import importlib.metadata
+import inspect
 import json
 import os
 import statistics
@@ -355,8 +356,9 @@ class LaunchTimes:
         run = triton_heuristics.CachingAutotuner.run
         self._patch(triton_heuristics.CachingAutotuner, "run",
                     self._timed(run, lambda args: getattr(args[0].fn, "__name__", "triton")))
-        for kernel in vars(static_triton_launcher).values():
-            if isinstance(kernel, type) and "run" in vars(kernel):
+        for kernel in vars(static_triton_launcher).values():  # its own launcher classes, not the ones it imports
+            if (isinstance(kernel, type) and kernel.__module__ == static_triton_launcher.__name__
+                    and inspect.isfunction(vars(kernel).get("run"))):
                 def static_run(launcher, *args, _run=vars(kernel)["run"], **kwargs):
                     self._static_launch = True
                     return _run(launcher, *args, **kwargs)
