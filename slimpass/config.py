@@ -122,6 +122,11 @@ class SlimConfig:
     MLP on the kept tokens, the last layer's on the logits rows (`logits_to_keep`). Exact."""
     attention_backend: str = "auto"
     """SDPA backend for rewritten attention: 'auto' lets PyTorch choose, or flash/cudnn/efficient/math."""
+    fuse_projections: bool = True
+    """Compute the projections that read one tensor (q/k/v, gate/up) with one matrix multiply: four calls a
+    layer instead of seven, which batch-1 decoding, bound by the host's launches, feels. The model's
+    parameters of each group move into one stacked tensor (each becomes a view of its rows; values unchanged;
+    `slimpass.passes.fuse_projections`). Off under gradients."""
     compiler: str = "inductor"
     """Inner compiler that lowers the edited graph: 'inductor' or 'eager' (debugging, fast tests)."""
     fallback_compiler: str = "eager"
@@ -180,6 +185,7 @@ class SlimConfig:
             raise ConfigError(f"SlimConfig.scorer={self.scorer!r}: expected the name of a registered scorer")
         _check_bool("rewrite_attention", self.rewrite_attention)
         _check_bool("sink_selection", self.sink_selection)
+        _check_bool("fuse_projections", self.fuse_projections)
         _check_choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
         _check_choice("compiler", self.compiler, INNER_COMPILERS)
         _check_choice("fallback_compiler", self.fallback_compiler, INNER_COMPILERS)

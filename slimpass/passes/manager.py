@@ -14,6 +14,7 @@ from slimpass.config import SlimConfig
 from slimpass.passes.base import GraphPass, PassContext, PassResult
 from slimpass.passes.dump import GraphDumper
 from slimpass.passes.find_decoder_layers import FindDecoderLayers
+from slimpass.passes.fuse_projections import FuseProjections
 from slimpass.passes.insert_pruning import InsertPruning
 from slimpass.passes.reselect_kv import ReselectKV
 from slimpass.passes.rewrite_attention import RewriteAttention
@@ -34,6 +35,8 @@ BUILTIN_PASSES: tuple[type[GraphPass], ...] = (
     SinkSelection,
     # Decode graphs on an armed SlimCache: slim layers attend to their reselected blocks.
     ReselectKV,
+    # Last: the passes above find q, k and v through the projections' outputs, which this one replaces.
+    FuseProjections,
 )
 
 
