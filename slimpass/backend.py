@@ -180,6 +180,8 @@ def compile_graph(
         fallback = lower(gm, example_inputs, dataclasses.replace(config, compiler=config.fallback_compiler), mode)
         compiled = GuardedGraph(fast, fallback, ctx.guards, record,
                                 state if kind == "prefill" else None)
+    for action in ctx.after_lower:  # after every lowering of this graph's inputs
+        action()
     record.compile_seconds = time.perf_counter() - start
     dumper.write_summary(_summary(ctx, record))
     dumper.write_skeleton(layer_map)

@@ -121,7 +121,7 @@ def test_register_pass_runs_at_its_point():
     record = slimpass.compiled_graphs(model)[0]
     assert [r.name for r in record.results] == [
         "find_decoder_layers", "after_discovery", "rewrite_attention", "insert_pruning", "sink_selection",
-        "reselect_kv", "at_end"]
+        "reselect_kv", "fuse_projections", "at_end"]
 
 
 def test_register_pass_bad_point():

@@ -34,8 +34,8 @@ def test_llama_sdpa_prefill_and_generate():
         torch.testing.assert_close(got, want, atol=ATOL, rtol=0, msg="padded")
     (prefill,) = slimpass.compiled_graphs(model)
     # passes: discovery, attention rewrite (2 calls), pruning (off), sink_selection (full logits: nothing),
-    # reselect_kv (not a decode graph)
-    assert prefill.kind == "prefill" and [r.replaced for r in prefill.results] == [0, 2, 0, 0, 0]
+    # reselect_kv (not a decode graph), fuse_projections (the first graph: stacks the parameters after it)
+    assert prefill.kind == "prefill" and [r.replaced for r in prefill.results] == [0, 2, 0, 0, 0, 0]
     assert prefill.calls == {"rewritten": 3, "fallback": 1}
 
     ids = torch.randint(3, 128, (1, 40), generator=generator)
@@ -62,6 +62,6 @@ def test_mistral_eager_attention_prefill():
             ids = torch.randint(0, 128, (1, length), generator=generator)
             torch.testing.assert_close(model(ids).logits, oracle(ids).logits, atol=ATOL, rtol=0, msg=f"{length=}")
     (record,) = slimpass.compiled_graphs(model)
-    assert record.kind == "prefill" and [r.replaced for r in record.results] == [0, 2, 0, 0, 0]
+    assert record.kind == "prefill" and [r.replaced for r in record.results] == [0, 2, 0, 0, 0, 0]
     assert [(g.role, g.limit) for g in record.guards] == [("max_len", model.config.sliding_window)]
     assert record.calls == {"rewritten": 2, "fallback": 0}

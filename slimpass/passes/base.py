@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import inspect
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch.fx
@@ -54,6 +55,9 @@ class PassContext:
     notes: list[str] = dataclasses.field(default_factory=list)
     keep_layers: list[int] = dataclasses.field(default_factory=list)
     """Layers whose kept positions `insert_pruning` appended to the graph outputs, in order."""
+    after_lower: list[Callable[[], None]] = dataclasses.field(default_factory=list)
+    """Work the backend does once this graph is compiled (what must not change the inputs under AOTAutograd,
+    which fakifies them as Dynamo saw them: `fuse_projections` stacks parameters for later graphs)."""
     slim_cache: bool = False
     """Every KV cache this graph's caller decodes with is a `SlimCache` (`slimpass.compile` sees to it), whose
     decode masks fit per-layer pruned caches on every transformers version."""

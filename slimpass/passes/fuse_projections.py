@@ -16,11 +16,14 @@ After::
     qkv = torch._C._nn.linear(h, self.slimpass_fused_0_weight, self.slimpass_fused_0_bias)
     q, k, v = qkv.narrow(-1, 0, nq), qkv.narrow(-1, nq, nk), qkv.narrow(-1, nq + nk, nv)
 
-The stacked weight is not a copy. The first time a group is fused, its parameters move into one new
-tensor, each parameter becoming a view of its rows (``param.data``; values, shapes and the model's own
-forward are unchanged, and `load_state_dict` still writes through). The graph module holds that tensor as
-a buffer, which AOTAutograd passes to the compiled graph like a parameter. Later graphs (the decode graph
-after the prefill's) find the parameters already stacked and reuse their storage.
+The stacked weight is not a copy: the model's parameters of a group move into one tensor, each becoming
+a view of its rows (``param.data``; values, shapes and the model's own forward are unchanged, and
+`load_state_dict` still writes through). They move once the first graph that meets them is compiled, not
+before: AOTAutograd fakifies a graph's inputs as Dynamo saw them, and a parameter whose storage changed
+under it fails that. So that first graph (the prefill, as a rule; it is bound by the GPU, where fusing
+gains little) keeps separate calls, and the graphs traced after it (decoding) find the parameters stacked
+and fuse them. The graph module holds the stacked tensor as a buffer, which AOTAutograd passes to the
+compiled graph like a parameter.
 
 Declines (and says why) when the weights are not plain 2-D floating parameters of one dtype and device,
 when gradients are on (the stacked weight is not a parameter: no gradient would reach the model's), or when
@@ -69,6 +72,7 @@ class FuseProjections(GraphPass):
         inputs = {node: value for node, value in zip(
             (n for n in gm.graph.nodes if n.op == "placeholder"), ctx.example_inputs)}
         groups: dict[torch.fx.Node, list[_Projection]] = {}
+        stacking = 0
         for node in gm.graph.nodes:
             if node.op == "call_function" and node.target in _LINEAR:
                 projection = self._projection(node, inputs)
@@ -79,12 +83,18 @@ class FuseProjections(GraphPass):
                 continue
             result.matched += 1
             reason = _unfusable(group)
-            if reason is None:
+            if reason is not None:
+                if reason not in result.declined:
+                    result.declined.append(reason)
+            elif _stacked_already(group):
                 self._fuse(gm, group, result)
-            elif reason not in result.declined:
-                result.declined.append(reason)
+            else:
+                ctx.after_lower.append(lambda group=group: _stack(group))
+                stacking += 1
         fused = result.replaced
-        result.summary = f"{fused} projections in {result.inserted // 2} calls" if fused else ""
+        result.summary = ", ".join(filter(None, (
+            f"{fused} projections in {result.inserted // 2} calls" if fused else "",
+            f"{stacking} groups stacked after this graph, fused in the graphs after it" if stacking else "")))
         return result
 
     @staticmethod
@@ -162,18 +172,28 @@ def _consecutive(parts: list[torch.Tensor]) -> bool:
     return True
 
 
+def _stacked_already(group: list[_Projection]) -> bool:
+    return _consecutive([p.weight for p in group]) and (
+        group[0].bias is None or _consecutive([p.bias for p in group]))
+
+
 def _stacked(parts: list[torch.Tensor]) -> torch.Tensor:
-    """One tensor whose rows are `parts` in order, sharing their storage: the parameters' own when an earlier
-    graph already stacked them; otherwise a new one that they move into (each becomes a view of its rows)."""
-    rows = sum(t.shape[0] for t in parts)
+    """The tensor whose rows are `parts` (consecutive rows of one storage), sharing their storage."""
     first = parts[0]
-    if _consecutive(parts):
-        return torch.empty(0, dtype=first.dtype, device=first.device).set_(
-            first.untyped_storage(), first.storage_offset(), (rows, *first.shape[1:]), first.stride())
-    with torch.no_grad():
-        stacked = torch.cat([t.detach() for t in parts])
-        start = 0
-        for tensor in parts:
-            tensor.data = stacked[start:start + tensor.shape[0]]
-            start += tensor.shape[0]
-    return stacked
+    rows = sum(t.shape[0] for t in parts)
+    return torch.empty(0, dtype=first.dtype, device=first.device).set_(
+        first.untyped_storage(), first.storage_offset(), (rows, *first.shape[1:]), first.stride())
+
+
+def _stack(group: list[_Projection]) -> None:
+    """Move the group's parameters into one new tensor each (weights, biases), each parameter becoming a view
+    of its rows: values unchanged, one group's extra memory while it moves."""
+    for parts in ([p.weight for p in group], [p.bias for p in group if p.bias is not None]):
+        if not parts or _consecutive(parts):
+            continue
+        with torch.no_grad():
+            stacked = torch.cat([t.detach() for t in parts])
+            start = 0
+            for tensor in parts:
+                tensor.data = stacked[start:start + tensor.shape[0]]
+                start += tensor.shape[0]

@@ -26,10 +26,32 @@ def _linears(gm) -> int:
 
 
 def _compiled(capture, family, **options):
+    """A model whose first compiled graph stacked its parameters, compiled afresh (the graphs that fuse)."""
     model = tiny_model(family, num_hidden_layers=LAYERS)
     oracle = twin(model)
+    first = capture(**options)
+    with torch.no_grad():
+        torch.compile(model, backend=first)(torch.randint(0, 128, (1, 5)))
+    torch._dynamo.reset()
     backend = capture(**options)
     return model, oracle, backend, torch.compile(model, backend=backend)
+
+
+def test_first_graph_stacks_the_parameters_and_stays_unfused(capture):
+    """AOTAutograd fakifies inputs as Dynamo saw them: the parameters move only after the first graph."""
+    model = tiny_model("llama", num_hidden_layers=LAYERS)
+    oracle, backend = twin(model), capture()
+    ids = torch.randint(0, 128, (2, 33), generator=torch.Generator().manual_seed(0))
+    attention = model.model.layers[0].self_attn
+    with torch.no_grad():
+        got = torch.compile(model, backend=backend)(ids).logits
+        torch.testing.assert_close(got, oracle(ids).logits, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model(ids).logits, oracle(ids).logits, atol=1e-5, rtol=1e-5)
+    result = _result(backend.graphs[0])
+    assert (result.matched, result.replaced) == (2 * LAYERS, 0)
+    assert "6 groups stacked after this graph" in result.summary
+    assert _linears(backend.graphs[0]["after"]) == 7 * LAYERS + 1
+    assert attention.k_proj.weight.untyped_storage().data_ptr() == attention.q_proj.weight.untyped_storage().data_ptr()
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])  # qwen2: q/k/v with biases
@@ -74,10 +96,11 @@ def test_parameters_become_rows_of_one_tensor(capture, family):
         model.load_state_dict(oracle.state_dict())
         torch.testing.assert_close(compiled(ids).logits, oracle(ids).logits, atol=1e-5, rtol=1e-5)
     assert len(backend.graphs) == 1  # no recompile: the weights only changed values
+    assert _result(backend.graphs[0]).replaced == 5 * LAYERS
 
 
-def test_decode_graph_reuses_the_stacked_storage(capture):
-    """The second graph (decoding) finds the parameters already stacked: its buffers share their storage."""
+def test_decode_graph_fuses_with_the_parameters_stacked_by_the_prefill(capture):
+    """generate: the prefill graph stacks the parameters, the decode graph fuses them, reading their storage."""
     model = tiny_model("llama", num_hidden_layers=LAYERS)
     oracle, backend = twin(model), capture()
     model.forward = torch.compile(model.forward, backend=backend)
@@ -87,19 +110,21 @@ def test_decode_graph_reuses_the_stacked_storage(capture):
         want = oracle.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False)
     assert torch.equal(got, want)
     assert len(backend.graphs) >= 2
-    pointers = [{name: buffer.data_ptr() for name, buffer in record["after"].named_buffers()
-                 if name.startswith("slimpass_fused_")} for record in backend.graphs]
-    assert len(pointers[0]) == 2 * LAYERS
-    assert all(p == pointers[0] for p in pointers[1:])
-    attention = model.model.layers[0].self_attn
-    assert pointers[0]["slimpass_fused_0_weight"] == attention.q_proj.weight.data_ptr()
+    assert _result(backend.graphs[0]).replaced == 0
+    for record in backend.graphs[1:]:
+        assert _result(record).replaced == 5 * LAYERS
+        buffers = dict(record["after"].named_buffers())
+        attention = model.model.layers[0].self_attn
+        assert buffers["slimpass_fused_0_weight"].data_ptr() == attention.q_proj.weight.data_ptr()
+        assert buffers["slimpass_fused_0_weight"].shape == (64 + 32 + 32, 64)
 
 
 def test_declines_under_gradients(capture):
     """With gradients on, a stacked weight would cut the parameters out of the backward: the pass declines."""
-    model, oracle, backend, compiled = _compiled(capture, "llama")
+    model = tiny_model("llama", num_hidden_layers=LAYERS)
+    backend = capture()
     ids = torch.randint(0, 128, (1, 20), generator=torch.Generator().manual_seed(3))
-    compiled(ids).logits.sum().backward()
+    torch.compile(model, backend=backend)(ids).logits.sum().backward()
     result = _result(backend.graphs[0])
     assert result.replaced == 0 and "gradients are enabled" in result.declined[0]
     assert model.model.layers[0].self_attn.q_proj.weight.grad is not None
@@ -155,8 +180,8 @@ def test_pruned_reselecting_generate_matches_the_unfused_one():
             outs.append(m.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
                                    past_key_values=cache))
     assert torch.equal(outs[0], outs[1])
-    fused = [r for g in slimpass.compiled_graphs(model) for r in g.results if r.name == "fuse_projections"]
-    assert fused and all(r.replaced == 5 * 6 for r in fused)
+    fused = [r.replaced for g in slimpass.compiled_graphs(model) for r in g.results if r.name == "fuse_projections"]
+    assert fused[0] == 0 and fused[1:] and all(n == 5 * 6 for n in fused[1:])  # the prefill graph stacks
 
 
 def test_config_checks_the_flag():
