@@ -117,7 +117,7 @@ def test_register_pass_runs_at_its_point():
     slimpass.compile(model, options={"compiler": "eager"})
     with torch.no_grad():
         model(torch.randint(0, 128, (1, 20)))
-    assert seen == [("discovery", True, 1), ("end", 6)]
+    assert seen == [("discovery", True, 1), ("end", 7)]
     record = slimpass.compiled_graphs(model)[0]
     assert [r.name for r in record.results] == [
         "find_decoder_layers", "after_discovery", "rewrite_attention", "insert_pruning", "sink_selection",

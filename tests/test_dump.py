@@ -24,6 +24,7 @@ PASS_FILES = [
     "03_insert_pruning.before.py", "03_insert_pruning.after.py",
     "04_sink_selection.before.py", "04_sink_selection.after.py",
     "05_reselect_kv.before.py", "05_reselect_kv.after.py",
+    "06_fuse_projections.before.py", "06_fuse_projections.after.py",
 ]
 
 
@@ -180,7 +181,7 @@ def test_info_log_is_one_line_per_graph(caplog):
         assert "find_decoder_layers: matched 2" in message and "rewrite_attention: matched" in message
     assert "rewrite_attention: matched 2, inserted 0, replaced 2" in infos[0].getMessage()
     debug = [r for r in ours if r.levelno == logging.DEBUG and r.name == "slimpass.passes.manager"]
-    assert len(debug) == 5 * len(records)  # one line per pass per graph
+    assert len(debug) == 6 * len(records)  # one line per pass per graph
 
 
 def test_empty_env_variable_is_off(monkeypatch):

@@ -110,7 +110,7 @@ def test_backend_by_name_in_fresh_interpreter(installed, import_first, tmp_path)
     assert pathlib.Path(facts["slimpass_file"]).resolve().is_relative_to(REPO)
     # the backend ran: one prefill graph, both attention calls rewritten (logits of every position: no
     # row selection for sink_selection to move), the rewritten graph taken
-    assert facts["records"] == [{"kind": "prefill", "replaced": [0, 2, 0, 0, 0], "calls": {"rewritten": 1, "fallback": 0}}]
+    assert facts["records"] == [{"kind": "prefill", "replaced": [0, 2, 0, 0, 0, 0], "calls": {"rewritten": 1, "fallback": 0}}]
     infos = [msg for name, level, msg in facts["logs"] if level == "INFO" and name == "slimpass.backend"]
     assert len(infos) == 1 and "(prefill)" in infos[0], facts["logs"]
     assert not [entry for entry in facts["logs"] if entry[1] == "WARNING"], facts["logs"]

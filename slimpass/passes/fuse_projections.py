@@ -119,6 +119,9 @@ class FuseProjections(GraphPass):
             if group[0].bias is not None:
                 bias = gm.graph.get_attr(f"slimpass_fused_{index}_bias")
             fused = gm.graph.call_function(torch._C._nn.linear, (_argument(first, 0, "input"), weight_node, bias))
+            stack = first.meta.get("nn_module_stack")
+            if stack and len(stack) > 1:  # the call belongs to the projections' parent (self_attn, mlp)
+                fused.meta["nn_module_stack"] = dict(list(stack.items())[:-1])
             parts, start = [], 0
             for projection in group:
                 parts.append(gm.graph.call_method("narrow", (fused, -1, start, projection.weight.shape[0])))

@@ -12,6 +12,7 @@ import torch
 import slimpass
 from slimpass.config import ConfigError, SlimConfig
 from slimpass.passes.fuse_projections import _Projection, _unfusable
+from slimpass.passes.graph_utils import module_path
 from tests.conftest import tiny_model, twin
 
 LAYERS = 3
@@ -68,6 +69,9 @@ def test_fused_forward_matches_eager(capture, family, length):
     assert result.declined == []
     assert _linears(record["before"]) == 7 * LAYERS + 1  # + lm_head
     assert _linears(record["after"]) == 4 * LAYERS + 1
+    fused = sorted(module_path(n) for n in record["after"].graph.nodes
+                   if n.target is torch._C._nn.linear and str(n.args[1].target).startswith("slimpass_fused_"))
+    assert fused == sorted(f"model.layers.{i}.{part}" for i in range(LAYERS) for part in ("mlp", "self_attn"))
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
