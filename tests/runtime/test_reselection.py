@@ -7,12 +7,14 @@ import logging
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import slimpass
 from slimpass.config import SlimConfig
 from slimpass.hf_compat import cache_argument
 from slimpass.runtime import reference
-from slimpass.runtime.reselection import attended_tokens, candidate_blocks
+from slimpass.runtime.reselection import assign_slots, attended_tokens, candidate_blocks
 from tests.conftest import tiny_model, twin
 
 GEOMETRY = dict(block_size=8, unit_size=2, min_prompt_len=64)
@@ -138,3 +140,26 @@ def test_attended_tokens_layout():
         [0, 1, 2, 3, 8, 9, 10, 11, 20, 21, 22, 23, 28, 29, 30, 31, 32],
         [0, 1, 2, 3, 4, 5, 6, 7, 12, 13, 14, 15, 28, 29, 30, 31, 32],
     ]
+
+
+def _slots_oracle(active: list[int], best: list[int]) -> list[int]:
+    """assign_slots in plain Python: staying blocks keep their slots; the freed slots, in ascending order,
+    take the entering blocks in ascending order."""
+    entering = iter(sorted(set(best) - set(active)))
+    return [block if block in best else next(entering) for block in active]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_assign_slots_keeps_staying_blocks_in_place(data):
+    """Checked against the plain-Python rule, batched, on random active sets and candidate sets of every
+    overlap (all new, none new, some)."""
+    count = data.draw(st.integers(1, 12), label="count")
+    blocks = data.draw(st.integers(count, 3 * count), label="blocks")
+    rows = data.draw(st.integers(1, 3), label="rows")
+    actives, bests = [], []
+    for _ in range(rows):
+        actives.append(data.draw(st.permutations(range(blocks)))[:count])  # slots hold blocks in any order
+        bests.append(sorted(data.draw(st.permutations(range(blocks)))[:count]))  # candidates ascending
+    got = assign_slots(torch.tensor(actives), torch.tensor(bests))
+    assert got.tolist() == [_slots_oracle(a, b) for a, b in zip(actives, bests)]
