@@ -135,6 +135,21 @@ def timed(fn, device: torch.device) -> tuple[float, Any]:
     return (time.perf_counter() - start) * 1e3, out
 
 
+def compile_phases(since: dict[str, float] | None = None, top: int = 12) -> dict[str, float]:
+    """Seconds torch.compile spent per phase so far (`torch._dynamo.utils.compile_times`, summed over
+    graphs); with `since` (an earlier reading) the `top` phases of the time in between, longest first:
+    where a first call's minutes go (Dynamo's tracing, AOTAutograd, Inductor's lowering, Triton's
+    compiles, `async_compile.wait`, autotuning)."""
+    from torch._dynamo.utils import compile_times
+
+    names, values = compile_times(repr="csv", aggregate=True)
+    now = {name: float(value) for name, value in zip(names, values)}
+    if since is None:
+        return now
+    spent = {name: round(seconds - since.get(name, 0.0), 3) for name, seconds in now.items()}
+    return dict(sorted(((n, v) for n, v in spent.items() if v > 0), key=lambda item: -item[1])[:top])
+
+
 def variant_model(base: torch.nn.Module, variant: str, args: argparse.Namespace) -> tuple[torch.nn.Module, dict | None]:
     """`variant`'s model: `base` itself for hf_eager, else a shallow copy of it (the same weights) that
     `slimpass.compile` compiles in place, so every variant stays compiled side by side."""
@@ -505,8 +520,10 @@ def main(argv: list[str] | None = None) -> None:
     for variant in args.variants.split(","):  # compile each (its first generate), then time them side by side
         try:
             model, options = variant_model(base_model, variant, args)
+            phases = compile_phases()
             first_calls[variant] = {"options": options, "first_call_s": timed(
                 lambda: generate(model, ids, args.new_tokens), device)[0] / 1e3}
+            first_calls[variant]["compile_phases_s"] = compile_phases(since=phases)
             generate(model, ids, 1)  # warm the one-token path too
             models[variant] = model
         except torch.cuda.OutOfMemoryError as err:

@@ -44,6 +44,10 @@ def test_gpu_decode_times_variants_side_by_side(gpu_decode, tmp_path):
     # that reads the fronts on): the rounds recompiled nothing
     assert rows["hf_eager"]["options"] is None
     assert len(resident["graphs"]) == 2 and len(offload["graphs"]) == 3
+    # where each first call's compile time went: Dynamo traced the compiled variants, not HF eager
+    assert rows["hf_eager"]["compile_phases_s"] == {}
+    assert resident["compile_phases_s"]["bytecode_tracing"] > 0
+    assert list(resident["compile_phases_s"].values()) == sorted(resident["compile_phases_s"].values(), reverse=True)
 
 
 def test_gpu_offload_ablation_rows(gpu_decode, tmp_path, monkeypatch):
