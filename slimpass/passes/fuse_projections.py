@@ -23,7 +23,9 @@ before: AOTAutograd fakifies a graph's inputs as Dynamo saw them, and a paramete
 under it fails that. So that first graph (the prefill, as a rule; it is bound by the GPU, where fusing
 gains little) keeps separate calls, and the graphs traced after it (decoding) find the parameters stacked
 and fuse them. The graph module holds the stacked tensor as a buffer, which AOTAutograd passes to the
-compiled graph like a parameter.
+compiled graph like a parameter. A runtime guard checks on every call that each parameter still starts
+where its rows of the stacked tensor do: a parameter replaced rather than written (``module.weight =
+Parameter(...)``, ``load_state_dict(..., assign=True)``) sends the call to the unfused graph.
 
 Declines (and says why) when the weights are not plain 2-D floating parameters of one dtype and device,
 when gradients are on (the stacked weight is not a parameter: no gradient would reach the model's), or when
@@ -40,6 +42,7 @@ import torch
 import torch.fx
 
 from slimpass.passes.base import GraphPass, PassContext, PassResult
+from slimpass.runtime.guards import InputGuard
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +72,9 @@ class FuseProjections(GraphPass):
         if ctx.layer_map is None:
             result.declined.append("no decoder layers found")
             return result
-        inputs = {node: value for node, value in zip(
-            (n for n in gm.graph.nodes if n.op == "placeholder"), ctx.example_inputs)}
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        inputs = dict(zip(placeholders, ctx.example_inputs))
+        positions = {node: index for index, node in enumerate(placeholders)}
         groups: dict[torch.fx.Node, list[_Projection]] = {}
         stacking = 0
         for node in gm.graph.nodes:
@@ -87,6 +91,10 @@ class FuseProjections(GraphPass):
                 if reason not in result.declined:
                     result.declined.append(reason)
             elif _stacked_already(group):
+                for projection in group:  # a parameter replaced, not written through: run the unfused graph
+                    for node in filter(None, (_argument(projection.node, 1, "weight"),
+                                              _argument(projection.node, 2, "bias"))):
+                        ctx.guards.append(InputGuard(positions[node], "data_ptr", limit=inputs[node].data_ptr()))
                 self._fuse(gm, group, result)
             else:
                 ctx.after_lower.append(lambda group=group: _stack(group))

@@ -14,12 +14,14 @@ from typing import Any
 
 import torch
 
-ROLES = ("attention_mask", "cache_position", "position_ids", "max_len", "min_len")
+ROLES = ("attention_mask", "cache_position", "position_ids", "max_len", "min_len", "data_ptr")
 
 
 @dataclasses.dataclass(frozen=True)
 class InputGuard:
-    """`role` of the graph input at position `index`; for "max_len": size `dim` must be <= `limit`.
+    """`role` of the graph input at position `index`; for "max_len": size `dim` must be <= `limit`; for
+    "data_ptr": the tensor's data must start at address `limit` (a parameter still a view of the stacked
+    weight that the graph reads in its place, `fuse_projections`).
 
     For content roles, `length_of` = (input index, dim) names the size that is the prompt length:
     the input's last dimension must equal it (the proof assumed so).
@@ -42,6 +44,7 @@ class InputGuard:
             "position_ids": f"input {self.index} (position_ids) rows are 0..N-1",
             "max_len": f"input {self.index} size({self.dim}) <= {self.limit}",
             "min_len": f"input {self.index} size({self.dim}) >= {self.limit} (pruned graph; shorter prompts run dense)",
+            "data_ptr": f"input {self.index} still starts at {self.limit:#x} (a row block of a stacked weight)",
         }[self.role]
 
 
@@ -64,6 +67,10 @@ def inputs_canonical(guards: Sequence[InputGuard], args: Sequence[Any]) -> bool:
             continue
         if guard.role == "min_len":
             if int(value.shape[guard.dim]) < guard.limit:
+                return False
+            continue
+        if guard.role == "data_ptr":
+            if value.data_ptr() != guard.limit:
                 return False
             continue
         if not isinstance(value, torch.Tensor):

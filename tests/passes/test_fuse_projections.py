@@ -191,3 +191,22 @@ def test_pruned_reselecting_generate_matches_the_unfused_one():
 def test_config_checks_the_flag():
     with pytest.raises(ConfigError, match="fuse_projections"):
         SlimConfig(fuse_projections="yes")
+
+
+def test_replaced_parameter_runs_the_unfused_graph(capture):
+    """A parameter replaced (not written through) leaves the stacked tensor stale: the runtime guard sends the
+    call to the unfused graph, whose output follows the new weight."""
+    model, oracle, backend, compiled = _compiled(capture, "llama")
+    ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(ids).logits, oracle(ids).logits, atol=1e-5, rtol=1e-5)
+        record = backend.graphs[0]
+        assert sum(1 for g in record["ctx"].guards if g.role == "data_ptr") == 5 * LAYERS
+        fresh = torch.randn_like(oracle.model.layers[1].self_attn.k_proj.weight)
+        oracle.model.layers[1].self_attn.k_proj.weight.copy_(fresh)
+        model.model.layers[1].self_attn.k_proj.weight = torch.nn.Parameter(fresh.clone())
+        torch.testing.assert_close(compiled(ids).logits, oracle(ids).logits, atol=1e-5, rtol=1e-5)
+    assert len(backend.graphs) == 1  # no recompile: the fused graph's guard chose its unfused twin
+    stacked = dict(record["after"].named_buffers())["slimpass_fused_2_weight"]  # layer 1's q/k/v
+    q_rows = model.config.num_attention_heads * (model.config.hidden_size // model.config.num_attention_heads)
+    assert not torch.equal(stacked[q_rows:q_rows + fresh.shape[0]], fresh)  # the fused path would read stale k

@@ -110,3 +110,13 @@ def test_positions_canonical_iff_no_offset(n, offset, rows):
     positions = (torch.arange(n) + offset).expand(rows, n)
     assert inputs_canonical([POSITIONS], [positions]) is (offset == 0)
     assert inputs_canonical([CACHE], [positions[0]]) is (offset == 0)
+
+
+def test_data_ptr_guard_holds_only_at_its_address():
+    base = torch.zeros(6, 4)
+    view = base[2:4]
+    guard = InputGuard(0, "data_ptr", limit=view.data_ptr())
+    assert inputs_canonical([guard], [view])
+    assert not inputs_canonical([guard], [view.clone()])  # same values, another tensor
+    assert not inputs_canonical([guard], [base[4:6]])
+    assert f"{view.data_ptr():#x}" in guard.describe()
