@@ -115,7 +115,8 @@ class FuseProjections(GraphPass):
         return _Projection(node, inputs[weight], inputs[bias] if bias is not None else None)
 
     def _fuse(self, gm: torch.fx.GraphModule, group: list[_Projection], result: PassResult) -> None:
-        index = sum(1 for name, _ in gm.named_buffers() if name.startswith("slimpass_fused_"))
+        index = sum(1 for name, _ in gm.named_buffers()  # groups fused so far: names their buffers
+                    if name.startswith("slimpass_fused_") and name.endswith("_weight"))
         first = group[0].node
         weight = _stacked([p.weight for p in group])
         gm.register_buffer(f"slimpass_fused_{index}_weight", weight)
