@@ -52,7 +52,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_prefill import build_model  # noqa: E402 - the same model as the prefill benchmark
 
-VARIANTS = ("hf_eager", "sliminfer_dense", "sliminfer", "sliminfer_reselect", "sliminfer_offload")
+VARIANTS = ("hf_eager", "sliminfer_dense", "sliminfer", "sliminfer_reselect", "sliminfer_offload", "sliminfer_reselect_cg")
+# sliminfer_reselect_cg: sliminfer_reselect with Inductor's CUDA graphs around the parts of each graph whose
+# shapes do not change from step to step (graph partitions split off the ops that use a dynamic size)
+CUDA_GRAPHS = {"triton.cudagraphs": True, "triton.cudagraph_skip_dynamic_graphs": True}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -88,8 +91,10 @@ def options_for(variant: str, args: argparse.Namespace) -> dict[str, Any] | None
     options: dict[str, Any] = {"compiler": "eager" if args.tiny else "inductor", "prune": variant != "sliminfer_dense"}
     if args.tiny:
         options.update(min_prompt_len=64)
-    if variant in ("sliminfer_reselect", "sliminfer_offload"):
+    if variant in ("sliminfer_reselect", "sliminfer_offload", "sliminfer_reselect_cg"):
         options.update(reselect=True, active_tokens=args.active_tokens)
+    if variant == "sliminfer_reselect_cg" and not args.tiny:
+        options.update(inductor_options=CUDA_GRAPHS)
     if variant == "sliminfer_offload":
         options.update(offload=True, copy_group=args.copy_group)
     return {**options, **args.options}
@@ -166,15 +171,17 @@ def measure(models: dict[str, torch.nn.Module], ids: torch.Tensor, args: argpars
     """`--repeats` rounds; a round times every variant once (an N-token generate, then a 1-token one, the
     time to first token), its order rotated by one each round, so that drift in the machine (clocks, other
     load on the host's CPUs) falls on every variant alike. Peak memory: the most any of a variant's
-    generates allocated."""
+    generates allocated. Before each generate, `host_probe` times a fixed pure-Python loop: the GPU
+    machine's host runs at two speeds (PERF, eighth round), and this shows which one a round met."""
     names = list(models)
     rows = {name: {"e2e_all_ms": [], "ttft_all_ms": [], "step_all_ms": [], "step_p90_all_ms": [], "step_series_ms": [],
-                   "peak_gb": 0.0} for name in names}
+                   "host_probe_all_ms": [], "peak_gb": 0.0} for name in names}
     for round_ in range(args.repeats):
         for name in names[round_ % len(names):] + names[:round_ % len(names)]:
             model, row = models[name], rows[name]
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
+            row["host_probe_all_ms"].append(host_probe())
             clock = StepClock()
             ms, out = timed(lambda: generate(model, ids, args.new_tokens, streamer=clock), device)
             row["e2e_all_ms"].append(ms)
@@ -194,6 +201,15 @@ def measure(models: dict[str, torch.nn.Module], ids: torch.Tensor, args: argpars
         row["decode_ms_per_token"] = (row["e2e_ms"] - row["ttft_ms"]) / max(args.new_tokens - 1, 1)
         row["step_ms"] = statistics.median(row["step_all_ms"]) if row["step_all_ms"] else None
     return rows
+
+
+def host_probe() -> float:
+    """Milliseconds of a fixed pure-Python loop (no GPU, no allocation): the host's speed right now."""
+    start = time.perf_counter()
+    total = 0
+    for i in range(200_000):
+        total += i * i
+    return (time.perf_counter() - start) * 1e3
 
 
 def ratios_by_round(row: dict[str, Any], base: dict[str, Any], key: str = "decode_all_ms_per_token") -> list[float]:
@@ -524,6 +540,8 @@ def main(argv: list[str] | None = None) -> None:
             first_calls[variant] = {"options": options, "first_call_s": timed(
                 lambda: generate(model, ids, args.new_tokens), device)[0] / 1e3}
             first_calls[variant]["compile_phases_s"] = compile_phases(since=phases)
+            first_calls[variant]["cudagraph_counters"] = {
+                k: v for k, v in torch._dynamo.utils.counters["inductor"].items() if "cudagraph" in k}
             generate(model, ids, 1)  # warm the one-token path too
             models[variant] = model
         except torch.cuda.OutOfMemoryError as err:
@@ -564,7 +582,21 @@ def main(argv: list[str] | None = None) -> None:
         same = f"{agreement(row, base)}/{args.new_tokens}" if base else "-"
         print(f"| {row['variant']} | {row['e2e_ms']:.1f} | {speed} | {row['ttft_ms']:.1f} | "
               f"{row['decode_ms_per_token']:.2f} | {row['peak_gb']:.1f} | {share} | {same} |")
+    if base:
+        for row in rows:
+            if row is not base and "e2e_ms" in row:
+                row["e2e_speedup_by_round"] = ratios_by_round(base, row, "e2e_all_ms")
+                print(f"{row['variant']}: speed-up over hf_eager round by round "
+                      f"{', '.join(f'{r:.2f}x' for r in row['e2e_speedup_by_round'])} (median "
+                      f"{statistics.median(row['e2e_speedup_by_round']):.2f}x); host probe ms (hf_eager / this) "
+                      f"{', '.join(f'{a:.1f}/{b:.1f}' for a, b in zip(base['host_probe_all_ms'], row['host_probe_all_ms']))}")
     resident = next((r for r in rows if r["variant"] == "sliminfer_reselect" and "e2e_ms" in r), None)
+    graphed = next((r for r in rows if r["variant"] == "sliminfer_reselect_cg" and "e2e_ms" in r), None)
+    if resident and graphed:
+        steps = ratios_by_round(graphed, resident, "step_all_ms")
+        print(f"sliminfer_reselect_cg: median step {graphed['step_ms']:.2f} ms vs sliminfer_reselect's "
+              f"{resident['step_ms']:.2f} ms (round by round {', '.join(f'{r - 1:+.1%}' for r in steps)}); "
+              f"tokens equal to sliminfer_reselect's: {graphed['tokens'] == resident['tokens']}")
     for row in rows:
         if row.get("offload"):
             print(f"\n{row['variant']}: KV on the GPU {row['gpu_kv_share']:.1%} of an unpruned cache "

@@ -33,6 +33,11 @@ def test_gpu_decode_times_variants_side_by_side(gpu_decode, tmp_path):
         assert len(row["e2e_all_ms"]) == len(row["ttft_all_ms"]) == len(row["decode_all_ms_per_token"]) == 2
         assert len(row["step_all_ms"]) == 2 and 0 < row["step_ms"] <= max(row["step_p90_all_ms"])
         assert len(row["tokens"]) == 6
+        assert len(row["host_probe_all_ms"]) == 2 and min(row["host_probe_all_ms"]) > 0
+    for name in ("sliminfer_reselect", "sliminfer_offload"):  # hf_eager's time over the variant's, round by round
+        assert rows[name]["e2e_speedup_by_round"] == [
+            a / b for a, b in zip(rows["hf_eager"]["e2e_all_ms"], rows[name]["e2e_all_ms"])]
+    assert "e2e_speedup_by_round" not in rows["hf_eager"]
     offload, resident = rows["sliminfer_offload"], rows["sliminfer_reselect"]
     assert offload["tokens"] == resident["tokens"]  # the copies that share the weights decode as one model alone
     assert len(offload["decode_vs_resident_by_round"]) == len(offload["step_vs_resident_by_round"]) == 2
