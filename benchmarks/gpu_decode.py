@@ -8,11 +8,16 @@ GPU). Workload: batch-1 greedy ``generate(ids, max_new_tokens=N, min_new_tokens=
 this process (the weights are built once and shared):
 
 - ``hf_eager``: the model's own generate;
+- ``hf_static``: the model's own generate with ``cache_implementation="static"``: transformers' fast path, a
+  fixed-size cache whose decoding step transformers compiles (on a GPU, ``mode="reduce-overhead"``: one
+  CUDA graph a step; the prefill stays eager). The baseline a user gets without slimpass;
 - ``sliminfer_dense``: `slimpass.compile`, pruning off (what compilation alone gives);
 - ``sliminfer``: pruning on, defaults (resident `SlimCache`);
 - ``sliminfer_reselect``: pruning and decode-time reselection (``active_tokens`` per slim layer);
 - ``sliminfer_offload``: the same with ``offload=True``: slim layers' prompt K/V in pinned host memory,
-  their changed blocks copied on a side stream a step ahead (``--copy-group`` layers a launch).
+  their changed blocks copied on a side stream a step ahead (``--copy-group`` layers a launch);
+- ``sliminfer_reselect_cg``: ``sliminfer_reselect`` with Inductor's CUDA graphs around the parts of each
+  graph whose shapes do not change from step to step.
 
 Every variant is compiled first (its first generate, timed as ``first_call_s``), each in its own shallow
 copy of the model (the same weights), so all stay compiled; then ``--repeats`` rounds each time every
@@ -52,7 +57,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_prefill import build_model  # noqa: E402 - the same model as the prefill benchmark
 
-VARIANTS = ("hf_eager", "sliminfer_dense", "sliminfer", "sliminfer_reselect", "sliminfer_offload", "sliminfer_reselect_cg")
+VARIANTS = ("hf_eager", "hf_static", "sliminfer_dense", "sliminfer", "sliminfer_reselect", "sliminfer_offload",
+            "sliminfer_reselect_cg")
 # sliminfer_reselect_cg: sliminfer_reselect with Inductor's CUDA graphs around the parts of each graph whose
 # shapes do not change from step to step (graph partitions split off the ops that use a dynamic size)
 CUDA_GRAPHS = {"triton.cudagraphs": True, "triton.cudagraph_skip_dynamic_graphs": True}
@@ -85,8 +91,19 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class StaticCacheGenerate:
+    """`model`'s generate with ``cache_implementation="static"`` (the ``hf_static`` variant). transformers
+    compiles the decoding step of such a generate itself, on a GPU (not on the CPU), and keeps it on the model."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model, self.config = model, model.config
+
+    def generate(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.model.generate(*args, cache_implementation="static", **kwargs)
+
+
 def options_for(variant: str, args: argparse.Namespace) -> dict[str, Any] | None:
-    if variant == "hf_eager":
+    if variant in ("hf_eager", "hf_static"):
         return None
     options: dict[str, Any] = {"compiler": "eager" if args.tiny else "inductor", "prune": variant != "sliminfer_dense"}
     if args.tiny:
@@ -161,6 +178,8 @@ def variant_model(base: torch.nn.Module, variant: str, args: argparse.Namespace)
     import slimpass
 
     options = options_for(variant, args)
+    if variant == "hf_static":
+        return StaticCacheGenerate(base), None
     if options is None:
         return base, None
     return slimpass.compile(copy.copy(base), options=options), options
@@ -556,7 +575,9 @@ def main(argv: list[str] | None = None) -> None:
             rows.append({"variant": variant, "status": failed[variant]})
             continue
         row = {"variant": variant, **first_calls[variant], **measured[variant]}
-        row["decode_host"] = host_time(models[variant], lambda: generate(models[variant], ids, args.new_tokens), device)
+        if variant != "hf_static":  # (its forward hooks would land inside transformers' compiled step)
+            row["decode_host"] = host_time(models[variant], lambda: generate(models[variant], ids, args.new_tokens),
+                                           device)
         if row["options"] is not None:
             row.update(reports(models[variant], ids, args))
         rows.append(row)

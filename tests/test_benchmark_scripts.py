@@ -22,19 +22,28 @@ def gpu_decode(monkeypatch):
     return gpu_decode
 
 
-def test_gpu_decode_times_variants_side_by_side(gpu_decode, tmp_path):
+def test_gpu_decode_times_variants_side_by_side(gpu_decode, tmp_path, monkeypatch):
+    from transformers.cache_utils import StaticCache
+
+    static_caches = []
+    init = StaticCache.__init__
+    monkeypatch.setattr(StaticCache, "__init__", lambda self, *a, **k: (static_caches.append(self), init(self, *a, **k))[1])
     out = tmp_path / "decode.json"
     gpu_decode.main(["--tiny", "--length", "600", "--new-tokens", "6", "--active-tokens", "64", "--repeats", "2",
-                     "--variants", "hf_eager,sliminfer_reselect,sliminfer_offload", "--out", str(out)])
+                     "--variants", "hf_eager,hf_static,sliminfer_reselect,sliminfer_offload", "--out", str(out)])
     result = json.loads(out.read_text())
     rows = {row["variant"]: row for row in result["rows"]}
-    assert list(rows) == ["hf_eager", "sliminfer_reselect", "sliminfer_offload"]
+    assert list(rows) == ["hf_eager", "hf_static", "sliminfer_reselect", "sliminfer_offload"]
+    # transformers' static cache: the same greedy tokens as its dynamic one (float32), no slimpass reports
+    assert rows["hf_static"]["tokens"] == rows["hf_eager"]["tokens"]
+    assert rows["hf_static"]["options"] is None and "kv_bytes" not in rows["hf_static"]
+    assert static_caches  # hf_static's generates ran on transformers' static cache
     for row in rows.values():
         assert len(row["e2e_all_ms"]) == len(row["ttft_all_ms"]) == len(row["decode_all_ms_per_token"]) == 2
         assert len(row["step_all_ms"]) == 2 and 0 < row["step_ms"] <= max(row["step_p90_all_ms"])
         assert len(row["tokens"]) == 6
         assert len(row["host_probe_all_ms"]) == 2 and min(row["host_probe_all_ms"]) > 0
-    for name in ("sliminfer_reselect", "sliminfer_offload"):  # hf_eager's time over the variant's, round by round
+    for name in ("hf_static", "sliminfer_reselect", "sliminfer_offload"):  # hf_eager's time over the variant's
         assert rows[name]["e2e_speedup_by_round"] == [
             a / b for a, b in zip(rows["hf_eager"]["e2e_all_ms"], rows[name]["e2e_all_ms"])]
     assert "e2e_speedup_by_round" not in rows["hf_eager"]
