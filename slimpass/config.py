@@ -167,6 +167,14 @@ class SlimConfig:
     """Under `offload`: consecutive slim layers whose copies go in one launch, issued once the last of them
     has decided its next step (fewer launches and less host time per step; a larger group issues its first
     layers' copies later)."""
+    static_decode: bool = False
+    """Decode graphs with no size that changes from step to step (experimental; needs `prune`): after a pruned
+    prefill each layer's K/V move into buffers with room for `decode_capacity` more tokens, every step writes
+    its token in place and attends to the written slots only (a per-layer mask), and the room grows by the
+    same amount when it runs out (a new buffer size: one more graph). What lets a decoding step run as CUDA
+    graphs (``inductor_options={"triton.cudagraphs": True}``). Not with `offload`."""
+    decode_capacity: int = 256
+    """Under `static_decode`: the tokens of room each layer's buffers get at a time."""
 
     def __post_init__(self) -> None:
         _check_bool("prune", self.prune)
@@ -213,6 +221,17 @@ class SlimConfig:
             raise ConfigError("SlimConfig.reselect=True needs prune=True: reselection chooses, at each decoding step, "
                               "among the blocks a pruned prefill kept at its slim layers (without pruning there are "
                               "none); set prune=True or drop reselect")
+        _check_bool("static_decode", self.static_decode)
+        _check_range("decode_capacity", self.decode_capacity, 1, 1 << 20)
+        if self.static_decode and not self.rewrite_attention:
+            raise ConfigError("SlimConfig.static_decode=True needs rewrite_attention=True: that pass masks each layer's "
+                              "attention to the slots its buffers hold")
+        if self.static_decode and not self.prune:
+            raise ConfigError("SlimConfig.static_decode=True needs prune=True: the fixed-size buffers are made after a "
+                              "pruned prefill (an unpruned prompt decodes on transformers' cache)")
+        if self.static_decode and self.offload:
+            raise ConfigError("SlimConfig.static_decode=True does not work with offload=True yet (an offloaded layer's "
+                              "tail is copied between steps); drop one of them")
         if self.offload and not self.reselect:
             raise ConfigError("SlimConfig.offload=True needs reselect=True: an offloaded slim layer keeps only its "
                               "active blocks on the accelerator, and reselection is what chooses them")

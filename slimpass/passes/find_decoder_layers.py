@@ -59,12 +59,15 @@ def _unrepeat(node: torch.fx.Node) -> tuple[torch.fx.Node, bool]:
 
 
 def _cache_write(full: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node | None]:
-    """keys = cat([past, new], dim=-2) -> (new, the cat node); no cache -> (full, None)."""
+    """keys = cat([past, new], dim=-2) or buffer.index_copy_(-2, slot, new) (`SlimCache` under static_decode)
+    -> (new, the write node); no cache -> (full, None)."""
+    rank = len(shape(full) or ())
     if is_op(full, "cat"):
         tensors, dim = full.args[0], arg(full, 1, "dim", 0)
-        rank = len(shape(full) or ())
         if dim in (-2, rank - 2) and isinstance(tensors, (list, tuple)) and tensors:
             return tensors[-1], full
+    if is_op(full, "index_copy_") and len(full.args) == 4 and full.args[1] in (-2, rank - 2):
+        return full.args[3], full
     return full, None
 
 

@@ -30,6 +30,7 @@ OPS: dict[str, frozenset] = {
     "add": frozenset({("call_function", operator.add), ("call_function", torch.add), ("call_method", "add")}),
     "mul": frozenset({("call_function", operator.mul), ("call_function", torch.mul), ("call_method", "mul")}),
     "cat": frozenset({("call_function", torch.cat), ("call_function", torch.concat), ("call_function", torch.concatenate)}),
+    "index_copy_": frozenset({("call_method", "index_copy_")}),  # SlimLayer's in-place write (static_decode)
     "dropout": frozenset({("call_function", torch.nn.functional.dropout), ("call_function", torch.dropout)}),
     "transpose": frozenset({("call_method", "transpose"), ("call_function", torch.transpose)}),
     "expand": frozenset({("call_method", "expand")}),

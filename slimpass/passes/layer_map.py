@@ -48,6 +48,7 @@ class LayerInfo:
     gqa_repeat: bool  # keys/values copied with repeat_kv before the attention
     eager: EagerAttention | None = None
     found_kind: str = ""  # `kind` as discovered, before any rewrite ("eager" stays "eager" here)
+    static_valid: torch.fx.Node | None = None  # static_decode: the count of written slots the attention is masked to
 
     def __post_init__(self) -> None:
         self.found_kind = self.found_kind or self.kind

@@ -36,6 +36,7 @@ from slimpass.passes.causal_mask import NotCausal, empty_mask_reason, length_inp
 from slimpass.passes.graph_utils import arg, fake
 from slimpass.passes.layer_map import LayerInfo
 from slimpass.runtime import attention as _attention  # noqa: F401  (registers slimpass::causal_attention)
+from slimpass.runtime import static_kv
 from slimpass.runtime.guards import InputGuard
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,11 @@ def sliding_window(model_config: Any) -> int | None:
     if layer_types and not any("sliding" in str(t) for t in layer_types):
         return None
     return int(window)
+
+
+def _static_markers(graph: torch.fx.Graph) -> dict[int, torch.fx.Node]:
+    op = torch.ops.slimpass.bind_static_kv
+    return {n.args[1]: n for n in graph.nodes if n.op == "call_function" and n.target in (op, op.default)}
 
 
 def _undeclinable(layer: LayerInfo) -> str | None:
@@ -169,13 +175,15 @@ class RewriteAttention(GraphPass):
                                    "masks hide keys once the cache outgrows the window")
             return result
         proven: dict[torch.fx.Node, str] = {}  # mask producer -> "" (hides nothing) or why not
+        slots = _static_markers(gm.graph)  # layer index -> its bind_static_kv marker (static_decode)
         for layer in ctx.layer_map.layers:
             result.matched += 1
             node = layer.attention
+            marker = slots.get(layer.index)
             if layer.kind != "sdpa" or arg(node, 4, "dropout_p", 0.0) not in (0, 0.0) or arg(node, 5, "is_causal"):
                 result.declined.append(f"layer {layer.index}: not plain SDPA (eager attention, dropout or is_causal)")
                 continue
-            if layer.mask is None and not layer.gqa_repeat:
+            if layer.mask is None and not layer.gqa_repeat and marker is None:
                 continue  # nothing to gain
             why = empty_mask_reason(gm, layer.mask, ctx, proven) if layer.mask is not None else ""
             if why:
@@ -183,15 +191,26 @@ class RewriteAttention(GraphPass):
                 continue
             k, v, gqa = _kv(layer)
             with gm.graph.inserting_before(node):
+                mask = None
+                if marker is not None:  # fixed-size buffers: attend to the written slots only
+                    mask = gm.graph.call_function(static_kv.slot_mask, (layer.k_full, marker.args[0]))
+                    layer.static_valid = marker.args[0]
                 new = gm.graph.call_function(
                     torch._C._nn.scaled_dot_product_attention, (layer.q, k, v),
-                    {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": _scale(layer), "enable_gqa": gqa})
+                    {"attn_mask": mask, "dropout_p": 0.0, "is_causal": False, "scale": _scale(layer), "enable_gqa": gqa})
             new.meta.update({key: val for key, val in node.meta.items() if key in ("nn_module_stack", "example_value", "stack_trace")})
             new.meta["slimpass"] = {"layer": layer.index, "role": "attention", "rewritten": True}
             node.replace_all_uses_with(new)
             gm.graph.erase_node(node)
             layer.attention, layer.mask, layer.k_attn, layer.v_attn, layer.gqa_repeat = new, None, k, v, False
+            if marker is not None:
+                gm.graph.erase_node(slots.pop(layer.index))
             result.replaced += 1
+        if slots:  # a layer whose buffers hold empty slots would attend to them
+            raise RuntimeError(
+                f"rewrite_attention: SlimConfig.static_decode: the attention of layer(s) {sorted(slots)} could not be "
+                f"masked to their written slots ({'; '.join(result.declined) or 'no attention found for them'}); "
+                "run with static_decode=False")
         dropped = sum(1 for why in proven.values() if not why)
         result.summary = (f"decode: {result.replaced} of {len(ctx.layer_map.layers)} attention calls without "
                           f"mask / KV copies ({dropped} mask producer(s) proven to hide nothing)")

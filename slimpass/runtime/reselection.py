@@ -96,13 +96,15 @@ def reselect_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, active
                        prompt_positions: torch.Tensor, unit_keys: torch.Tensor | None, scale: float, scorer: str,
                        block_size: int, unit_size: int, local_window: int, sink_blocks: int,
                        gamma: float, reselect_unit: int = 1, front_k: torch.Tensor | None = None,
-                       front_v: torch.Tensor | None = None, pending: torch.Tensor | None = None) -> torch.Tensor:
+                       front_v: torch.Tensor | None = None, pending: torch.Tensor | None = None,
+                       valid: torch.Tensor | None = None) -> torch.Tensor:
     """One decoding step's attention at a slim layer: q [B, Hq, 1, D] over the active part of k, v
     [B, Hkv, n, D] (the layer's cache including this step). Updates `active` (for the next step) and `stats`.
     With `front_k` (an offloaded layer, `slimpass.runtime.offload`) k, v hold only the last prompt block
     and the generated tokens, `unit_keys` the keys scored, and the fronts the sink and active blocks (the
     manager copied this step's set into them, slot by slot, after the step before); the next step's set
-    is written to `pending`, where the manager's copy after this step reads it.
+    is written to `pending`, where the manager's copy after this step reads it. With `valid` (fixed-size buffers,
+    `slimpass.runtime.static_kv`) k, v have empty slots from ``valid`` on, which the attention masks out.
 
     Plain traceable PyTorch (no host syncs, sizes symbolic in the cache length): the pass calls it from the
     decode graph, AOTAutograd traces through it (the writes to `active` and `stats` become the graph's
@@ -123,13 +125,16 @@ def reselect_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, active
     shared = (best[:, :, None] == now[:, None, :]).any(dim=2).sum(dim=1)  # [B]
     swap = ~first & (shared < gamma * count)
     upcoming = torch.where(swap[:, None], assign_slots(now, best), now)
+    mask = None
     if front_k is None:
         index = attended_tokens(now, prompt_tokens, k.shape[2], block_size, sink_blocks)
         keys, values = gather_tokens(k, index), gather_tokens(v, index)
+        if valid is not None:
+            mask = (index < valid)[:, None, None, :]
     else:  # the fronts hold the sinks and the blocks of `now`, slot by slot (no first step here: it runs resident)
         keys, values = torch.cat([front_k, k], dim=2), torch.cat([front_v, v], dim=2)
         pending.copy_(upcoming)
-    out = F.scaled_dot_product_attention(q, keys, values, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
     active.copy_(upcoming)
     stats.add_(torch.stack([torch.ones_like(stats[0]), torch.where(swap, count - shared, 0).sum()]))
     return out

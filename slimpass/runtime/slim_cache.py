@@ -30,7 +30,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from slimpass.config import SlimConfig
-from slimpass.runtime import offload, reselection
+from slimpass.runtime import offload, reselection, static_kv  # noqa: F401  (static_kv: registers its marker op)
 from slimpass.runtime.keep_sets import KeepSet
 
 
@@ -52,9 +52,38 @@ class SlimLayer(DynamicLayer):
         self.front_k: torch.Tensor | None = None  # once they are there: the sink and active blocks (offload)
         self.front_v: torch.Tensor | None = None
         self.pending: torch.Tensor | None = None  # where a step writes the layer's next active set (offload)
+        self.valid: torch.Tensor | None = None  # fixed-size buffers (static_decode): [1] count of written slots
+        self.written = 0  # ... the same count on the host (kept by SlimCache, outside the graphs)
+
+    def make_static(self, room: int) -> None:
+        """Move the layer's K/V into buffers with `room` more slots (`slimpass.runtime.static_kv`); again
+        when full: the same written slots in larger buffers."""
+        held = self.written if self.valid is not None else self.keys.shape[2]
+        batch, heads, _, dim = self.keys.shape
+        keys = self.keys.new_zeros(batch, heads, held + room, dim)
+        values = self.values.new_zeros(batch, heads, held + room, self.values.shape[3])
+        keys[:, :, :held], values[:, :, :held] = self.keys[:, :, :held], self.values[:, :, :held]
+        self.keys, self.values = keys, values
+        if self.valid is None:
+            self.valid, self.written = torch.full((1,), held, dtype=torch.long, device=keys.device), held
+        for tensor in (self.keys, self.values, self.valid):  # CUDA graphs read them in place, no copies
+            torch._dynamo.mark_static_address(tensor)
+
+    def get_seq_length(self) -> int:
+        return self.written if self.valid is not None else super().get_seq_length()
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
-        keys, values = super().update(key_states, value_states, *args, **kwargs)
+        if self.valid is not None:  # fixed-size buffers: write this step's token in place
+            if key_states.shape[2] != 1:
+                raise NotImplementedError(
+                    f"SlimCache: layer {self.index} has fixed-size buffers (static_decode) and takes one token a "
+                    f"step, not {key_states.shape[2]}; run with static_decode=False")
+            keys = self.keys.index_copy_(2, self.valid, key_states)
+            values = self.values.index_copy_(2, self.valid, value_states)
+            self.valid.add_(1)
+            torch.ops.slimpass.bind_static_kv(self.valid, self.index)
+        else:
+            keys, values = super().update(key_states, value_states, *args, **kwargs)
         if self.active is not None:  # a decoding step at an armed slim layer: show the pass its state
             torch.ops.slimpass.bind_layer_state(self.active, self.stats, self.prompt_positions, self.unit_keys,
                                                 self.index, self.front_k, self.front_v, self.pending)
@@ -63,14 +92,18 @@ class SlimLayer(DynamicLayer):
     def reset(self) -> None:
         super().reset()
         self.prompt_positions = self.active = self.stats = self.unit_keys = None
-        self.front_k = self.front_v = self.pending = None
-        self.offloaded = False
+        self.front_k = self.front_v = self.pending = self.valid = None
+        self.offloaded, self.written = False, 0
 
     def _refuse_offloaded(self, what: str) -> None:
         if self.offloaded:
             raise NotImplementedError(
                 f"SlimCache: {what} of offloaded layer {self.index} is not supported (its prompt K/V live in host "
                 "memory, out of this layer's tensors); run with offload=False")
+        if self.valid is not None:
+            raise NotImplementedError(
+                f"SlimCache: {what} of layer {self.index} is not supported with fixed-size buffers (static_decode); "
+                "run with static_decode=False")
 
     def reorder_cache(self, *args: Any, **kwargs: Any) -> None:
         self._refuse_offloaded("reordering (beam search)")
@@ -180,6 +213,7 @@ class SlimCache(DynamicCache):
         self.block_bytes = 0  # K + V bytes of one block of one row (for the reselection report)
         self.offload: offload.OffloadManager | None = None
         self.steps = 0  # decoding steps run (before_step / after_step)
+        self.room = 0  # static_decode: the slots each layer's buffers grow by (0: transformers' growing tensors)
 
     # --- what transformers asks -------------------------------------------------------------------------
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -188,6 +222,15 @@ class SlimCache(DynamicCache):
         Layer 0 is never pruned (a stage cuts the input of a layer >= 1), so its cache length is that
         count; reading it keeps the value symbolic inside compiled graphs."""
         return self.layers[0].get_seq_length() if self.layers else 0
+
+    def get_query_offset(self, layer_idx: int = 0) -> int:
+        """The query's offset in the mask transformers builds (only its mask code asks). With fixed-size buffers
+        (static_decode) 0: every step is one token and `get_mask_sizes` makes that mask one all-true column
+        whatever the offset, while the passes mask each layer to its written slots; the true offset changes
+        every step, and a number read inside the graph would specialise it (one more compile)."""
+        if self.room:
+            return 0
+        return super().get_query_offset(layer_idx)
 
     def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
         """(kv_length, kv_offset) of the mask transformers builds. After a pruned prefill each layer holds a
@@ -232,6 +275,10 @@ class SlimCache(DynamicCache):
                     offloaded.append(layer)
         if offloaded:
             self._offload(offloaded, config)
+        self.room = config.decode_capacity if config is not None and config.static_decode and self.pruned else 0
+        if self.room:
+            for layer in self.layers:
+                layer.make_static(self.room)
         self.prompt_len, self.steps = prompt_len, 0
         self.recorded = True
 
@@ -271,6 +318,9 @@ class SlimCache(DynamicCache):
         layers' K/V still on the accelerator (the first step's reselection chose this step's sets) and cut
         the layers to their tails, so the step's graph reads the fronts (a graph of its own: Dynamo sees
         them appear); before every later step: order the compute stream after the copies."""
+        if self.room and any(layer.written >= layer.keys.shape[2] for layer in self.layers):
+            for layer in self.layers:  # full: more room (new buffer sizes, so one more compiled graph)
+                layer.make_static(self.room)
         manager = self.offload
         if manager is None or self.steps < 1:
             return
@@ -290,6 +340,9 @@ class SlimCache(DynamicCache):
         step."""
         if self.offload is not None and self.offload.started is not None:
             self.offload.after_step(self.steps)
+        if self.room:  # the step wrote one token in place into each layer's buffers
+            for layer in self.layers:
+                layer.written += 1
         self.steps += 1
 
     def offload_report(self) -> dict[str, float]:
@@ -299,7 +352,7 @@ class SlimCache(DynamicCache):
     def reset(self) -> None:
         super().reset()
         self.offload = None
-        self.prompt_len, self.recorded, self.steps = 0, False, 0
+        self.prompt_len, self.recorded, self.steps, self.room = 0, False, 0, 0
 
     def reselection_report(self) -> dict[int, dict[str, int | float]]:
         """Per armed slim layer: decoding steps, active tokens per row, blocks swapped in after the first
