@@ -17,7 +17,9 @@ this process (the weights are built once and shared):
 - ``sliminfer_offload``: the same with ``offload=True``: slim layers' prompt K/V in pinned host memory,
   their changed blocks copied on a side stream a step ahead (``--copy-group`` layers a launch);
 - ``sliminfer_reselect_cg``: ``sliminfer_reselect`` with Inductor's CUDA graphs around the parts of each
-  graph whose shapes do not change from step to step.
+  graph whose shapes do not change from step to step;
+- ``sliminfer_reselect_static``: ``sliminfer_reselect`` with ``static_decode=True``: fixed-size K/V buffers, so
+  the decoding step has no changing size and runs as CUDA graphs.
 
 Every variant is compiled first (its first generate, timed as ``first_call_s``), each in its own shallow
 copy of the model (the same weights), so all stay compiled; then ``--repeats`` rounds each time every
@@ -58,7 +60,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_prefill import build_model  # noqa: E402 - the same model as the prefill benchmark
 
 VARIANTS = ("hf_eager", "hf_static", "sliminfer_dense", "sliminfer", "sliminfer_reselect", "sliminfer_offload",
-            "sliminfer_reselect_cg")
+            "sliminfer_reselect_cg", "sliminfer_reselect_static")
 # sliminfer_reselect_cg: sliminfer_reselect with Inductor's CUDA graphs around the parts of each graph whose
 # shapes do not change from step to step (graph partitions split off the ops that use a dynamic size)
 CUDA_GRAPHS = {"triton.cudagraphs": True, "triton.cudagraph_skip_dynamic_graphs": True}
@@ -108,8 +110,10 @@ def options_for(variant: str, args: argparse.Namespace) -> dict[str, Any] | None
     options: dict[str, Any] = {"compiler": "eager" if args.tiny else "inductor", "prune": variant != "sliminfer_dense"}
     if args.tiny:
         options.update(min_prompt_len=64)
-    if variant in ("sliminfer_reselect", "sliminfer_offload", "sliminfer_reselect_cg"):
+    if variant in ("sliminfer_reselect", "sliminfer_offload", "sliminfer_reselect_cg", "sliminfer_reselect_static"):
         options.update(reselect=True, active_tokens=args.active_tokens)
+    if variant == "sliminfer_reselect_static":
+        options.update(static_decode=True)
     if variant == "sliminfer_reselect_cg" and not args.tiny:
         options.update(inductor_options=CUDA_GRAPHS)
     if variant == "sliminfer_offload":
@@ -246,6 +250,8 @@ def reports(model: torch.nn.Module, ids: torch.Tensor, args: argparse.Namespace)
     generate(model, ids, args.new_tokens, cache)
     report, generated = cache.memory_report(), cache.generated()
     per_token = [(m.gpu_bytes + m.cpu_bytes) // m.tokens for m in report.layers]
+    if cache.room:  # static_decode: the buffers have room for more tokens than they hold
+        per_token = [2 * layer.keys[:, :, :1].nbytes for layer in cache.layers]
     prompt_bytes = sum(b * (m.tokens - generated) for b, m in zip(per_token, report.layers))
     dense_prompt = sum(b * cache.prompt_len for b in per_token)
     return dict(
@@ -612,12 +618,13 @@ def main(argv: list[str] | None = None) -> None:
                       f"{statistics.median(row['e2e_speedup_by_round']):.2f}x); host probe ms (hf_eager / this) "
                       f"{', '.join(f'{a:.1f}/{b:.1f}' for a, b in zip(base['host_probe_all_ms'], row['host_probe_all_ms']))}")
     resident = next((r for r in rows if r["variant"] == "sliminfer_reselect" and "e2e_ms" in r), None)
-    graphed = next((r for r in rows if r["variant"] == "sliminfer_reselect_cg" and "e2e_ms" in r), None)
-    if resident and graphed:
-        steps = ratios_by_round(graphed, resident, "step_all_ms")
-        print(f"sliminfer_reselect_cg: median step {graphed['step_ms']:.2f} ms vs sliminfer_reselect's "
-              f"{resident['step_ms']:.2f} ms (round by round {', '.join(f'{r - 1:+.1%}' for r in steps)}); "
-              f"tokens equal to sliminfer_reselect's: {graphed['tokens'] == resident['tokens']}")
+    for name in ("sliminfer_reselect_cg", "sliminfer_reselect_static"):
+        graphed = next((r for r in rows if r["variant"] == name and "e2e_ms" in r), None)
+        if resident and graphed:
+            steps = ratios_by_round(graphed, resident, "step_all_ms")
+            print(f"{name}: median step {graphed['step_ms']:.2f} ms vs sliminfer_reselect's "
+                  f"{resident['step_ms']:.2f} ms (round by round {', '.join(f'{r - 1:+.1%}' for r in steps)}); "
+                  f"tokens equal to sliminfer_reselect's: {graphed['tokens'] == resident['tokens']}")
     for row in rows:
         if row.get("offload"):
             print(f"\n{row['variant']}: KV on the GPU {row['gpu_kv_share']:.1%} of an unpruned cache "

@@ -103,13 +103,19 @@ def _graph_id() -> str:
     return f"graph_{compile_id}".replace("/", "_") if compile_id is not None else f"graph_{time.monotonic_ns()}"
 
 
-def lower(gm: torch.fx.GraphModule, example_inputs: list[Any], config: SlimConfig, mode: str | None) -> Callable:
-    """Compile the edited graph with the configured inner compiler."""
+def lower(gm: torch.fx.GraphModule, example_inputs: list[Any], config: SlimConfig, mode: str | None,
+          static_decode: bool = False) -> Callable:
+    """Compile the edited graph with the configured inner compiler. `static_decode`: a decoding step on
+    fixed-size buffers (`SlimConfig.static_decode`), which Inductor runs as CUDA graphs on a GPU unless
+    ``inductor_options`` say otherwise (no size in it changes between steps; elsewhere CUDA graphs would
+    record a graph per prompt length)."""
     if config.compiler == "eager":
         return gm.forward
     from torch._inductor.compile_fx import compile_fx
 
     patches = dict(torch._inductor.list_mode_options(mode)) if mode else {}
+    if static_decode:
+        patches["triton.cudagraphs"] = True
     patches.update(config.inductor_options)
     return compile_fx(gm, example_inputs, config_patches=patches or None)
 
@@ -167,7 +173,8 @@ def compile_graph(
         log.warning("sliminfer: graph %s is not a LLaMA-style decoder (%s); compiling it without slimpass passes",
                     ctx.graph_id, reason)
     changed = any(r.changed for r in ctx.results)
-    fast = lower(work if changed else gm, example_inputs, config, mode)
+    static = layer_map is not None and any(layer.static_valid is not None for layer in layer_map.layers)
+    fast = lower(work if changed else gm, example_inputs, config, mode, static)
     record = GraphRecord(ctx.graph_id, kind, len(layer_map.layers) if layer_map else 0, ctx.results, list(ctx.guards), 0.0)
     state = state_of(model)
     if ctx.keep_layers:
@@ -177,7 +184,7 @@ def compile_graph(
         fast = DenseRecorder(fast, state, ctx.graph_id)
     compiled: Callable = fast
     if changed and ctx.guards:
-        fallback = lower(gm, example_inputs, dataclasses.replace(config, compiler=config.fallback_compiler), mode)
+        fallback = lower(gm, example_inputs, dataclasses.replace(config, compiler=config.fallback_compiler), mode, static)
         compiled = GuardedGraph(fast, fallback, ctx.guards, record,
                                 state if kind == "prefill" else None)
     for action in ctx.after_lower:  # after every lowering of this graph's inputs
