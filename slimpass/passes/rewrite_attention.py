@@ -214,6 +214,9 @@ class RewriteAttention(GraphPass):
         dropped = sum(1 for why in proven.values() if not why)
         result.summary = (f"decode: {result.replaced} of {len(ctx.layer_map.layers)} attention calls without "
                           f"mask / KV copies ({dropped} mask producer(s) proven to hide nothing)")
+        masked = sum(1 for layer in ctx.layer_map.layers if layer.static_valid is not None)
+        if masked:
+            result.summary += f"; {masked} masked to their written slots (static_decode)"
         return result
 
     def _guards(self, gm: torch.fx.GraphModule, ctx: PassContext, proofs: list) -> list[InputGuard]:

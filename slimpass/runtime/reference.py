@@ -244,11 +244,13 @@ class Reselection:
 
 @torch.no_grad()
 def generate(model: torch.nn.Module, input_ids: torch.Tensor, config: SlimConfig | None = None,
-             max_new_tokens: int = 32, trace: list[dict[int, list[list[int]]]] | None = None) -> torch.Tensor:
+             max_new_tokens: int = 32, trace: list[dict[int, list[list[int]]]] | None = None,
+             logits: list[torch.Tensor] | None = None) -> torch.Tensor:
     """Greedy decoding after a (pruned) prefill: returns [B, prompt + max_new_tokens] token ids.
 
     With ``config.reselect``, slim layers attend to their reselected blocks (section 5); `trace`, if
-    given, receives per decoding step {slim layer: per row its active middle blocks}."""
+    given, receives per decoding step {slim layer: per row its active middle blocks}; `logits`, if given,
+    the [B, vocab] logits each new token was chosen from."""
     decoder = _decoder(model)
     state = prefill(model, input_ids, config)
     batch = input_ids.shape[0]
@@ -263,6 +265,8 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, config: SlimConfig
     reselect = {index: Reselection(caches[index][0], config)
                 for index in range(first_slim, len(caches)) if config is not None and config.reselect}
     out = [input_ids, state.logits.argmax(-1, keepdim=True)]
+    if logits is not None:
+        logits.append(state.logits)
     for step in range(max_new_tokens - 1):
         token = out[-1]
         pos = torch.full((batch, 1), state.prompt_len + step, device=input_ids.device)
@@ -274,5 +278,8 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, config: SlimConfig
             caches[index] = (torch.cat([keys, k], 2), torch.cat([values, v], 2), torch.cat([kpos, pos], 1))
         if trace is not None:
             trace.append({index: [list(row) for row in r.active] for index, r in reselect.items()})
-        out.append(model.lm_head(decoder.norm(h)).argmax(-1))
+        step_logits = model.lm_head(decoder.norm(h))
+        if logits is not None:
+            logits.append(step_logits[:, -1])
+        out.append(step_logits.argmax(-1))
     return torch.cat(out, dim=1)

@@ -1,0 +1,127 @@
+"""`SlimConfig.static_decode`: decoding on fixed-size K/V buffers, each layer's attention masked to its
+written slots.
+
+Oracle: `slimpass.runtime.reference` (pruned prefill, then plain decoding with and without reselection),
+which shares no code with the buffers, the slot masks or the passes. The buffers' room is kept small so
+that every generate also grows them.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import slimpass
+from slimpass.config import ConfigError, SlimConfig
+from slimpass.hf_compat import cache_argument
+from slimpass.runtime import reference
+from tests.conftest import tiny_model, twin
+from tests.runtime.test_slim_cache import GEOMETRY, SCHEDULE, _generate, _ids
+
+NEW_TOKENS = 9
+ROOM = 4  # so each 9-token generate grows the buffers twice
+
+
+def _generate_with_logits(model, ids, cache):
+    with torch.no_grad():
+        return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS, do_sample=False,
+                              output_logits=True, return_dict_in_generate=True, **{cache_argument(model): cache})
+
+
+def _options(**extra):
+    return {"prune": True, "schedule": SCHEDULE, "compiler": "eager", **GEOMETRY, "static_decode": True,
+            "decode_capacity": ROOM, **extra}
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("reselect", [False, True], ids=["plain", "reselect"])
+def test_static_decode_matches_reference(family, reselect):
+    model = tiny_model(family, num_hidden_layers=6)
+    oracle = twin(model)
+    extra = {"reselect": True, "active_tokens": 16} if reselect else {}
+    slimpass.compile(model, options=_options(**extra))
+    for batch, length in ((1, 64), (2, 333)):
+        ids = _ids(batch, length)
+        cache = slimpass.SlimCache(model.config)
+        got = _generate_with_logits(model, ids, cache)
+        logits = []
+        want = reference.generate(oracle, ids, SlimConfig(prune=True, schedule=SCHEDULE, **GEOMETRY, **extra),
+                                  max_new_tokens=NEW_TOKENS, logits=logits)
+        assert torch.equal(got.sequences, want), (batch, length)
+        # the logits too: a slot mask that let empty slots in would shift them before it changed a token
+        torch.testing.assert_close(torch.stack(got.logits), torch.stack(logits), rtol=1e-4, atol=1e-4)
+        # the buffers: room for more, written in place, grown when full; lengths as a growing cache's
+        steps = NEW_TOKENS - 1
+        assert cache.generated() == steps and cache.get_seq_length() == length + steps
+        for layer in cache.layers:
+            assert layer.written == int(layer.valid) == layer.get_seq_length()
+            assert layer.written <= layer.keys.shape[2] <= layer.written + ROOM
+            assert layer.values.shape == layer.keys.shape
+        assert [m.tokens for m in cache.memory_report().layers] == [layer.written for layer in cache.layers]
+        assert torch.equal(cache.positions(5)[:, -steps:], torch.arange(length, length + steps).expand(batch, -1))
+
+
+def test_static_decode_compiles_no_more_graphs_than_growing_tensors():
+    """One decode graph serves every step and every buffer size (no recompile a step or a growth)."""
+    counts = {}
+    for static in (False, True):
+        model = tiny_model("llama", num_hidden_layers=6)
+        slimpass.compile(model, options=_options(static_decode=static, reselect=True, active_tokens=16))
+        for length in (150, 333):
+            _generate(model, _ids(1, length), NEW_TOKENS)
+        counts[static] = [record.kind for record in slimpass.compiled_graphs(model)]
+        torch._dynamo.reset()
+    assert counts[True] == counts[False]
+    assert counts[True].count("decode") <= 2
+
+
+def test_static_decode_under_inductor_matches_reference():
+    model = tiny_model("llama", num_hidden_layers=6)
+    oracle = twin(model)
+    slimpass.compile(model, options=_options(compiler="inductor", reselect=True, active_tokens=16))
+    ids = _ids(1, 150)
+    want = reference.generate(oracle, ids, SlimConfig(prune=True, schedule=SCHEDULE, reselect=True, active_tokens=16,
+                                                      **GEOMETRY), max_new_tokens=NEW_TOKENS)
+    assert torch.equal(_generate(model, ids, NEW_TOKENS), want)
+    decode = [r for r in slimpass.compiled_graphs(model) if r.kind == "decode"]
+    summaries = [next(p.summary for p in r.results if p.name == "rewrite_attention") for r in decode]
+    assert summaries and all("6 masked to their written slots" in s for s in summaries), summaries
+
+
+def test_short_prompt_keeps_growing_tensors():
+    """A prompt under min_prompt_len is not pruned: transformers' own layout, no buffers."""
+    model = tiny_model("llama", num_hidden_layers=6)
+    oracle = twin(model)
+    slimpass.compile(model, options=_options())
+    ids = _ids(1, 40)
+    cache = slimpass.SlimCache(model.config)
+    with torch.no_grad():
+        want = oracle.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS, do_sample=False)
+    assert torch.equal(_generate(model, ids, NEW_TOKENS, cache), want)
+    assert cache.room == 0 and all(layer.valid is None for layer in cache.layers)
+
+
+@pytest.mark.parametrize("options, fragment", [
+    ({"prune": False}, "needs prune=True"),
+    ({"reselect": True, "offload": True}, "does not work with offload=True"),
+    ({"rewrite_attention": False}, "needs rewrite_attention=True"),
+    ({"decode_capacity": 0}, "decode_capacity"),
+])
+def test_bad_static_decode_options(options, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        SlimConfig(**{**_options(), **options})
+
+
+def test_buffers_refuse_what_they_cannot_do():
+    model = tiny_model("llama", num_hidden_layers=6)
+    slimpass.compile(model, options=_options())
+    cache = slimpass.SlimCache(model.config)
+    _generate(model, _ids(1, 150), 3, cache)
+    layer = cache.layers[3]
+    with pytest.raises(NotImplementedError, match="static_decode"):
+        cache.reorder_cache(torch.zeros(1, dtype=torch.long))
+    with pytest.raises(NotImplementedError, match="one token a step, not 2"):
+        layer.update(torch.zeros(1, 2, 2, 16), torch.zeros(1, 2, 2, 16))
+    # a step outside the compiled graph would attend to empty slots: the marker says so
+    with pytest.raises(RuntimeError, match="not masked to the written slots"):
+        torch.ops.slimpass.bind_static_kv(layer.valid, 3)
