@@ -12,6 +12,9 @@ In decode graphs (one query per row) a mask is dropped when `causal_mask.prove_a
 no key (transformers <= 5.17 builds one for every step under torch.compile), and repeat_kv copies are
 replaced by ``enable_gqa=True``: every step otherwise copies each layer's whole cache several times.
 Models with a sliding window are left alone there (their masks hide keys once the cache outgrows it).
+With fixed-size buffers (``SlimConfig.static_decode``) each layer's attention gets the mask of its written
+slots (`slimpass.runtime.static_kv`); a layer it cannot rewrite fails the compile, since it would attend
+to empty slots.
 
 Before::
     mask = <N x N causal-and-padding mask from attention_mask>
