@@ -171,8 +171,9 @@ class SlimConfig:
     """Decode graphs with no size that changes from step to step (experimental; needs `prune`): after a pruned
     prefill each layer's K/V move into buffers with room for `decode_capacity` more tokens, every step writes
     its token in place and attends to the written slots only (a per-layer mask), and the room grows by the
-    same amount when it runs out (a new buffer size: one more graph). What lets a decoding step run as CUDA
-    graphs (``inductor_options={"triton.cudagraphs": True}``). Not with `offload`."""
+    same amount when it runs out (the same compiled graph serves every size). Under Inductor such decode
+    graphs run as CUDA graphs on a GPU (``inductor_options={"triton.cudagraphs": False}`` turns that off).
+    Needs `rewrite_attention` (it adds the masks); not with `offload`."""
     decode_capacity: int = 256
     """Under `static_decode`: the tokens of room each layer's buffers get at a time."""
 

@@ -66,8 +66,8 @@ class SlimLayer(DynamicLayer):
         self.keys, self.values = keys, values
         if self.valid is None:
             self.valid, self.written = torch.full((1,), held, dtype=torch.long, device=keys.device), held
-        for tensor in (self.keys, self.values, self.valid):  # CUDA graphs read them in place, no copies
-            torch._dynamo.mark_static_address(tensor)
+        for tensor in (self.keys, self.values, self.valid):  # CUDA graphs read them in place, no copies; no guard
+            torch._dynamo.mark_static_address(tensor, guard=False)  # on the address: a new request, no recompile
 
     def get_seq_length(self) -> int:
         return self.written if self.valid is not None else super().get_seq_length()
@@ -319,7 +319,7 @@ class SlimCache(DynamicCache):
         the layers to their tails, so the step's graph reads the fronts (a graph of its own: Dynamo sees
         them appear); before every later step: order the compute stream after the copies."""
         if self.room and any(layer.written >= layer.keys.shape[2] for layer in self.layers):
-            for layer in self.layers:  # full: more room (new buffer sizes, so one more compiled graph)
+            for layer in self.layers:  # full: more room (the same compiled graph; under CUDA graphs a new recording)
                 layer.make_static(self.room)
         manager = self.offload
         if manager is None or self.steps < 1:
