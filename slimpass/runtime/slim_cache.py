@@ -66,8 +66,12 @@ class SlimLayer(DynamicLayer):
         self.keys, self.values = keys, values
         if self.valid is None:
             self.valid, self.written = torch.full((1,), held, dtype=torch.long, device=keys.device), held
-        for tensor in (self.keys, self.values, self.valid):  # CUDA graphs read them in place, no copies; no guard
-            torch._dynamo.mark_static_address(tensor, guard=False)  # on the address: a new request, no recompile
+        # CUDA graphs read these in place (a replay copies other inputs, and skips graphs that write to them);
+        # no guard on the address: a new request does not recompile
+        for tensor in (self.keys, self.values, self.valid, self.active, self.stats, self.prompt_positions,
+                       self.unit_keys):
+            if tensor is not None:
+                torch._dynamo.mark_static_address(tensor, guard=False)
 
     def get_seq_length(self) -> int:
         return self.written if self.valid is not None else super().get_seq_length()

@@ -223,7 +223,7 @@ def test_keep_sets_heat_map(tmp_path):
     assert (tmp_path / "mine.png").stat().st_size > 1000 and out.endswith("mine.png")
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     seed=st.integers(0, 2**16),
     length=st.integers(64, 700),
@@ -243,7 +243,7 @@ def test_random_schedules_match_reference(seed, length, points, budgets, sink):
 
 @pytest.mark.slow
 def test_one_inductor_graph_for_all_lengths():
-    """Inductor (which adds shape guards while lowering): ten lengths in one schedule regime, one graph.
+    """Inductor (which adds shape guards while lowering): six lengths in one schedule regime, one graph.
 
     Regression: the scorer viewed the keys sliced to whole blocks, and with a cold compile cache
     Inductor guarded on `length % block_size`, recompiling at 512 (compile caches off here, so the
@@ -252,7 +252,7 @@ def test_one_inductor_graph_for_all_lengths():
     oracle = twin(model)
     schedule = {3: 0.5, 6: 0.25}
     slimpass.compile(model, options={**_options(schedule), "compiler": "inductor"})
-    lengths = (300, 333, 417, 480, 512, 561, 640, 701, 850, 1000)
+    lengths = (300, 417, 512, 561, 701, 1000)
     with torch._inductor.config.patch(fx_graph_cache=False), torch._functorch.config.patch(enable_autograd_cache=False):
         for length in lengths:
             ids = torch.randint(0, 128, (1, length), generator=torch.Generator().manual_seed(length))

@@ -33,8 +33,8 @@ def _options(**extra):
             "decode_capacity": ROOM, **extra}
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
-@pytest.mark.parametrize("reselect", [False, True], ids=["plain", "reselect"])
+@pytest.mark.parametrize(("family", "reselect"), [("llama", False), ("llama", True), ("qwen2", True)],
+                         ids=["llama-plain", "llama-reselect", "qwen2-reselect"])
 def test_static_decode_matches_reference(family, reselect):
     model = tiny_model(family, num_hidden_layers=6)
     oracle = twin(model)
