@@ -42,6 +42,7 @@ import torch
 import torch.fx
 
 from slimpass.passes.base import GraphPass, PassContext, PassResult
+from slimpass.passes.graph_utils import arg
 from slimpass.runtime.guards import InputGuard
 
 log = logging.getLogger(__name__)
@@ -54,10 +55,7 @@ class _Projection:
     node: torch.fx.Node
     weight: torch.Tensor
     bias: torch.Tensor | None
-
-
-def _argument(node: torch.fx.Node, position: int, name: str):
-    return node.args[position] if len(node.args) > position else node.kwargs.get(name)
+    inputs: tuple[torch.fx.Node, ...] = ()  # the graph inputs that hold `weight` (and `bias`)
 
 
 class FuseProjections(GraphPass):
@@ -81,7 +79,7 @@ class FuseProjections(GraphPass):
             if node.op == "call_function" and node.target in _LINEAR:
                 projection = self._projection(node, inputs)
                 if projection is not None:
-                    groups.setdefault(_argument(node, 0, "input"), []).append(projection)
+                    groups.setdefault(arg(node, 0, "input"), []).append(projection)
         for group in groups.values():
             if len(group) < 2:
                 continue
@@ -92,8 +90,7 @@ class FuseProjections(GraphPass):
                     result.declined.append(reason)
             elif _stacked_already(group):
                 for projection in group:  # a parameter replaced, not written through: run the unfused graph
-                    for node in filter(None, (_argument(projection.node, 1, "weight"),
-                                              _argument(projection.node, 2, "bias"))):
+                    for node in projection.inputs:
                         ctx.guards.append(InputGuard(positions[node], "data_ptr", limit=inputs[node].data_ptr()))
                 self._fuse(gm, group, result)
             else:
@@ -107,12 +104,13 @@ class FuseProjections(GraphPass):
 
     @staticmethod
     def _projection(node: torch.fx.Node, inputs: dict) -> _Projection | None:
-        weight, bias = _argument(node, 1, "weight"), _argument(node, 2, "bias")
+        weight, bias = arg(node, 1, "weight"), arg(node, 2, "bias")
         if not isinstance(weight, torch.fx.Node) or weight not in inputs:
             return None
         if bias is not None and (not isinstance(bias, torch.fx.Node) or bias not in inputs):
             return None
-        return _Projection(node, inputs[weight], inputs[bias] if bias is not None else None)
+        return _Projection(node, inputs[weight], inputs[bias] if bias is not None else None,
+                           (weight,) if bias is None else (weight, bias))
 
     def _fuse(self, gm: torch.fx.GraphModule, group: list[_Projection], result: PassResult) -> None:
         index = sum(1 for name, _ in gm.named_buffers()  # groups fused so far: names their buffers
@@ -127,7 +125,7 @@ class FuseProjections(GraphPass):
             weight_node = gm.graph.get_attr(f"slimpass_fused_{index}_weight")
             if group[0].bias is not None:
                 bias = gm.graph.get_attr(f"slimpass_fused_{index}_bias")
-            fused = gm.graph.call_function(torch._C._nn.linear, (_argument(first, 0, "input"), weight_node, bias))
+            fused = gm.graph.call_function(torch._C._nn.linear, (arg(first, 0, "input"), weight_node, bias))
             stack = first.meta.get("nn_module_stack")
             if stack and len(stack) > 1:  # the call belongs to the projections' parent (self_attn, mlp)
                 fused.meta["nn_module_stack"] = dict(list(stack.items())[:-1])
