@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -120,6 +121,30 @@ def lower(gm: torch.fx.GraphModule, example_inputs: list[Any], config: SlimConfi
     return compile_fx(gm, example_inputs, config_patches=patches or None)
 
 
+def _carry_dynamo_metadata(gm: torch.fx.GraphModule, work: torch.fx.GraphModule) -> None:
+    """Give the edited copy `work` the metadata Dynamo hands to AOTAutograd with `gm`: its compile id, the
+    sources of its parameters and of each placeholder. From them AOTAutograd knows which inputs are static
+    (parameters, buffers, ``mark_static_address`` tensors); without them Inductor's CUDA graphs take every
+    input for one that moves, copy each into graph memory at every replay, and refuse a graph that writes
+    to one (a cache update). Parameters the passes added (fused weights) get a source of their own."""
+    sources = {node.name: node._dynamo_source for node in gm.graph.find_nodes(op="placeholder")
+               if hasattr(node, "_dynamo_source")}
+    placeholders = work.graph.find_nodes(op="placeholder")
+    if "dynamo_compile_id" not in gm.meta or any(node.name not in sources for node in placeholders):
+        log.debug("sliminfer: graph without Dynamo's metadata; AOTAutograd will not know its static inputs")
+        return
+    work.meta.update(gm.meta)
+    for node in placeholders:
+        node._dynamo_source = sources[node.name]
+    if hasattr(gm, "_param_name_to_source"):
+        from torch._dynamo.source import ConstantSource
+
+        work._param_name_to_source = dict(gm._param_name_to_source)
+        for name, _ in itertools.chain(work.named_parameters(remove_duplicate=False),
+                                       work.named_buffers(remove_duplicate=False)):
+            work._param_name_to_source.setdefault(name, ConstantSource(f"slimpass:{name}"))
+
+
 def _summary(ctx: PassContext, record: GraphRecord) -> str:
     lines = [f"# slimpass: {ctx.graph_id}", "", f"- graph kind: {record.kind}"]
     if ctx.layer_map is not None:
@@ -166,6 +191,7 @@ def compile_graph(
     work = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
     dumper = GraphDumper(config.dump_dir, ctx.graph_id)
     PassManager(config).run(work, ctx, dumper)
+    _carry_dynamo_metadata(gm, work)
     layer_map = ctx.layer_map
     kind = layer_map.kind if layer_map is not None else "unrecognised"
     if layer_map is None:

@@ -8,6 +8,8 @@ that every generate also grows them.
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
@@ -75,14 +77,50 @@ def test_static_decode_compiles_no_more_graphs_than_growing_tensors():
     assert counts[True].count("decode") <= 2
 
 
+class _StaticInputs(logging.Handler):
+    """What AOTAutograd logs about each graph input: static (a parameter, a ``mark_static_address`` tensor;
+    CUDA graphs use it in place) or not (copied into graph memory at every replay)."""
+
+    LOGGER = "torch._functorch._aot_autograd.frontend_utils.__cudagraph_static_inputs"
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.static, self.moving = set(), set()
+
+    def emit(self, record):
+        message = record.getMessage()
+        source = message.partition(" for source ")[2]
+        if message.startswith("Adding static input pos"):
+            self.static.add(source)
+        elif message.startswith("Non-static input pos"):
+            self.moving.add(source)
+
+    def __enter__(self):
+        torch._logging.set_logs(cudagraph_static_inputs=True)
+        logging.getLogger(self.LOGGER).addHandler(self)
+        return self
+
+    def __exit__(self, *exc):
+        logging.getLogger(self.LOGGER).removeHandler(self)
+        torch._logging.set_logs()
+
+
 def test_static_decode_under_inductor_matches_reference():
+    """Also: Inductor sees the weights and the buffers as static inputs (a CUDA-graph replay uses them in
+    place and may write to them), and only the step's own tensors as moving."""
     model = tiny_model("llama", num_hidden_layers=6)
     oracle = twin(model)
     slimpass.compile(model, options=_options(compiler="inductor", reselect=True, active_tokens=16))
     ids = _ids(1, 150)
     want = reference.generate(oracle, ids, SlimConfig(prune=True, schedule=SCHEDULE, reselect=True, active_tokens=16,
                                                       **GEOMETRY), max_new_tokens=NEW_TOKENS)
-    assert torch.equal(_generate(model, ids, NEW_TOKENS), want)
+    with _StaticInputs() as inputs:
+        assert torch.equal(_generate(model, ids, NEW_TOKENS), want)
+    tensors = {s for s in inputs.moving if ".size()" not in s and ".stride()" not in s}
+    assert tensors and all("input_ids" in s or "position_ids" in s for s in tensors), sorted(tensors)
+    for name in ("keys", "values", "valid"):
+        assert any(f".layers[5].{name}" in s for s in inputs.static), (name, sorted(inputs.static))
+    assert any("q_proj" in s for s in inputs.static), sorted(inputs.static)
     decode = [r for r in slimpass.compiled_graphs(model) if r.kind == "decode"]
     summaries = [next(p.summary for p in r.results if p.name == "rewrite_attention") for r in decode]
     assert summaries and all("6 masked to their written slots" in s for s in summaries), summaries
