@@ -165,3 +165,21 @@ def test_launch_times_notes_inductors_calls_per_decoding_forward(gpu_decode):
     assert notes["rows"]["aten.sort.stable"]["calls"] == 1 and notes["rows"]["extern:mm"]["calls"] == 1
     assert notes["total_us"] >= notes["rows"]["extern:mm"]["us"] > 0
     assert torch._ops.OpOverload.__call__.__name__ == "__call__"  # unpatched again
+
+
+def test_gpu_static_check_on_cpu(gpu_decode, tmp_path):
+    """The static_decode GPU check, run on the CPU with the eager inner compiler: every request decodes the
+    reference's tokens, and the buffers grew (room 4 for 9 tokens)."""
+    import gpu_static_check
+
+    out = tmp_path / "static.json"
+    rows = gpu_static_check.main(["--device", "cpu", "--compiler", "eager", "--new-tokens", "9", "--capacity", "4",
+                                  "--out", str(out)])
+    assert [row["prompt"] for row in rows] == list(gpu_static_check.LENGTHS)
+    assert all(row["tokens_equal"] and row["first_different_token"] is None for row in rows)
+    assert all(row["max_logit_difference"] < 1e-4 for row in rows)
+    # the last layer kept fewer than a quarter of the prompt, and its buffers hold the 9 tokens beyond
+    # their first room of 4: they grew
+    assert all(row["last_layer_slots"] >= row["last_layer_written"] for row in rows)
+    assert all(9 < row["last_layer_written"] < row["prompt"] // 4 + 9 for row in rows)
+    assert json.loads(out.read_text())["rows"] == rows
