@@ -19,7 +19,9 @@ this process (the weights are built once and shared):
 - ``sliminfer_reselect_cg``: ``sliminfer_reselect`` with Inductor's CUDA graphs around the parts of each
   graph whose shapes do not change from step to step;
 - ``sliminfer_reselect_static``: ``sliminfer_reselect`` with ``static_decode=True``: fixed-size K/V buffers, so
-  the decoding step has no changing size and runs as CUDA graphs.
+  the decoding step has no changing size and runs as CUDA graphs;
+- ``sliminfer_offload_static``: ``sliminfer_offload`` with ``static_decode=True`` (compared with
+  ``sliminfer_reselect_static``, as ``sliminfer_offload`` is with ``sliminfer_reselect``).
 
 Every variant is compiled first (its first generate, timed as ``first_call_s``), each in its own shallow
 copy of the model (the same weights), so all stay compiled; then ``--repeats`` rounds each time every
@@ -60,7 +62,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_prefill import build_model  # noqa: E402 - the same model as the prefill benchmark
 
 VARIANTS = ("hf_eager", "hf_static", "sliminfer_dense", "sliminfer", "sliminfer_reselect", "sliminfer_offload",
-            "sliminfer_reselect_cg", "sliminfer_reselect_static")
+            "sliminfer_reselect_cg", "sliminfer_reselect_static", "sliminfer_offload_static")
 # sliminfer_reselect_cg: sliminfer_reselect with Inductor's CUDA graphs around the parts of each graph whose
 # shapes do not change from step to step (graph partitions split off the ops that use a dynamic size)
 CUDA_GRAPHS = {"triton.cudagraphs": True, "triton.cudagraph_skip_dynamic_graphs": True}
@@ -110,13 +112,14 @@ def options_for(variant: str, args: argparse.Namespace) -> dict[str, Any] | None
     options: dict[str, Any] = {"compiler": "eager" if args.tiny else "inductor", "prune": variant != "sliminfer_dense"}
     if args.tiny:
         options.update(min_prompt_len=64)
-    if variant in ("sliminfer_reselect", "sliminfer_offload", "sliminfer_reselect_cg", "sliminfer_reselect_static"):
+    if variant in ("sliminfer_reselect", "sliminfer_offload", "sliminfer_reselect_cg", "sliminfer_reselect_static",
+                   "sliminfer_offload_static"):
         options.update(reselect=True, active_tokens=args.active_tokens)
-    if variant == "sliminfer_reselect_static":
+    if variant.endswith("_static") and variant != "hf_static":
         options.update(static_decode=True)
     if variant == "sliminfer_reselect_cg" and not args.tiny:
         options.update(inductor_options=CUDA_GRAPHS)
-    if variant == "sliminfer_offload":
+    if variant in ("sliminfer_offload", "sliminfer_offload_static"):
         options.update(offload=True, copy_group=args.copy_group)
     return {**options, **args.options}
 
@@ -591,7 +594,8 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(shown, default=str), flush=True)
     if args.profile and device.type == "cuda":  # last: nothing is timed after the profiler ran
         for row in rows:
-            if row["variant"] in ("sliminfer_reselect", "sliminfer_offload") and row["variant"] in models:
+            if row["variant"] in ("sliminfer_reselect", "sliminfer_offload", "sliminfer_offload_static") and \
+                    row["variant"] in models:
                 model = models[row["variant"]]
                 row["profile"] = profile_overlap(lambda: generate(model, ids, 16), device)
     base = next((r for r in rows if r["variant"] == "hf_eager" and "e2e_ms" in r), None)
@@ -625,20 +629,24 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{name}: median step {graphed['step_ms']:.2f} ms vs sliminfer_reselect's "
                   f"{resident['step_ms']:.2f} ms (round by round {', '.join(f'{r - 1:+.1%}' for r in steps)}); "
                   f"tokens equal to sliminfer_reselect's: {graphed['tokens'] == resident['tokens']}")
+    resident_static = next((r for r in rows if r["variant"] == "sliminfer_reselect_static" and "e2e_ms" in r), None)
     for row in rows:
         if row.get("offload"):
             print(f"\n{row['variant']}: KV on the GPU {row['gpu_kv_share']:.1%} of an unpruned cache "
                   f"(+ scored keys {row['score_share']:.1%}); host->device {row['offload']['h2d_bytes_per_step'] / 2**20:.2f} "
                   f"MiB per step after the first")
-            if resident:
-                ratios = row["decode_vs_resident_by_round"] = ratios_by_round(row, resident)
-                steps = row["step_vs_resident_by_round"] = ratios_by_round(row, resident, "step_all_ms")
-                print(f"decode per token {row['decode_ms_per_token']:.2f} ms vs resident "
-                      f"{resident['decode_ms_per_token']:.2f} ms "
-                      f"({row['decode_ms_per_token'] / resident['decode_ms_per_token'] - 1:+.1%}; round by round "
+            # its resident counterpart: the same decoding without offload (static buffers or not)
+            against = resident_static if row["variant"] == "sliminfer_offload_static" else resident
+            if against:
+                name = against["variant"]
+                ratios = row["decode_vs_resident_by_round"] = ratios_by_round(row, against)
+                steps = row["step_vs_resident_by_round"] = ratios_by_round(row, against, "step_all_ms")
+                print(f"decode per token {row['decode_ms_per_token']:.2f} ms vs {name} "
+                      f"{against['decode_ms_per_token']:.2f} ms "
+                      f"({row['decode_ms_per_token'] / against['decode_ms_per_token'] - 1:+.1%}; round by round "
                       f"{', '.join(f'{r - 1:+.1%}' for r in ratios)}); median step {row['step_ms']:.2f} ms vs "
-                      f"{resident['step_ms']:.2f} ms (round by round {', '.join(f'{r - 1:+.1%}' for r in steps)}); "
-                      f"tokens equal to sliminfer_reselect's: {row['tokens'] == resident['tokens']}")
+                      f"{against['step_ms']:.2f} ms (round by round {', '.join(f'{r - 1:+.1%}' for r in steps)}); "
+                      f"tokens equal to {name}'s: {row['tokens'] == against['tokens']}")
             if row.get("profile"):
                 p = row["profile"]
                 print(f"profile (16 tokens): {p['copy_kernels']} copy kernels on stream(s) {p['copy_streams']}, "

@@ -9,6 +9,7 @@ the buffers from before a growth, would show as other tokens or logits.
 Oracle: `slimpass.runtime.reference.generate` on an uncompiled copy with the same weights.
 
     PYTHONPATH=. python benchmarks/gpu_static_check.py --out result.json
+    PYTHONPATH=. python benchmarks/gpu_static_check.py --offload --out result.json   # with offload
     PYTHONPATH=. python benchmarks/gpu_static_check.py --device cpu --compiler eager   # the script itself
 """
 
@@ -41,6 +42,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compiler", default="inductor", help="SlimConfig.compiler (inductor: CUDA graphs on a GPU)")
     parser.add_argument("--new-tokens", type=int, default=20)
     parser.add_argument("--capacity", type=int, default=8, help="SlimConfig.decode_capacity")
+    parser.add_argument("--offload", action="store_true",
+                        help="offload=True too: slim layers' prompt K/V in (pinned) host memory, the fronts copied on a "
+                             "side stream between the CUDA-graph replays")
     parser.add_argument("--out", type=Path)
     return parser.parse_args(argv)
 
@@ -55,7 +59,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     model = transformers.LlamaForCausalLM(config).eval().to(device)
     oracle = transformers.LlamaForCausalLM(config).eval().to(device)
     oracle.load_state_dict(model.state_dict())
-    slimpass.compile(model, options={**PRUNING, "compiler": args.compiler, "static_decode": True,
+    pruning = {**PRUNING, **({"offload": True, "copy_group": 2} if args.offload else {})}
+    slimpass.compile(model, options={**pruning, "compiler": args.compiler, "static_decode": True,
                                      "decode_capacity": args.capacity})
     rows, start = [], time.perf_counter()
     for request, length in enumerate(LENGTHS):
@@ -67,7 +72,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                  do_sample=False, output_logits=True, return_dict_in_generate=True,
                                  **{cache_argument(model): cache})
         want_logits: list[torch.Tensor] = []
-        want = reference.generate(oracle, ids, SlimConfig(**PRUNING), max_new_tokens=args.new_tokens,
+        want = reference.generate(oracle, ids, SlimConfig(**pruning), max_new_tokens=args.new_tokens,
                                   logits=want_logits)
         differ = (got.sequences != want).any(dim=0).nonzero()
         rows.append({
@@ -76,6 +81,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             "max_logit_difference": max((a.float() - b.float()).abs().max().item()
                                         for a, b in zip(got.logits, want_logits)),
             "last_layer_slots": cache.layers[-1].keys.shape[2], "last_layer_written": cache.layers[-1].written,
+            "offloaded_layers": len(cache.offload.layers) if cache.offload is not None else 0,
             "seconds": round(time.perf_counter() - start, 1)})
         print(json.dumps(rows[-1]), flush=True)
     result = {"rows": rows, "torch": torch.__version__, "transformers": transformers.__version__,

@@ -168,12 +168,13 @@ class SlimConfig:
     has decided its next step (fewer launches and less host time per step; a larger group issues its first
     layers' copies later)."""
     static_decode: bool = False
-    """Decode graphs with no size that changes from step to step (experimental; needs `prune`): after a pruned
+    """Decode graphs with no size that changes from step to step (opt-in; needs `prune`): after a pruned
     prefill each layer's K/V move into buffers with room for `decode_capacity` more tokens, every step writes
     its token in place and attends to the written slots only (a per-layer mask), and the room grows by the
     same amount when it runs out (the same compiled graph serves every size). Under Inductor such decode
     graphs run as CUDA graphs on a GPU (``inductor_options={"triton.cudagraphs": False}`` turns that off).
-    Needs `rewrite_attention` (it adds the masks); not with `offload`."""
+    Needs `rewrite_attention` (it adds the masks). With `offload`, an offloaded layer's tail (last prompt block
+    and generated tokens) is such a buffer, and the manager's fronts and next sets are read in place too."""
     decode_capacity: int = 256
     """Under `static_decode`: the tokens of room each layer's buffers get at a time."""
 
@@ -230,9 +231,6 @@ class SlimConfig:
         if self.static_decode and not self.prune:
             raise ConfigError("SlimConfig.static_decode=True needs prune=True: the fixed-size buffers are made after a "
                               "pruned prefill (an unpruned prompt decodes on transformers' cache)")
-        if self.static_decode and self.offload:
-            raise ConfigError("SlimConfig.static_decode=True does not work with offload=True yet (an offloaded layer's "
-                              "tail is copied between steps); drop one of them")
         if self.offload and not self.reselect:
             raise ConfigError("SlimConfig.offload=True needs reselect=True: an offloaded slim layer keeps only its "
                               "active blocks on the accelerator, and reselection is what chooses them")

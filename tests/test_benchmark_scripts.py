@@ -167,14 +167,16 @@ def test_launch_times_notes_inductors_calls_per_decoding_forward(gpu_decode):
     assert torch._ops.OpOverload.__call__.__name__ == "__call__"  # unpatched again
 
 
-def test_gpu_static_check_on_cpu(gpu_decode, tmp_path):
+@pytest.mark.parametrize("offload", [False, True], ids=["resident", "offload"])
+def test_gpu_static_check_on_cpu(gpu_decode, tmp_path, offload):
     """The static_decode GPU check, run on the CPU with the eager inner compiler: every request decodes the
     reference's tokens, and the buffers grew (room 4 for 9 tokens)."""
     import gpu_static_check
 
     out = tmp_path / "static.json"
     rows = gpu_static_check.main(["--device", "cpu", "--compiler", "eager", "--new-tokens", "9", "--capacity", "4",
-                                  "--out", str(out)])
+                                  "--out", str(out)] + (["--offload"] if offload else []))
+    assert all((row["offloaded_layers"] > 0) == offload for row in rows)
     assert [row["prompt"] for row in rows] == list(gpu_static_check.LENGTHS)
     assert all(row["tokens_equal"] and row["first_different_token"] is None for row in rows)
     assert all(row["max_logit_difference"] < 1e-4 for row in rows)
@@ -182,4 +184,19 @@ def test_gpu_static_check_on_cpu(gpu_decode, tmp_path):
     # their first room of 4: they grew
     assert all(row["last_layer_slots"] >= row["last_layer_written"] for row in rows)
     assert all(9 < row["last_layer_written"] < row["prompt"] // 4 + 9 for row in rows)
+    # (an offloaded layer's buffers hold its tail: the last prompt block and the new tokens)
     assert json.loads(out.read_text())["rows"] == rows
+
+
+def test_gpu_decode_static_variants(gpu_decode, tmp_path):
+    """The static_decode variants (resident and offload) decode the same tokens, and offload's is compared
+    with its static resident counterpart."""
+    out = tmp_path / "decode.json"
+    gpu_decode.main(["--tiny", "--length", "600", "--new-tokens", "6", "--active-tokens", "64", "--repeats", "1",
+                     "--variants", "sliminfer_reselect_static,sliminfer_offload_static", "--out", str(out)])
+    rows = {row["variant"]: row for row in json.loads(out.read_text())["rows"]}
+    resident, offload = rows["sliminfer_reselect_static"], rows["sliminfer_offload_static"]
+    assert resident["options"]["static_decode"] and offload["options"]["static_decode"] and offload["options"]["offload"]
+    assert offload["tokens"] == resident["tokens"]
+    assert len(offload["step_vs_resident_by_round"]) == 1 and offload["offload"]["h2d_bytes_per_step"] > 0
+    assert offload["gpu_kv_share"] < resident["kv_share"]

@@ -104,7 +104,8 @@ def reselect_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, active
     and the generated tokens, `unit_keys` the keys scored, and the fronts the sink and active blocks (the
     manager copied this step's set into them, slot by slot, after the step before); the next step's set
     is written to `pending`, where the manager's copy after this step reads it. With `valid` (fixed-size buffers,
-    `slimpass.runtime.static_kv`) k, v have empty slots from ``valid`` on, which the attention masks out.
+    `slimpass.runtime.static_kv`) k, v (an offloaded layer's tail too) have empty slots from ``valid`` on, which
+    the attention masks out.
 
     Plain traceable PyTorch (no host syncs, sizes symbolic in the cache length): the pass calls it from the
     decode graph, AOTAutograd traces through it (the writes to `active` and `stats` become the graph's
@@ -133,6 +134,8 @@ def reselect_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, active
             mask = (index < valid)[:, None, None, :]
     else:  # the fronts hold the sinks and the blocks of `now`, slot by slot (no first step here: it runs resident)
         keys, values = torch.cat([front_k, k], dim=2), torch.cat([front_v, v], dim=2)
+        if valid is not None:  # the tail's empty slots
+            mask = (torch.arange(keys.shape[2], device=k.device) < front_k.shape[2] + valid)[None, None, None, :]
         pending.copy_(upcoming)
     out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
     active.copy_(upcoming)

@@ -66,10 +66,23 @@ class SlimLayer(DynamicLayer):
         self.keys, self.values = keys, values
         if self.valid is None:
             self.valid, self.written = torch.full((1,), held, dtype=torch.long, device=keys.device), held
-        # CUDA graphs read these in place (a replay copies other inputs, and skips graphs that write to them);
-        # no guard on the address: a new request does not recompile
+        self._mark_static()
+
+    def cut_to_tail(self, start: int) -> None:
+        """Hold only the tokens from slot `start` on (an offloaded layer, once the manager's fronts hold its
+        sinks and active blocks); fixed-size buffers keep their room."""
+        self.keys, self.values = self.keys[:, :, start:].clone(), self.values[:, :, start:].clone()
+        if self.valid is not None:
+            self.valid.sub_(start)
+            self.written -= start
+            self._mark_static()
+
+    def _mark_static(self) -> None:
+        """The tensors a decode graph on fixed-size buffers reads and writes: CUDA graphs read them in place
+        (a replay copies other inputs, and skips graphs that write to them). No guard on the address: a new
+        request does not recompile (its graphs are recorded again)."""
         for tensor in (self.keys, self.values, self.valid, self.active, self.stats, self.prompt_positions,
-                       self.unit_keys):
+                       self.unit_keys, self.front_k, self.front_v, self.pending):
             if tensor is not None:
                 torch._dynamo.mark_static_address(tensor, guard=False)
 
@@ -335,8 +348,8 @@ class SlimCache(DynamicCache):
             for index, layer in offloaded.items():
                 moved = manager.layers[index]
                 tail = (layer.prompt_positions.shape[1] - 1) // moved.block_size * moved.block_size
-                layer.keys, layer.values = layer.keys[:, :, tail:].clone(), layer.values[:, :, tail:].clone()
                 layer.front_k, layer.front_v, layer.pending = moved.front_k, moved.front_v, moved.pending
+                layer.cut_to_tail(tail)
         manager.before_step()
 
     def after_step(self) -> None:

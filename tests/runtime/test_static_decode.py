@@ -141,7 +141,6 @@ def test_short_prompt_keeps_growing_tensors():
 
 @pytest.mark.parametrize("options, fragment", [
     ({"prune": False}, "needs prune=True"),
-    ({"reselect": True, "offload": True}, "does not work with offload=True"),
     ({"rewrite_attention": False}, "needs rewrite_attention=True"),
     ({"decode_capacity": 0}, "decode_capacity"),
 ])
@@ -163,3 +162,30 @@ def test_buffers_refuse_what_they_cannot_do():
     # a step outside the compiled graph would attend to empty slots: the marker says so
     with pytest.raises(RuntimeError, match="not masked to the written slots"):
         torch.ops.slimpass.bind_static_kv(layer.valid, 3)
+
+
+def test_static_decode_with_offload_matches_reference():
+    """Offloaded layers decode from the manager's fronts and a fixed-size tail: the reference's tokens and
+    logits, and the tail is a buffer masked to its written slots (room 4 for 9 tokens: it grows)."""
+    options = dict(reselect=True, active_tokens=16, offload=True, copy_group=2)
+    model = tiny_model("llama", num_hidden_layers=6)
+    oracle = twin(model)
+    slimpass.compile(model, options=_options(**options))
+    for batch, length in ((1, 150), (2, 333)):
+        ids = _ids(batch, length)
+        cache = slimpass.SlimCache(model.config)
+        got = _generate_with_logits(model, ids, cache)
+        logits = []
+        want = reference.generate(oracle, ids, SlimConfig(prune=True, schedule=SCHEDULE, **GEOMETRY,
+                                                          **{k: v for k, v in options.items() if k != "copy_group"}),
+                                  max_new_tokens=NEW_TOKENS, logits=logits)
+        assert torch.equal(got.sequences, want), (batch, length)
+        torch.testing.assert_close(torch.stack(got.logits), torch.stack(logits), rtol=1e-5, atol=1e-5)
+        assert cache.offload.layers, "nothing was offloaded"
+        for index in cache.offload.layers:
+            layer = cache.layers[index]
+            prompt = layer.prompt_positions.shape[1]
+            tail = prompt - (prompt - 1) // GEOMETRY["block_size"] * GEOMETRY["block_size"]
+            assert layer.written == int(layer.valid) == tail + NEW_TOKENS - 1, index
+            assert layer.keys.shape[2] >= layer.written
+        assert cache.offload_report()["blocks"] > 0
