@@ -245,12 +245,13 @@ class Reselection:
 @torch.no_grad()
 def generate(model: torch.nn.Module, input_ids: torch.Tensor, config: SlimConfig | None = None,
              max_new_tokens: int = 32, trace: list[dict[int, list[list[int]]]] | None = None,
-             logits: list[torch.Tensor] | None = None) -> torch.Tensor:
+             logits: list[torch.Tensor] | None = None, forced: torch.Tensor | None = None) -> torch.Tensor:
     """Greedy decoding after a (pruned) prefill: returns [B, prompt + max_new_tokens] token ids.
 
     With ``config.reselect``, slim layers attend to their reselected blocks (section 5); `trace`, if
     given, receives per decoding step {slim layer: per row its active middle blocks}; `logits`, if given,
-    the [B, vocab] logits each new token was chosen from."""
+    the [B, vocab] logits each new token was chosen from. `forced` ([B, max_new_tokens]), if given, are the
+    tokens to feed instead of the greedy ones (to score a sequence another search chose)."""
     decoder = _decoder(model)
     state = prefill(model, input_ids, config)
     batch = input_ids.shape[0]
@@ -264,7 +265,10 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, config: SlimConfig
     first_slim = state.keep_sets[0].layer if state.keep_sets else len(caches)
     reselect = {index: Reselection(caches[index][0], config)
                 for index in range(first_slim, len(caches)) if config is not None and config.reselect}
-    out = [input_ids, state.logits.argmax(-1, keepdim=True)]
+    def choose(step_logits: torch.Tensor, step: int) -> torch.Tensor:
+        return step_logits.argmax(-1, keepdim=True) if forced is None else forced[:, step:step + 1]
+
+    out = [input_ids, choose(state.logits, 0)]
     if logits is not None:
         logits.append(state.logits)
     for step in range(max_new_tokens - 1):
@@ -281,5 +285,5 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, config: SlimConfig
         step_logits = model.lm_head(decoder.norm(h))
         if logits is not None:
             logits.append(step_logits[:, -1])
-        out.append(step_logits.argmax(-1))
+        out.append(choose(step_logits[:, -1], step + 1))
     return torch.cat(out, dim=1)

@@ -112,19 +112,29 @@ class SlimLayer(DynamicLayer):
         self.front_k = self.front_v = self.pending = self.valid = None
         self.offloaded, self.written = False, 0
 
-    def _refuse_offloaded(self, what: str) -> None:
+    def _refuse_offloaded(self, what: str, static_too: bool = True) -> None:
         if self.offloaded:
             raise NotImplementedError(
                 f"SlimCache: {what} of offloaded layer {self.index} is not supported (its prompt K/V live in host "
                 "memory, out of this layer's tensors); run with offload=False")
-        if self.valid is not None:
+        if static_too and self.valid is not None:
             raise NotImplementedError(
                 f"SlimCache: {what} of layer {self.index} is not supported with fixed-size buffers (static_decode); "
                 "run with static_decode=False")
 
-    def reorder_cache(self, *args: Any, **kwargs: Any) -> None:
-        self._refuse_offloaded("reordering (beam search)")
-        super().reorder_cache(*args, **kwargs)
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: row i takes row ``beam_idx[i]``'s history, its K/V and its per-row state (the original
+        positions, the active set and the keys reselection scores). In place where a graph reads the tensor
+        where it is (fixed-size buffers, reselection state)."""
+        self._refuse_offloaded("reordering (beam search)", static_too=False)
+        if self.valid is None:
+            super().reorder_cache(beam_idx)
+        rows = [self.active, self.prompt_positions, self.unit_keys]
+        if self.valid is not None:  # every row has written the same slots
+            rows += [self.keys, self.values]
+        for tensor in rows:
+            if tensor is not None:
+                tensor.copy_(tensor.index_select(0, beam_idx.to(tensor.device)))
 
     def crop(self, *args: Any, **kwargs: Any) -> None:
         self._refuse_offloaded("cropping")

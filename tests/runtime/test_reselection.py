@@ -163,3 +163,25 @@ def test_assign_slots_keeps_staying_blocks_in_place(data):
         bests.append(sorted(data.draw(st.permutations(range(blocks)))[:count]))  # candidates ascending
     got = assign_slots(torch.tensor(actives), torch.tensor(bests))
     assert got.tolist() == [_slots_oracle(a, b) for a, b in zip(actives, bests)]
+
+
+@pytest.mark.parametrize("extra", [{"reselect": False}, {}, {"static_decode": True, "decode_capacity": 4}],
+                         ids=["pruned", "reselect", "reselect-static"])
+def test_beam_search_scores_match_the_reference(extra):
+    """Beam search reorders the cache every step; each beam's active sets (and, with static_decode, its rows
+    of the buffers, in place) must move with its K/V. Oracle: the reference loop fed each returned beam's
+    tokens scores them as beam search did (sum of log-probs)."""
+    model, oracle = _compiled(active_tokens=16, **extra)
+    ids, beams, new = _ids(1, 300), 3, 8
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
+                             num_beams=beams, num_return_sequences=beams, length_penalty=0.0, do_sample=False,
+                             output_scores=True, return_dict_in_generate=True,
+                             **{cache_argument(model): slimpass.SlimCache(model.config)})
+    config = SlimConfig(**{**_options(active_tokens=16, **extra), "compiler": "inductor"})
+    for row, score in zip(out.sequences, out.sequences_scores):
+        tokens = row[None, ids.shape[1]:]
+        logits = []
+        reference.generate(oracle, ids, config, max_new_tokens=new, logits=logits, forced=tokens)
+        logprobs = torch.stack(logits, 1).log_softmax(-1).gather(-1, tokens[..., None])
+        torch.testing.assert_close(logprobs.sum(), score, rtol=1e-4, atol=1e-4)

@@ -30,6 +30,21 @@ def _generate_with_logits(model, ids, cache):
                               output_logits=True, return_dict_in_generate=True, **{cache_argument(model): cache})
 
 
+def _matches_reference(model, oracle, batch, length, **extra):
+    """Decode `model` (compiled with static_decode and `extra`) and `oracle` through the reference loop: the same
+    tokens and logits (a slot mask that let empty slots in would shift the logits before it changed a token).
+    Returns the cache."""
+    ids = _ids(batch, length)
+    cache = slimpass.SlimCache(model.config)
+    got = _generate_with_logits(model, ids, cache)
+    logits = []
+    want = reference.generate(oracle, ids, SlimConfig(prune=True, schedule=SCHEDULE, **GEOMETRY, **extra),
+                              max_new_tokens=NEW_TOKENS, logits=logits)
+    assert torch.equal(got.sequences, want), (batch, length)
+    torch.testing.assert_close(torch.stack(got.logits), torch.stack(logits), rtol=1e-4, atol=1e-4)
+    return cache
+
+
 def _options(**extra):
     return {"prune": True, "schedule": SCHEDULE, "compiler": "eager", **GEOMETRY, "static_decode": True,
             "decode_capacity": ROOM, **extra}
@@ -43,15 +58,7 @@ def test_static_decode_matches_reference(family, reselect):
     extra = {"reselect": True, "active_tokens": 16} if reselect else {}
     slimpass.compile(model, options=_options(**extra))
     for batch, length in ((1, 64), (2, 333)):
-        ids = _ids(batch, length)
-        cache = slimpass.SlimCache(model.config)
-        got = _generate_with_logits(model, ids, cache)
-        logits = []
-        want = reference.generate(oracle, ids, SlimConfig(prune=True, schedule=SCHEDULE, **GEOMETRY, **extra),
-                                  max_new_tokens=NEW_TOKENS, logits=logits)
-        assert torch.equal(got.sequences, want), (batch, length)
-        # the logits too: a slot mask that let empty slots in would shift them before it changed a token
-        torch.testing.assert_close(torch.stack(got.logits), torch.stack(logits), rtol=1e-4, atol=1e-4)
+        cache = _matches_reference(model, oracle, batch, length, **extra)
         # the buffers: room for more, written in place, grown when full; lengths as a growing cache's
         steps = NEW_TOKENS - 1
         assert cache.generated() == steps and cache.get_seq_length() == length + steps
@@ -156,7 +163,7 @@ def test_buffers_refuse_what_they_cannot_do():
     _generate(model, _ids(1, 150), 3, cache)
     layer = cache.layers[3]
     with pytest.raises(NotImplementedError, match="static_decode"):
-        cache.reorder_cache(torch.zeros(1, dtype=torch.long))
+        cache.crop(100)
     with pytest.raises(NotImplementedError, match="one token a step, not 2"):
         layer.update(torch.zeros(1, 2, 2, 16), torch.zeros(1, 2, 2, 16))
     # a step outside the compiled graph would attend to empty slots: the marker says so
@@ -172,15 +179,7 @@ def test_static_decode_with_offload_matches_reference():
     oracle = twin(model)
     slimpass.compile(model, options=_options(**options))
     for batch, length in ((1, 150), (2, 333)):
-        ids = _ids(batch, length)
-        cache = slimpass.SlimCache(model.config)
-        got = _generate_with_logits(model, ids, cache)
-        logits = []
-        want = reference.generate(oracle, ids, SlimConfig(prune=True, schedule=SCHEDULE, **GEOMETRY,
-                                                          **{k: v for k, v in options.items() if k != "copy_group"}),
-                                  max_new_tokens=NEW_TOKENS, logits=logits)
-        assert torch.equal(got.sequences, want), (batch, length)
-        torch.testing.assert_close(torch.stack(got.logits), torch.stack(logits), rtol=1e-5, atol=1e-5)
+        cache = _matches_reference(model, oracle, batch, length, **options)
         assert cache.offload.layers, "nothing was offloaded"
         for index in cache.offload.layers:
             layer = cache.layers[index]
