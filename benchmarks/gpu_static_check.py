@@ -10,6 +10,7 @@ Oracle: `slimpass.runtime.reference.generate` on an uncompiled copy with the sam
 
     PYTHONPATH=. python benchmarks/gpu_static_check.py --out result.json
     PYTHONPATH=. python benchmarks/gpu_static_check.py --offload --out result.json   # with offload
+    PYTHONPATH=. python benchmarks/gpu_static_check.py --more-requests 100 --out result.json   # then memory growth
     PYTHONPATH=. python benchmarks/gpu_static_check.py --device cpu --compiler eager   # the script itself
 """
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -45,8 +47,44 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--offload", action="store_true",
                         help="offload=True too: slim layers' prompt K/V in (pinned) host memory, the fronts copied on a "
                              "side stream between the CUDA-graph replays")
+    parser.add_argument("--more-requests", type=int, default=0,
+                        help="then this many more requests (prompts of 150 and 333 tokens in turn, not checked): "
+                             "the memory and time of each, to see whether CUDA-graph recordings pile up")
     parser.add_argument("--out", type=Path)
     return parser.parse_args(argv)
+
+
+def _resident_bytes() -> int:
+    """This process's resident set (Linux), bytes."""
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def more_requests(model: torch.nn.Module, device: torch.device, args: argparse.Namespace) -> list[dict]:
+    """`args.more_requests` requests after the checked ones: per request its time, the device memory
+    allocated and reserved, and the host's resident set. Each request has new buffers (new addresses), so
+    Inductor records its CUDA graphs again; growth here would be recordings that are kept."""
+    rows = []
+    for request in range(args.more_requests):
+        length = (150, 333)[request % 2]
+        ids = torch.randint(0, model.config.vocab_size, (1, length),
+                            generator=torch.Generator().manual_seed(1000 + request)).to(device)
+        start = time.perf_counter()
+        with torch.no_grad():
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new_tokens, do_sample=False,
+                           **{cache_argument(model): slimpass.SlimCache(model.config)})
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        cuda = device.type == "cuda"
+        rows.append({"request": request, "prompt": length, "ms": (time.perf_counter() - start) * 1e3,
+                     "allocated": torch.cuda.memory_allocated(device) if cuda else 0,
+                     "reserved": torch.cuda.memory_reserved(device) if cuda else 0, "host_rss": _resident_bytes()})
+    first, last = rows[0], rows[-1]
+    print(f"{len(rows)} more requests: ms {first['ms']:.1f} -> {last['ms']:.1f}, device allocated "
+          f"{first['allocated'] / 2**20:.1f} -> {last['allocated'] / 2**20:.1f} MiB, reserved "
+          f"{first['reserved'] / 2**20:.1f} -> {last['reserved'] / 2**20:.1f} MiB, host RSS "
+          f"{first['host_rss'] / 2**20:.1f} -> {last['host_rss'] / 2**20:.1f} MiB")
+    return rows
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -84,7 +122,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             "offloaded_layers": len(cache.offload.layers) if cache.offload is not None else 0,
             "seconds": round(time.perf_counter() - start, 1)})
         print(json.dumps(rows[-1]), flush=True)
-    result = {"rows": rows, "torch": torch.__version__, "transformers": transformers.__version__,
+    growth = more_requests(model, device, args) if args.more_requests else []
+    result = {"rows": rows, "more_requests": growth, "torch": torch.__version__, "transformers": transformers.__version__,
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "cudagraph_counters": {k: v for k, v in torch._dynamo.utils.counters["inductor"].items()
                                      if "cudagraph" in k}}

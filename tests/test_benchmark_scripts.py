@@ -175,7 +175,7 @@ def test_gpu_static_check_on_cpu(gpu_decode, tmp_path, offload):
 
     out = tmp_path / "static.json"
     rows = gpu_static_check.main(["--device", "cpu", "--compiler", "eager", "--new-tokens", "9", "--capacity", "4",
-                                  "--out", str(out)] + (["--offload"] if offload else []))
+                                  "--more-requests", "2", "--out", str(out)] + (["--offload"] if offload else []))
     assert all((row["offloaded_layers"] > 0) == offload for row in rows)
     assert [row["prompt"] for row in rows] == list(gpu_static_check.LENGTHS)
     assert all(row["tokens_equal"] and row["first_different_token"] is None for row in rows)
@@ -185,7 +185,10 @@ def test_gpu_static_check_on_cpu(gpu_decode, tmp_path, offload):
     assert all(row["last_layer_slots"] >= row["last_layer_written"] for row in rows)
     assert all(9 < row["last_layer_written"] < row["prompt"] // 4 + 9 for row in rows)
     # (an offloaded layer's buffers hold its tail: the last prompt block and the new tokens)
-    assert json.loads(out.read_text())["rows"] == rows
+    result = json.loads(out.read_text())
+    assert result["rows"] == rows
+    assert [row["prompt"] for row in result["more_requests"]] == [150, 333]
+    assert all(row["ms"] > 0 and row["host_rss"] > 0 for row in result["more_requests"])
 
 
 def test_gpu_decode_static_variants(gpu_decode, tmp_path):
