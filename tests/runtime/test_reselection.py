@@ -170,7 +170,10 @@ def test_assign_slots_keeps_staying_blocks_in_place(data):
 def test_beam_search_scores_match_the_reference(extra):
     """Beam search reorders the cache every step; each beam's active sets (and, with static_decode, its rows
     of the buffers, in place) must move with its K/V. Oracle: the reference loop fed each returned beam's
-    tokens scores them as beam search did (sum of log-probs)."""
+    tokens scores them as beam search did (sum of log-probs).
+
+    Regression: `SlimLayer.reorder_cache` reordered K/V only, so a beam kept its own stale active set after
+    taking another beam's history (scores off by 0.03 here), and static_decode refused beam search."""
     model, oracle = _compiled(active_tokens=16, **extra)
     ids, beams, new = _ids(1, 300), 3, 8
     with torch.no_grad():

@@ -114,7 +114,10 @@ class _StaticInputs(logging.Handler):
 
 def test_static_decode_under_inductor_matches_reference():
     """Also: Inductor sees the weights and the buffers as static inputs (a CUDA-graph replay uses them in
-    place and may write to them), and only the step's own tensors as moving."""
+    place and may write to them), and only the step's own tensors as moving.
+
+    Regression: the backend's edited copy of Dynamo's graph lost the metadata AOTAutograd reads static inputs
+    from, so no input was static and Inductor skipped the CUDA graphs ("mutated inputs") on the GPU."""
     model = tiny_model("llama", num_hidden_layers=6)
     oracle = twin(model)
     slimpass.compile(model, options=_options(compiler="inductor", reselect=True, active_tokens=16))
