@@ -58,6 +58,11 @@ class EvalSettings:
             raise ValueError("give samples >= 1, at least one seed and at least one schedule")
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds {self.seeds} repeat a seed: its samples would count twice")
+        if "prune" in self.options:  # every variant but "full" is the pruned model: prune is not an option here
+            if self.options["prune"] is not True:
+                raise ValueError(f"option prune={self.options['prune']!r}: eval compares the full model with pruned "
+                                 "variants (their schedules), so it always prunes; drop the prune option")
+            object.__setattr__(self, "options", {k: v for k, v in self.options.items() if k != "prune"})  # frozen
         slimpass.SlimConfig(prune=True, **self.options)  # bad options fail here, before any model work
         for name, schedule in self.schedules.items():
             slimpass.SlimConfig(prune=True, **{**self.options, **variant_options(schedule)})

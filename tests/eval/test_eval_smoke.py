@@ -86,6 +86,10 @@ def test_settings_reject_bad_values():
         runner.EvalSettings(schedules={"full": "default"})
     with pytest.raises(Exception, match="SlimConfig"):
         runner.EvalSettings(options={"block_size": 0})
+    # eval always prunes: prune=True is accepted (it once raised a bare TypeError), prune=False is refused
+    assert "prune" not in runner.EvalSettings(options={"prune": True, "reselect": True}).options
+    with pytest.raises(ValueError, match="always prunes"):
+        runner.EvalSettings(options={"prune": False})
 
 
 def test_cli_parsers():
