@@ -123,15 +123,14 @@ class SlimLayer(DynamicLayer):
                 "run with static_decode=False")
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        """Beam search: row i takes row ``beam_idx[i]``'s history, its K/V and its per-row state (the original
-        positions, the active set and the keys reselection scores). In place where a graph reads the tensor
-        where it is (fixed-size buffers, reselection state)."""
+        """Beam search: row i takes row ``beam_idx[i]``'s history: its K/V and its active set. In place where a
+        graph reads the tensor where it is (fixed-size buffers, the active set). The kept positions and scored
+        keys stay: beam search reorders only among one prompt's beams, whose prefill rows are the same (and
+        layers of one stage share one positions tensor, which an in-place reorder would permute twice)."""
         self._refuse_offloaded("reordering (beam search)", static_too=False)
         if self.valid is None:
             super().reorder_cache(beam_idx)
-        rows = [self.active, self.prompt_positions, self.unit_keys]
-        if self.valid is not None:  # every row has written the same slots
-            rows += [self.keys, self.values]
+        rows = [self.active] + ([self.keys, self.values] if self.valid is not None else [])  # (all rows: same slots)
         for tensor in rows:
             if tensor is not None:
                 tensor.copy_(tensor.index_select(0, beam_idx.to(tensor.device)))

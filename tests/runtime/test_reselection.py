@@ -175,16 +175,17 @@ def test_beam_search_scores_match_the_reference(extra):
     Regression: `SlimLayer.reorder_cache` reordered K/V only, so a beam kept its own stale active set after
     taking another beam's history (scores off by 0.03 here), and static_decode refused beam search."""
     model, oracle = _compiled(active_tokens=16, **extra)
-    ids, beams, new = _ids(1, 300), 3, 8
+    ids, beams, new = _ids(2, 300), 3, 8  # two prompts: beams reorder within each
     with torch.no_grad():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
                              num_beams=beams, num_return_sequences=beams, length_penalty=0.0, do_sample=False,
                              output_scores=True, return_dict_in_generate=True,
                              **{cache_argument(model): slimpass.SlimCache(model.config)})
     config = SlimConfig(**{**_options(active_tokens=16, **extra), "compiler": "inductor"})
-    for row, score in zip(out.sequences, out.sequences_scores):
+    for index, (row, score) in enumerate(zip(out.sequences, out.sequences_scores)):
         tokens = row[None, ids.shape[1]:]
         logits = []
-        reference.generate(oracle, ids, config, max_new_tokens=new, logits=logits, forced=tokens)
+        prompt = ids[index // beams][None]
+        reference.generate(oracle, prompt, config, max_new_tokens=new, logits=logits, forced=tokens)
         logprobs = torch.stack(logits, 1).log_softmax(-1).gather(-1, tokens[..., None])
         torch.testing.assert_close(logprobs.sum(), score, rtol=1e-4, atol=1e-4)
