@@ -52,6 +52,7 @@ import statistics
 import sys
 import time
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -193,12 +194,13 @@ def variant_model(base: torch.nn.Module, variant: str, args: argparse.Namespace)
 
 
 def measure(models: dict[str, torch.nn.Module], ids: torch.Tensor, args: argparse.Namespace,
-            device: torch.device) -> dict[str, dict[str, Any]]:
+            device: torch.device, after_round: Callable[[int, dict], None] | None = None) -> dict[str, dict[str, Any]]:
     """`--repeats` rounds; a round times every variant once (an N-token generate, then a 1-token one, the
     time to first token), its order rotated by one each round, so that drift in the machine (clocks, other
     load on the host's CPUs) falls on every variant alike. Peak memory: the most any of a variant's
     generates allocated. Before each generate, `host_probe` times a fixed pure-Python loop: the GPU
-    machine's host runs at two speeds (PERF, eighth round), and this shows which one a round met."""
+    machine's host runs at two speeds (PERF, eighth round), and this shows which one a round met.
+    `after_round(rounds done, raw rows)`, if given, is called after each round."""
     names = list(models)
     rows = {name: {"e2e_all_ms": [], "ttft_all_ms": [], "step_all_ms": [], "step_p90_all_ms": [], "step_series_ms": [],
                    "host_probe_all_ms": [], "peak_gb": 0.0} for name in names}
@@ -220,6 +222,8 @@ def measure(models: dict[str, torch.nn.Module], ids: torch.Tensor, args: argpars
             if device.type == "cuda":
                 row["peak_gb"] = max(row["peak_gb"], torch.cuda.max_memory_allocated(device) / 2**30)
             row["tokens"] = out[0, ids.shape[1]:].tolist()
+        if after_round is not None:
+            after_round(round_ + 1, rows)
     for row in rows.values():
         row["e2e_ms"], row["ttft_ms"] = statistics.median(row["e2e_all_ms"]), statistics.median(row["ttft_all_ms"])
         row["decode_all_ms_per_token"] = [(e - t) / max(args.new_tokens - 1, 1)
@@ -552,6 +556,14 @@ def host_facts(device: torch.device) -> dict[str, Any]:
     return facts
 
 
+def save_partial(args: argparse.Namespace, device: torch.device, progress: dict[str, Any]) -> None:
+    """What is done so far, into ``--out`` (``"partial": true``): a run cut short by its time limit on a lent
+    GPU keeps its compiles and rounds. The finished run overwrites it."""
+    if args.out:
+        args.out.write_text(json.dumps({"partial": True, "length": args.length, "new_tokens": args.new_tokens,
+                                        "environment": environment(device), **progress}, indent=1, default=str))
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     device = torch.device("cpu" if args.tiny else "cuda:0")
@@ -577,7 +589,12 @@ def main(argv: list[str] | None = None) -> None:
         if device.type == "cuda":
             torch.cuda.empty_cache()
         print(variant, json.dumps(first_calls.get(variant) or failed[variant], default=str), flush=True)
-    measured = measure(models, ids, args, device)
+        save_partial(args, device, {"compiled": first_calls, "failed": failed})
+
+    def after_round(done: int, raw: dict) -> None:
+        save_partial(args, device, {"compiled": first_calls, "failed": failed, "rounds_done": done, "raw": raw})
+
+    measured = measure(models, ids, args, device, after_round)
     rows = []
     for variant in args.variants.split(","):
         if variant in failed:

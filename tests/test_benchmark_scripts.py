@@ -191,10 +191,14 @@ def test_gpu_static_check_on_cpu(gpu_decode, tmp_path, offload):
     assert all(row["ms"] > 0 and row["host_rss"] > 0 for row in result["more_requests"])
 
 
-def test_gpu_decode_static_variants(gpu_decode, tmp_path):
+def test_gpu_decode_static_variants(gpu_decode, tmp_path, monkeypatch):
     """The static_decode variants (resident and offload) decode the same tokens, and offload's is compared
-    with its static resident counterpart."""
+    with its static resident counterpart. What is done is saved as it is done (a run cut short keeps it)."""
     out = tmp_path / "decode.json"
+    saved = []
+    save_partial = gpu_decode.save_partial
+    monkeypatch.setattr(gpu_decode, "save_partial", lambda args, device, progress: (
+        saved.append(json.loads(json.dumps(progress, default=str))), save_partial(args, device, progress)))
     gpu_decode.main(["--tiny", "--length", "600", "--new-tokens", "6", "--active-tokens", "64", "--repeats", "1",
                      "--variants", "sliminfer_reselect_static,sliminfer_offload_static", "--out", str(out)])
     rows = {row["variant"]: row for row in json.loads(out.read_text())["rows"]}
@@ -203,3 +207,7 @@ def test_gpu_decode_static_variants(gpu_decode, tmp_path):
     assert offload["tokens"] == resident["tokens"]
     assert len(offload["step_vs_resident_by_round"]) == 1 and offload["offload"]["h2d_bytes_per_step"] > 0
     assert offload["gpu_kv_share"] < resident["kv_share"]
+    assert [sorted(p["compiled"]) for p in saved[:2]] == [["sliminfer_reselect_static"],
+                                                           ["sliminfer_offload_static", "sliminfer_reselect_static"]]
+    assert saved[-1]["rounds_done"] == 1 and saved[-1]["raw"]["sliminfer_offload_static"]["tokens"] == offload["tokens"]
+    assert "partial" not in json.loads(out.read_text())  # the finished run overwrote the partial file
