@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from slimpass.runtime import static_kv
 from slimpass.runtime.block_index import block_tokens, gather_tokens
 from slimpass.runtime.scoring import ScoreSettings, get_scorer
 
@@ -135,7 +136,7 @@ def reselect_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, active
     else:  # the fronts hold the sinks and the blocks of `now`, slot by slot (no first step here: it runs resident)
         keys, values = torch.cat([front_k, k], dim=2), torch.cat([front_v, v], dim=2)
         if valid is not None:  # the tail's empty slots
-            mask = (torch.arange(keys.shape[2], device=k.device) < front_k.shape[2] + valid)[None, None, None, :]
+            mask = static_kv.slot_mask(keys, front_k.shape[2] + valid)
         pending.copy_(upcoming)
     out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
     active.copy_(upcoming)
