@@ -80,7 +80,7 @@ class ReselectKV(GraphPass):
                     reselection.reselect_attention,
                     (layer.q, layer.k_full, layer.v_full, active, stats, positions, units, float(scale), config.scorer,
                      config.block_size, config.unit_size, config.local_window, config.sink_blocks, config.gamma,
-                     config.reselect_unit, *fronts, layer.static_valid))
+                     config.reselect_unit, *fronts, layer.static_valid, index))
             node.meta["slimpass"] = {"layer": index, "role": "reselect"}
             attention.replace_all_uses_with(node)
             gm.graph.erase_node(attention)

@@ -56,6 +56,7 @@ from typing import Any
 
 import torch
 
+from slimpass.runtime import front_events
 from slimpass.runtime.block_index import block_tokens, gather_tokens
 from slimpass.runtime.copy_kernel import copy_blocks_torch as _copy_blocks_torch
 from slimpass.runtime.copy_kernel import copy_blocks_triton as _copy_blocks_triton
@@ -114,11 +115,14 @@ class OffloadedLayer:
     front_v: torch.Tensor
     tables: torch.Tensor  # [2, B, m]
     pending: torch.Tensor  # [B, m] its own (not a view of the group's: the decode graph writes it)
+    events: front_events.FrontEvents  # what the decode graph's marks record and wait for (in-graph ordering)
 
     @classmethod
     def of(cls, index: int, group: CopyGroup, position: int) -> OffloadedLayer:
-        return cls(index, group, position, group.host_k[position], group.host_v[position], group.front_k[position],
-                   group.front_v[position], group.tables[position], group.pending[position].clone())
+        front_k = group.front_k[position]
+        return cls(index, group, position, group.host_k[position], group.host_v[position], front_k,
+                   group.front_v[position], group.tables[position], group.pending[position].clone(),
+                   front_events.events_for(front_k))
 
     sink_tokens = property(lambda self: self.group.sink_tokens)
     block_size = property(lambda self: self.group.block_size)
@@ -149,9 +153,10 @@ class LayerToOffload:
 class OffloadManager:
     """The offloaded slim layers of one `SlimCache` and the side stream that refreshes their fronts."""
 
-    def __init__(self, device: torch.device, copy_group: int = 4, graphs: bool = True) -> None:
+    def __init__(self, device: torch.device, copy_group: int = 4, graphs: bool = True, in_graph: bool = False) -> None:
         self.device = torch.device(device)
         self.copy_group = copy_group
+        self.in_graph = in_graph  # the decode graph orders itself around the copies (`front_events`; static_decode)
         self.cuda = self.device.type == "cuda"
         self.stream = torch.cuda.Stream(self.device) if self.cuda else None
         self.graphs = graphs and self.cuda and triton is not None  # replay the copies ahead (module docstring)
@@ -201,7 +206,9 @@ class OffloadManager:
             group.ready, group.done = torch.cuda.Event(), torch.cuda.Event()
         self.groups.append(group)
         for position, layer in enumerate(run):
-            self.layers[layer.index] = OffloadedLayer.of(layer.index, group, position)
+            moved = self.layers[layer.index] = OffloadedLayer.of(layer.index, group, position)
+            if self.cuda:  # read on the side stream (after_step's stack)
+                moved.pending.record_stream(self.stream)
 
     # --- around each decoding step (`SlimCache.before_step`, `SlimCache.after_step`) ----------------------
     def start(self, layers: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]], step: int) -> None:
@@ -222,8 +229,9 @@ class OffloadManager:
 
     def before_step(self) -> None:
         """Before a decoding step's graph: the compute stream waits for the copies issued after the step
-        before (the graph's first reads of the fronts come after this on that stream)."""
-        if self.cuda:
+        before (the graph's first reads of the fronts come after this on that stream). With `in_graph` the
+        graph waits itself, each layer just before it reads its fronts."""
+        if self.cuda and not self.in_graph:
             stream = torch.cuda.current_stream(self.device)
             for group in self.groups:
                 stream.wait_event(group.ready)
@@ -232,17 +240,25 @@ class OffloadManager:
         """After decoding step `step`'s graph (its reads of the fronts and its writes of the next sets,
         `pending`, are all enqueued): issue each group's copy for step + 1 on the side stream."""
         self.steps = step + 1
-        for group in self.groups:  # the layers' next sets into the group's stacked buffer the copy reads
-            torch.stack([self.layers[index].pending for index in group.layers], out=group.pending)
+        for group in self.groups:
             self._issue(group, step + 1)
 
     def _issue(self, group: CopyGroup, step: int) -> None:
-        """Copy the group's blocks for `step` (its stacked `pending` sets) on the side stream, once the
-        compute stream is past every read of the fronts for the step before."""
-        if self.cuda:
-            group.done.record(torch.cuda.current_stream(self.device))
+        """Copy the group's blocks for `step` (the layers' next sets, stacked) on the side stream, once the
+        compute stream is past every read of the fronts for the step before: past the whole step, or with
+        `in_graph` past the group's layers (their `front_done` events), so that the copy runs beside the rest
+        of the step and the next step's first layers."""
+        layers = [self.layers[index] for index in group.layers]
+        if not self.cuda:
+            torch.stack([layer.pending for layer in layers], out=group.pending)
+            self._copy(group, step)
+        else:
+            if not self.in_graph:
+                group.done.record(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(self.stream):
-                self.stream.wait_event(group.done)
+                for event in [layer.events.done for layer in layers] if self.in_graph else [group.done]:
+                    self.stream.wait_event(event)
+                torch.stack([layer.pending for layer in layers], out=group.pending)
                 graph = group.graphs.get(step % 2)
                 if graph is not None:
                     graph.replay()
@@ -250,9 +266,8 @@ class OffloadManager:
                     self._copy(group, step)
                     if self.graphs:  # after the launch above compiled the kernel: record it for this parity
                         self._capture(group, step)
-                group.ready.record(self.stream)
-        else:
-            self._copy(group, step)
+                for event in [layer.events.ready for layer in layers] if self.in_graph else [group.ready]:
+                    event.record(self.stream)
         group.issued_for = step
 
     def _capture(self, group: CopyGroup, step: int) -> None:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from slimpass.runtime import static_kv
+from slimpass.runtime import front_events, static_kv  # noqa: F401  (front_events: registers its marks)
 from slimpass.runtime.block_index import block_tokens, gather_tokens
 from slimpass.runtime.scoring import ScoreSettings, get_scorer
 
@@ -98,7 +98,7 @@ def reselect_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, active
                        block_size: int, unit_size: int, local_window: int, sink_blocks: int,
                        gamma: float, reselect_unit: int = 1, front_k: torch.Tensor | None = None,
                        front_v: torch.Tensor | None = None, pending: torch.Tensor | None = None,
-                       valid: torch.Tensor | None = None) -> torch.Tensor:
+                       valid: torch.Tensor | None = None, layer: int = -1) -> torch.Tensor:
     """One decoding step's attention at a slim layer: q [B, Hq, 1, D] over the active part of k, v
     [B, Hkv, n, D] (the layer's cache including this step). Updates `active` (for the next step) and `stats`.
     With `front_k` (an offloaded layer, `slimpass.runtime.offload`) k, v hold only the last prompt block
@@ -106,7 +106,8 @@ def reselect_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, active
     manager copied this step's set into them, slot by slot, after the step before); the next step's set
     is written to `pending`, where the manager's copy after this step reads it. With `valid` (fixed-size buffers,
     `slimpass.runtime.static_kv`) k, v (an offloaded layer's tail too) have empty slots from ``valid`` on, which
-    the attention masks out.
+    the attention masks out; an offloaded layer `layer` then also orders its reads of the fronts after their
+    copy and marks when it is done with them (`slimpass.runtime.front_events`).
 
     Plain traceable PyTorch (no host syncs, sizes symbolic in the cache length): the pass calls it from the
     decode graph, AOTAutograd traces through it (the writes to `active` and `stats` become the graph's
@@ -134,11 +135,16 @@ def reselect_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, active
         if valid is not None:
             mask = (index < valid)[:, None, None, :]
     else:  # the fronts hold the sinks and the blocks of `now`, slot by slot (no first step here: it runs resident)
+        if valid is not None:
+            torch.ops.slimpass.wait_front(front_k, front_v, q, layer)
         keys, values = torch.cat([front_k, k], dim=2), torch.cat([front_v, v], dim=2)
-        if valid is not None:  # the tail's empty slots
+        if valid is None:
+            pending.copy_(upcoming)
+        else:  # the tail's empty slots; the next set goes to `pending` with the mark that fronts are read
             mask = static_kv.slot_mask(keys, front_k.shape[2] + valid)
-        pending.copy_(upcoming)
     out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    if front_k is not None and valid is not None:
+        out = torch.ops.slimpass.front_done(front_k, front_v, pending, upcoming, out, layer)
     active.copy_(upcoming)
     stats.add_(torch.stack([torch.ones_like(stats[0]), torch.where(swap, count - shared, 0).sum()]))
     return out

@@ -326,7 +326,8 @@ class SlimCache(DynamicCache):
         accelerator for the first decoding step, which runs resident (its active set is chosen by its own
         query); before the second, `before_step` fills the fronts and cuts each layer to its last prompt
         block, keeping the keys reselection scores against."""
-        self.offload = offload.OffloadManager(layers[0].keys.device, config.copy_group)
+        self.offload = offload.OffloadManager(layers[0].keys.device, config.copy_group,
+                                              in_graph=config.static_decode)
         block, moved = config.block_size, []
         for layer in layers:
             last = (layer.prompt_positions.shape[1] - 1) // block

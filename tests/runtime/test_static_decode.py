@@ -16,7 +16,7 @@ import torch
 import slimpass
 from slimpass.config import ConfigError, SlimConfig
 from slimpass.hf_compat import cache_argument
-from slimpass.runtime import reference
+from slimpass.runtime import front_events, reference
 from tests.conftest import tiny_model, twin
 from tests.runtime.test_slim_cache import GEOMETRY, SCHEDULE, _generate, _ids
 
@@ -191,3 +191,29 @@ def test_static_decode_with_offload_matches_reference():
             assert layer.written == int(layer.valid) == tail + NEW_TOKENS - 1, index
             assert layer.keys.shape[2] >= layer.written
         assert cache.offload_report()["blocks"] > 0
+
+
+def test_offload_marks_sit_in_their_layers_under_inductor(monkeypatch):
+    """Under Inductor each offloaded layer waits for its fronts' copy just before its attention and marks them
+    read just after it (`slimpass.runtime.front_events`), on the fronts themselves: so a layer's copy for the
+    next step can run beside the rest of this step. Inductor does not keep the traced order of ops without
+    data dependencies: without the marks' extra inputs and output it hoisted every wait to the top of the graph
+    and sank every mark to its end (the copies could then only run between steps); and a traced write of
+    `pending` landed at the graph's end, after the mark the side stream waits for."""
+    options = dict(reselect=True, active_tokens=16, offload=True, copy_group=2)
+    model = tiny_model("llama", num_hidden_layers=6)
+    oracle = twin(model)
+    slimpass.compile(model, options=_options(compiler="inductor", **options))
+    calls, lookup = [], front_events._lookup
+
+    def logged(front_k, layer, mark):
+        events = lookup(front_k, layer, mark)  # raises for a copy of the fronts
+        calls.append((mark, layer))
+        return events
+
+    monkeypatch.setattr(front_events, "_lookup", logged)
+    cache = _matches_reference(model, oracle, 1, 150, **options)
+    layers = sorted(cache.offload.layers)
+    step = [(mark, layer) for layer in layers for mark in ("wait_front", "front_done")]
+    assert len(layers) >= 2 and calls and calls == step * (len(calls) // len(step)), calls
+    assert len(calls) // len(step) == NEW_TOKENS - 2  # every step after the first, which runs resident
