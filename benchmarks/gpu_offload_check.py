@@ -8,8 +8,9 @@ reads pinned host memory right. A check to run by hand (CI has no GPU); exits no
 2. The manager over several decoding steps (`decode_steps`: what a cache and its graphs do around each
    step), with the copies ahead replayed from CUDA graphs and launched (graphs off): every layer's
    `cat(front, tail)` at every step against plain indexing (no sync between the calls), the same count of
-   copied blocks, and both step parities captured; then 50 more managers (requests) with graphs, one
-   after the other: device memory and the process's pinned host memory must not grow.
+   copied blocks, and both step parities captured; then 50 more managers (requests), one after the
+   other: device memory and the process's pinned host memory must not grow with graphs. The resident set
+   is reported too (with graphs it grew ~45 KB a manager on an H200, torch 2.11: docs/PERF.md, tenth round).
 3. A small random-weight Llama (float32, Inductor) compiled twice, with pruning + reselection resident and
    with ``offload=True``: greedy tokens must be equal for two prompt lengths and batch sizes.
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -132,8 +134,9 @@ def check_replay(device: torch.device, steps: int = 6) -> dict:
 
 
 def request_growth(device, keys, values, sets, tail, sinks, slots, block, graphs, requests: int = 50) -> dict:
-    """Bytes of device memory (allocated, reserved) and of pinned host memory gained over `requests`
-    managers that each capture their graphs, run, and are dropped (after one warm-up request)."""
+    """Bytes of device memory (allocated, reserved), of pinned host memory and of the process's resident set
+    gained over `requests` managers that each capture their graphs, run, and are dropped (after one warm-up
+    request)."""
     def request():
         decode_steps(group_manager(device, keys, values, slots, sinks, block, graphs), sets, tail, 4)
         torch.cuda.synchronize(device)
@@ -142,14 +145,16 @@ def request_growth(device, keys, values, sets, tail, sinks, slots, block, graphs
         gc.collect()
         host = torch.cuda.memory.host_memory_stats().get("allocated_bytes.current", 0) \
             if hasattr(torch.cuda.memory, "host_memory_stats") else 0
-        return torch.cuda.memory_allocated(device), torch.cuda.memory_reserved(device), host
+        with open("/proc/self/statm") as statm:
+            resident = int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        return torch.cuda.memory_allocated(device), torch.cuda.memory_reserved(device), host, resident
 
     request()
     before = usage()
     for _ in range(requests):
         request()
     after = usage()
-    return dict(zip(("allocated", "reserved", "pinned_host"), (a - b for a, b in zip(after, before))))
+    return dict(zip(("allocated", "reserved", "pinned_host", "host_rss"), (a - b for a, b in zip(after, before))))
 
 
 def check_generate(device: torch.device) -> list[dict]:
@@ -201,7 +206,8 @@ def main() -> None:
     if args.out:
         args.out.write_text(json.dumps(result, indent=1, default=str))
     ok = (all(kernel.values()) and replay["graphs"] and replay["launches"] and replay["same blocks"]
-          and replay["graphs captured"] == [0, 1] and not any(replay["growth, graphs"][1].values())
+          and replay["graphs captured"] == [0, 1]
+          and not any(replay["growth, graphs"][1][key] for key in ("allocated", "reserved", "pinned_host"))
           and all(all(row["equal"].values()) for row in rows))
     print("OK" if ok else "MISMATCH")
     sys.exit(0 if ok else 1)

@@ -14,12 +14,13 @@ the resident path's gather (`reselection.attended_tokens`), so offload on and of
 Reselection keeps a block in its slot while it stays active (`reselection.assign_slots`), so a swap
 rewrites only the slots whose block changed.
 
-Reselection decides a layer's next active set one step ahead, so the copies for step s + 1 can run
-while step s + 1 has not started. Consecutive layers of one shape form a *copy group*
-(`SlimConfig.copy_group` of them), whose buffers are stacked so that one kernel launch copies for all of
-them. No op of ours runs inside the compiled decode graph: the graph reads the fronts and writes each
-layer's next set into a buffer the manager owns (`pending`), as traced PyTorch that the compiler fuses
-(`reselection.reselect_attention`), and `SlimCache` calls the manager around each step's forward:
+Reselection decides a layer's next active set one step ahead, so the copies for step s + 1 can run while
+step s + 1 has not started. Consecutive layers of one shape form a *copy group* (`SlimConfig.copy_group`
+of them), whose buffers are stacked so that one kernel launch copies for all of them. Without
+``static_decode`` no op of ours runs inside the compiled decode graph: the graph reads the fronts and
+writes each layer's next set into a buffer the manager owns (`pending`), as traced PyTorch that the
+compiler fuses (`reselection.reselect_attention`), and `SlimCache` calls the manager around each step's
+forward:
 
 - the first decoding step runs resident: its active set is chosen by its own query, and the layers'
   prompt K/V are still on the accelerator (their copy to the host started after the prefill);
@@ -41,8 +42,18 @@ into the device's address space), so only changed blocks cross the bus; a few pr
 blocks, so the copy holds few SMs while it waits on the bus. It also keeps the slot tables and counts the
 copied blocks on the device (no host sync, no extra launches). Elsewhere it is plain tensor indexing.
 A group's copy, whose arguments are the same every other step (the slot tables alternate by step
-parity), is captured once per parity in a CUDA graph and replayed (~5 µs instead of a ~70 µs Triton
-launch). If capturing fails, the manager logs why once and launches the kernel instead.
+parity), can be captured once per parity in a CUDA graph and replayed (``graphs=True``: ~5 µs instead of
+a ~70 µs Triton launch; if capturing fails, the manager logs why once and launches the kernel instead).
+It is off by default: on an H200 (torch 2.11) each manager's captures left ~45 KB of host memory behind
+that their release did not return (a process's resident set grew 12.5 MiB over 280 managers, and stayed
+flat without them; docs/PERF.md, tenth round), and a server makes a manager per request.
+
+With ``static_decode`` (``in_graph``) the decoding step is one CUDA-graph replay whose GPU time is the
+step's cost, so copies between replays would add to every step. There the graph orders itself: each
+offloaded layer waits for its group's copy just before it reads its fronts and records an event once it
+is done with them (`slimpass.runtime.front_events`), and the side stream waits for those events of a
+group's layers, not for the whole step. A layer's copy for the next step then runs beside the rest of
+this step and the next step's first layers.
 """
 
 from __future__ import annotations
@@ -153,7 +164,7 @@ class LayerToOffload:
 class OffloadManager:
     """The offloaded slim layers of one `SlimCache` and the side stream that refreshes their fronts."""
 
-    def __init__(self, device: torch.device, copy_group: int = 4, graphs: bool = True, in_graph: bool = False) -> None:
+    def __init__(self, device: torch.device, copy_group: int = 4, graphs: bool = False, in_graph: bool = False) -> None:
         self.device = torch.device(device)
         self.copy_group = copy_group
         self.in_graph = in_graph  # the decode graph orders itself around the copies (`front_events`; static_decode)
