@@ -13,7 +13,7 @@ offloaded layer, which `reselection.reselect_attention` calls:
 
 So a layer's copy for step s + 1 may run from its layer in step s to its layer in step s + 1: while the
 rest of step s and the start of step s + 1 compute. Both are custom ops declared as writing the fronts,
-so the compiler keeps them and orders them among the fronts' reads and writes. Two more orderings are
+so the compiler keeps them and orders them among the fronts' reads and writes. Three more orderings are
 not implied by the fronts, and Inductor does not keep the traced order of ops without data dependencies:
 
 - `wait_front` also reads a tensor of the layer's step computed just before (its query), or Inductor
@@ -27,8 +27,8 @@ not implied by the fronts, and Inductor does not keep the traced order of ops wi
 Captured in a CUDA graph they become event nodes (``torch.cuda.Event(external=True)``) that each replay
 records or waits for.
 
-A recording baked in events, and CUDA-graph trees replay a recording whenever the static inputs' addresses
-match. So the events belong to the fronts' address, not to a request: a later request whose fronts land
+A recording has its events baked in, and CUDA-graph trees replay a recording whenever the static inputs'
+addresses match. So the events belong to the fronts' address, not to a request: a later request whose fronts land
 at the same address finds (and its manager uses) the same events. They are created once per address and
 kept for the process (two small handles per address ever used; `known_addresses` counts them).
 """
