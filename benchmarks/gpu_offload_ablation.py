@@ -3,6 +3,7 @@ the offloading one timed again with parts of the manager's work switched off (th
 are wrong on purpose: they time, they do not decode). By hand on a GPU:
 
     PYTHONPATH=. python benchmarks/gpu_offload_ablation.py --layers 12 --out ablation.json
+    PYTHONPATH=. python benchmarks/gpu_offload_ablation.py --static-decode --rows no-kernel,programs-8 --out a.json
     PYTHONPATH=. python benchmarks/gpu_offload_ablation.py --tiny --length 600 --new-tokens 8 --active-tokens 64  # CPU
 
 Both models are compiled first (shallow copies of one model: the same weights), then timed side by
@@ -215,6 +216,9 @@ def main() -> None:
                         "with py-spy ($PY_SPY or on PATH) this long per model (benchmarks/host_sampler.py)")
     parser.add_argument("--launch-times", action="store_true", help="after the timing, each kernel call's host "
                         "time per decoding step, resident and offload, without a profiler (gpu_decode.launch_times)")
+    parser.add_argument("--static-decode", action="store_true",
+                        help="both models with static_decode=True (CUDA graphs; the offloading one orders its copies from "
+                             "inside the graph, so the host-side no-wait row changes nothing there)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     device = torch.device("cpu" if args.tiny else "cuda:0")
@@ -226,6 +230,8 @@ def main() -> None:
     base = {"prune": True, "reselect": True, "active_tokens": args.active_tokens}
     if args.tiny:
         base.update(compiler="eager", min_prompt_len=64)
+    if args.static_decode:
+        base.update(static_decode=True)
     result = {"args": {k: str(v) for k, v in vars(args).items()}, "environment": environment(device), "rows": {}}
 
     def record(name, row):
