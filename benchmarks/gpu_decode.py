@@ -254,6 +254,7 @@ def reports(model: torch.nn.Module, ids: torch.Tensor, args: argparse.Namespace)
     import slimpass
 
     cache = slimpass.SlimCache(model.config)
+    cache.new_tokens = args.new_tokens  # what slimpass.compile's generate tells the caches it makes (the timed ones)
     generate(model, ids, args.new_tokens, cache)
     report, generated = cache.memory_report(), cache.generated()
     per_token = [(m.gpu_bytes + m.cpu_bytes) // m.tokens for m in report.layers]

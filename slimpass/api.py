@@ -140,7 +140,8 @@ def compile(  # noqa: A001 - mirrors torch.compile
     @functools.wraps(original_generate)
     def generate(*args: Any, **kwargs: Any) -> Any:
         if with_slim_cache and _cache_of(kwargs) is None and kwargs.get("use_cache", True):
-            kwargs[cache_name] = slim_cache.SlimCache(model.config)  # every request a clean cache
+            cache = kwargs[cache_name] = slim_cache.SlimCache(model.config)  # every request a clean cache
+            cache.new_tokens = _max_new_tokens(model, kwargs)  # static_decode sizes its buffers by it
         return original_generate(*args, **kwargs)
 
     model.__dict__["_slimpass_original_forward"] = original
@@ -148,6 +149,16 @@ def compile(  # noqa: A001 - mirrors torch.compile
     model.forward = forward
     model.generate = generate
     return model
+
+
+def _max_new_tokens(model: torch.nn.Module, kwargs: dict) -> int | None:
+    """The most tokens a generate call asks for (its `max_new_tokens`, or its generation config's, or the
+    model's), or None when it does not say."""
+    for source in (kwargs, kwargs.get("generation_config"), getattr(model, "generation_config", None)):
+        value = source.get("max_new_tokens") if isinstance(source, dict) else getattr(source, "max_new_tokens", None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 def restore(model: torch.nn.Module) -> torch.nn.Module:

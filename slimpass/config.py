@@ -176,7 +176,9 @@ class SlimConfig:
     Needs `rewrite_attention` (it adds the masks). With `offload`, an offloaded layer's tail (last prompt block
     and generated tokens) is such a buffer, and the manager's fronts and next sets are read in place too."""
     decode_capacity: int = 256
-    """Under `static_decode`: the tokens of room each layer's buffers get at a time."""
+    """Under `static_decode`: the tokens of room each layer's buffers get at a time. A request through
+    `slimpass.compile`'s `generate` that says how many tokens it may generate (`max_new_tokens`) gets no more
+    first room than those need, so short requests hold no empty slots."""
 
     def __post_init__(self) -> None:
         _check_bool("prune", self.prune)

@@ -240,6 +240,7 @@ class SlimCache(DynamicCache):
         self.offload: offload.OffloadManager | None = None
         self.steps = 0  # decoding steps run (before_step / after_step)
         self.room = 0  # static_decode: the slots each layer's buffers grow by (0: transformers' growing tensors)
+        self.new_tokens: int | None = None  # the most tokens the request generates, when known (its first room)
 
     # --- what transformers asks -------------------------------------------------------------------------
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -302,9 +303,10 @@ class SlimCache(DynamicCache):
         if offloaded:
             self._offload(offloaded, config)
         self.room = config.decode_capacity if config is not None and config.static_decode and self.pruned else 0
-        if self.room:
+        if self.room:  # a request of N tokens writes N - 1 (the last is not fed back): no more room than that
+            first = min(self.room, max(self.new_tokens - 1, 1)) if self.new_tokens else self.room
             for layer in self.layers:
-                layer.make_static(self.room)
+                layer.make_static(first)
         self.prompt_len, self.steps = prompt_len, 0
         self.recorded = True
 

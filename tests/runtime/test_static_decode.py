@@ -217,3 +217,22 @@ def test_offload_marks_sit_in_their_layers_under_inductor(monkeypatch):
     step = [(mark, layer) for layer in layers for mark in ("wait_front", "front_done")]
     assert len(layers) >= 2 and calls and calls == step * (len(calls) // len(step)), calls
     assert len(calls) // len(step) == NEW_TOKENS - 2  # every step after the first, which runs resident
+
+
+def test_generate_gives_a_request_no_more_room_than_it_asks_for():
+    """`slimpass.compile`'s generate tells the cache the request's max_new_tokens: with the default room (256)
+    a 9-token request's buffers end full (8 tokens written after the prompt, no empty slots), and the tokens
+    are the reference's."""
+    model = tiny_model("llama", num_hidden_layers=6)
+    oracle = twin(model)
+    slimpass.compile(model, options={**_options(reselect=True, active_tokens=16), "decode_capacity": 256})
+    ids = _ids(1, 150)
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS, do_sample=False,
+                             return_dict_in_generate=True)
+    want = reference.generate(oracle, ids, SlimConfig(prune=True, schedule=SCHEDULE, reselect=True, active_tokens=16,
+                                                      **GEOMETRY), max_new_tokens=NEW_TOKENS)
+    assert torch.equal(out.sequences, want)
+    cache = out.past_key_values
+    assert isinstance(cache, slimpass.SlimCache) and cache.new_tokens == NEW_TOKENS and cache.generated() == NEW_TOKENS - 1
+    assert all(layer.written == layer.keys.shape[2] for layer in cache.layers)
