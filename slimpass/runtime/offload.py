@@ -107,8 +107,8 @@ class CopyGroup:
     sink_tokens: int
     block_size: int
     issued_for: int = -1  # the step whose copy has been issued on the side stream
-    ready: Any = None  # torch.cuda.Event of that copy
-    done: Any = None  # torch.cuda.Event after which the side stream may rewrite the fronts
+    ready: Any = None  # torch.cuda.Event of that copy (not with in_graph: its layers' events)
+    done: Any = None  # torch.cuda.Event after which the side stream may rewrite the fronts (same)
     graphs: dict[int, Any] = dataclasses.field(default_factory=dict)  # step parity -> CUDA graph of the copy ahead
 
 
@@ -214,7 +214,8 @@ class OffloadManager:
         if self.cuda:
             for tensor in (front_k, front_v, group.tables, group.pending, self.issued):
                 tensor.record_stream(self.stream)
-            group.ready, group.done = torch.cuda.Event(), torch.cuda.Event()
+            if not self.in_graph:  # (in_graph: each layer's events, `front_events`)
+                group.ready, group.done = torch.cuda.Event(), torch.cuda.Event()
         self.groups.append(group)
         for position, layer in enumerate(run):
             moved = self.layers[layer.index] = OffloadedLayer.of(layer.index, group, position)

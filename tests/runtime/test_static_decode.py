@@ -172,6 +172,9 @@ def test_buffers_refuse_what_they_cannot_do():
     # a step outside the compiled graph would attend to empty slots: the marker says so
     with pytest.raises(RuntimeError, match="not masked to the written slots"):
         torch.ops.slimpass.bind_static_kv(layer.valid, 3)
+    # an offload mark handed fronts that no manager set up (a compiler's copy) cannot order the step: it says so
+    with pytest.raises(RuntimeError, match="no offload manager set up.*static_decode=False"):
+        torch.ops.slimpass.wait_front(torch.zeros(1, 2, 8, 16), torch.zeros(1, 2, 8, 16), torch.zeros(1), 3)
 
 
 def test_static_decode_with_offload_matches_reference():
