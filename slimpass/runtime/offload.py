@@ -126,14 +126,14 @@ class OffloadedLayer:
     front_v: torch.Tensor
     tables: torch.Tensor  # [2, B, m]
     pending: torch.Tensor  # [B, m] its own (not a view of the group's: the decode graph writes it)
-    events: front_events.FrontEvents  # what the decode graph's marks record and wait for (in-graph ordering)
+    events: front_events.FrontEvents | None  # in-graph ordering only: what the decode graph's marks use
 
     @classmethod
-    def of(cls, index: int, group: CopyGroup, position: int) -> OffloadedLayer:
+    def of(cls, index: int, group: CopyGroup, position: int, in_graph: bool) -> OffloadedLayer:
         front_k = group.front_k[position]
         return cls(index, group, position, group.host_k[position], group.host_v[position], front_k,
                    group.front_v[position], group.tables[position], group.pending[position].clone(),
-                   front_events.events_for(front_k))
+                   front_events.events_for(front_k) if in_graph else None)
 
     sink_tokens = property(lambda self: self.group.sink_tokens)
     block_size = property(lambda self: self.group.block_size)
@@ -218,7 +218,7 @@ class OffloadManager:
                 group.ready, group.done = torch.cuda.Event(), torch.cuda.Event()
         self.groups.append(group)
         for position, layer in enumerate(run):
-            moved = self.layers[layer.index] = OffloadedLayer.of(layer.index, group, position)
+            moved = self.layers[layer.index] = OffloadedLayer.of(layer.index, group, position, self.in_graph)
             if self.cuda:  # read on the side stream (after_step's stack)
                 moved.pending.record_stream(self.stream)
 
