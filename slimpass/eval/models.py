@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -78,8 +79,12 @@ def load(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32):
         partial = cached.with_name(cached.name + f".partial-{os.getpid()}")
         plain.save_pretrained(partial)
         tokenizer.save_pretrained(partial)
-        if not cached.exists():
+        try:
             partial.replace(cached)
+        except OSError:  # another process (a parallel test worker) cached it first: keep theirs
+            if not (cached / "config.json").is_file():
+                raise
+            shutil.rmtree(partial, ignore_errors=True)
     tokenizer = transformers.AutoTokenizer.from_pretrained(cached)
     model = transformers.AutoModelForCausalLM.from_pretrained(cached, dtype=dtype)
     return model.eval(), tokenizer
