@@ -22,179 +22,19 @@ then keeps transformers' own cache).
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
 import torch
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+from transformers.cache_utils import Cache, DynamicCache
 
 from slimpass.config import SlimConfig
-from slimpass.runtime import offload, reselection, static_kv  # noqa: F401  (static_kv: registers its marker op)
+from slimpass.runtime import offload, reselection
 from slimpass.runtime.keep_sets import KeepSet
+from slimpass.runtime.memory_report import LayerMemory, MemoryReport
+from slimpass.runtime.slim_layer import SlimLayer
 
-
-class SlimLayer(DynamicLayer):
-    """One decoder layer's K/V: the prompt tokens that reached the layer, then every generated token.
-
-    `prompt_positions` ([B, n], original positions of the cached prompt tokens) is None while the layer
-    holds the whole prompt (an unpruned layer, or before `SlimCache.record_prefill`).
-    """
-
-    def __init__(self, index: int = 0, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.index = index
-        self.prompt_positions: torch.Tensor | None = None
-        self.active: torch.Tensor | None = None  # reselection state (slimpass.runtime.reselection), when armed
-        self.stats: torch.Tensor | None = None
-        self.unit_keys: torch.Tensor | None = None
-        self.offloaded = False  # its prompt K/V go to the host (SlimConfig.offload)
-        self.front_k: torch.Tensor | None = None  # once they are there: the sink and active blocks (offload)
-        self.front_v: torch.Tensor | None = None
-        self.pending: torch.Tensor | None = None  # where a step writes the layer's next active set (offload)
-        self.valid: torch.Tensor | None = None  # fixed-size buffers (static_decode): [1] count of written slots
-        self.written = 0  # ... the same count on the host (kept by SlimCache, outside the graphs)
-
-    def make_static(self, room: int) -> None:
-        """Move the layer's K/V into buffers with `room` more slots (`slimpass.runtime.static_kv`); again
-        when full: the same written slots in larger buffers."""
-        held = self.written if self.valid is not None else self.keys.shape[2]
-        batch, heads, _, dim = self.keys.shape
-        keys = self.keys.new_zeros(batch, heads, held + room, dim)
-        values = self.values.new_zeros(batch, heads, held + room, self.values.shape[3])
-        keys[:, :, :held], values[:, :, :held] = self.keys[:, :, :held], self.values[:, :, :held]
-        self.keys, self.values = keys, values
-        if self.valid is None:
-            self.valid, self.written = torch.full((1,), held, dtype=torch.long, device=keys.device), held
-        self._mark_static()
-
-    def cut_to_tail(self, start: int) -> None:
-        """Hold only the tokens from slot `start` on (an offloaded layer, once the manager's fronts hold its
-        sinks and active blocks); fixed-size buffers keep their room."""
-        self.keys, self.values = self.keys[:, :, start:].clone(), self.values[:, :, start:].clone()
-        if self.valid is not None:
-            self.valid.sub_(start)
-            self.written -= start
-            self._mark_static()
-
-    def _mark_static(self) -> None:
-        """The tensors a decode graph on fixed-size buffers reads and writes: CUDA graphs read them in place
-        (a replay copies other inputs, and skips graphs that write to them). No guard on the address: a new
-        request does not recompile (its graphs are recorded again)."""
-        for tensor in (self.keys, self.values, self.valid, self.active, self.stats, self.prompt_positions,
-                       self.unit_keys, self.front_k, self.front_v, self.pending):
-            if tensor is not None:
-                torch._dynamo.mark_static_address(tensor, guard=False)
-
-    def get_seq_length(self) -> int:
-        return self.written if self.valid is not None else super().get_seq_length()
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
-        if self.valid is not None:  # fixed-size buffers: write this step's token in place
-            if key_states.shape[2] != 1:
-                raise NotImplementedError(
-                    f"SlimCache: layer {self.index} has fixed-size buffers (static_decode) and takes one token a "
-                    f"step, not {key_states.shape[2]}; run with static_decode=False")
-            keys = self.keys.index_copy_(2, self.valid, key_states)
-            values = self.values.index_copy_(2, self.valid, value_states)
-            self.valid.add_(1)
-            torch.ops.slimpass.bind_static_kv(self.valid, self.index)
-        else:
-            keys, values = super().update(key_states, value_states, *args, **kwargs)
-        if self.active is not None:  # a decoding step at an armed slim layer: show the pass its state
-            torch.ops.slimpass.bind_layer_state(self.active, self.stats, self.prompt_positions, self.unit_keys,
-                                                self.index, self.front_k, self.front_v, self.pending)
-        return keys, values
-
-    def reset(self) -> None:
-        super().reset()
-        self.prompt_positions = self.active = self.stats = self.unit_keys = None
-        self.front_k = self.front_v = self.pending = self.valid = None
-        self.offloaded, self.written = False, 0
-
-    def _refuse_offloaded(self, what: str, static_too: bool = True) -> None:
-        if self.offloaded:
-            raise NotImplementedError(
-                f"SlimCache: {what} of offloaded layer {self.index} is not supported (its prompt K/V live in host "
-                "memory, out of this layer's tensors); run with offload=False")
-        if static_too and self.valid is not None:
-            raise NotImplementedError(
-                f"SlimCache: {what} of layer {self.index} is not supported with fixed-size buffers (static_decode); "
-                "run with static_decode=False")
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        """Beam search: row i takes row ``beam_idx[i]``'s history: its K/V and its active set. In place where a
-        graph reads the tensor where it is (fixed-size buffers, the active set). The kept positions and scored
-        keys stay: beam search reorders only among one prompt's beams, whose prefill rows are the same (and
-        layers of one stage share one positions tensor, which an in-place reorder would permute twice)."""
-        self._refuse_offloaded("reordering (beam search)", static_too=False)
-        if self.valid is None:
-            super().reorder_cache(beam_idx)
-        rows = [self.active] + ([self.keys, self.values] if self.valid is not None else [])  # (all rows: same slots)
-        for tensor in rows:
-            if tensor is not None:
-                tensor.copy_(tensor.index_select(0, beam_idx.to(tensor.device)))
-
-    def crop(self, *args: Any, **kwargs: Any) -> None:
-        self._refuse_offloaded("cropping")
-        super().crop(*args, **kwargs)
-
-    def batch_repeat_interleave(self, *args: Any, **kwargs: Any) -> None:
-        self._refuse_offloaded("repeating rows")
-        super().batch_repeat_interleave(*args, **kwargs)
-
-    def batch_select_indices(self, *args: Any, **kwargs: Any) -> None:
-        self._refuse_offloaded("selecting rows")
-        super().batch_select_indices(*args, **kwargs)
-
-
-@dataclasses.dataclass(frozen=True)
-class LayerMemory:
-    """One layer's share of a `SlimCache`: tokens held (per row), the bytes of its K and V on the accelerator
-    and on the CPU (an offloaded layer: its front and tail on the accelerator, its prompt in host memory),
-    and the bytes of the keys reselection scores against (under offload with ``reselect_unit = 1``, the
-    layer's prompt keys, kept on the accelerator; not counted as KV)."""
-
-    layer: int
-    tokens: int
-    gpu_bytes: int
-    cpu_bytes: int
-    score_bytes: int = 0
-
-
-@dataclasses.dataclass(frozen=True)
-class MemoryReport:
-    """`SlimCache.memory_report()`: per layer, and the totals against an unpruned cache of the same length."""
-
-    layers: tuple[LayerMemory, ...]
-    dense_bytes: int
-    """What a cache holding every token at every layer would take (same dtype, heads, head size)."""
-
-    @property
-    def gpu_bytes(self) -> int:
-        return sum(m.gpu_bytes for m in self.layers)
-
-    @property
-    def cpu_bytes(self) -> int:
-        return sum(m.cpu_bytes for m in self.layers)
-
-    @property
-    def total_bytes(self) -> int:
-        return self.gpu_bytes + self.cpu_bytes
-
-    @property
-    def score_bytes(self) -> int:
-        return sum(m.score_bytes for m in self.layers)
-
-    def __str__(self) -> str:
-        lines = ["layer  tokens  accelerator MB  cpu MB  scored keys MB"]
-        lines += [f"{m.layer:5d}  {m.tokens:6d}  {m.gpu_bytes / 2**20:14.2f}  {m.cpu_bytes / 2**20:6.2f}  "
-                  f"{m.score_bytes / 2**20:14.2f}" for m in self.layers]
-        dense = self.dense_bytes or 1
-        lines.append(f"total  {self.total_bytes / 2**20:.2f} MB = {self.total_bytes / dense:.1%} of the unpruned cache "
-                     f"({self.dense_bytes / 2**20:.2f} MB); on the accelerator {self.gpu_bytes / dense:.1%} "
-                     f"(+ {self.score_bytes / dense:.1%} scored keys)")
-        return "\n".join(lines)
+__all__ = ["LayerMemory", "MemoryReport", "SlimCache", "SlimLayer", "supports"]
 
 
 def _attention_layer_types(config: Any) -> list[str]:
