@@ -79,12 +79,18 @@ def load(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32):
         partial = cached.with_name(cached.name + f".partial-{os.getpid()}")
         plain.save_pretrained(partial)
         tokenizer.save_pretrained(partial)
-        try:
-            partial.replace(cached)
-        except OSError:  # another process (a parallel test worker) cached it first: keep theirs
-            if not (cached / "config.json").is_file():
-                raise
-            shutil.rmtree(partial, ignore_errors=True)
+        _publish(partial, cached)
     tokenizer = transformers.AutoTokenizer.from_pretrained(cached)
     model = transformers.AutoModelForCausalLM.from_pretrained(cached, dtype=dtype)
     return model.eval(), tokenizer
+
+
+def _publish(partial: Path, cached: Path) -> None:
+    """Move a finished conversion into place; when another process (a parallel test worker) got there first,
+    keep theirs and remove ours."""
+    try:
+        partial.replace(cached)
+    except OSError:
+        if not (cached / "config.json").is_file():
+            raise
+        shutil.rmtree(partial, ignore_errors=True)

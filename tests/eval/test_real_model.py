@@ -41,6 +41,26 @@ def test_missing_model_names_the_install_command(monkeypatch, tmp_path):
         models.load(str(tmp_path / "nowhere"))
 
 
+def test_conversion_is_published_once_when_two_processes_convert(tmp_path):
+    """Parallel test workers may both convert the GGUF on a cold machine: the first one's folder stays, the
+    second one's partial folder goes; a cache folder that is not a finished model is not silently kept."""
+    cached = tmp_path / "model"
+    for name in ("first", "second"):
+        partial = tmp_path / f"model.partial-{name}"
+        partial.mkdir()
+        (partial / "config.json").write_text(name)
+        models._publish(partial, cached)
+        assert not partial.exists()
+    assert (cached / "config.json").read_text() == "first"
+    (cached / "config.json").unlink()
+    (cached / "weights").write_text("half written")
+    partial = tmp_path / "model.partial-third"
+    partial.mkdir()
+    (partial / "config.json").write_text("third")
+    with pytest.raises(OSError):
+        models._publish(partial, cached)
+
+
 def test_smollm2_pruned_compiled_matches_reference(smollm):
     model, tokenizer = smollm
     oracle = type(model)(model.config).eval()
