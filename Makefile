@@ -28,7 +28,7 @@ demo: $(STAMP)
 
 # The test command CI runs (.ci/run): the tests (slow Inductor ones included) and the CPU smoke
 # benchmark run once for correctness, untimed. pytest-xdist spreads them over the CPU cores (at most
-# TEST_WORKERS processes; TEST_WORKERS=0 runs them in this process): on CI's 2 cores 11 minutes
+# TEST_WORKERS processes; TEST_WORKERS=0 runs them in this process): on a 2-core machine 11-13 minutes
 # instead of 19.
 TEST_WORKERS ?= 4
 XDIST  = $(if $(filter 0,$(TEST_WORKERS)),,-n auto --maxprocesses $(TEST_WORKERS))
