@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 import torch.fx
+from torch.fx.experimental.symbolic_shapes import guard_bool
 
 from slimpass.hf_compat import decode_mask_skipped_under_compile
 from slimpass.passes.base import GraphPass, PassContext, PassResult
@@ -148,7 +149,7 @@ class InsertPruning(GraphPass):
         threshold = min_prune_length(config)
         hint = length.node.hint
         if hint is not None and hint < threshold:
-            self._only_below(gm, first, threshold)
+            self._only_below(length, threshold)
             raise Decline(f"prompt of {hint} tokens is shorter than {threshold} (min_prompt_len, or one block past "
                           "the sinks): compiled dense")
         return stages, length
@@ -197,15 +198,17 @@ class InsertPruning(GraphPass):
                         raise Decline(f"`{node.name}` reads `{inp.name}` {tuple(value.shape)}, shaped by the prompt "
                                       "length other than as a token dimension, after the cut")
 
-    def _only_below(self, gm: torch.fx.GraphModule, anchor: torch.fx.Node, threshold: int) -> None:
-        """Make this dense graph serve only prompts below the pruning threshold, so a later long prompt
-        compiles the pruned graph instead of reusing this one (Dynamo tries the newest graph first)."""
-        with gm.graph.inserting_after(anchor):
-            size = gm.graph.call_function(torch.ops.aten.sym_size.int, (anchor, 1))
-        with gm.graph.inserting_after(size):
-            below = gm.graph.call_function(operator.lt, (size, threshold))
-        with gm.graph.inserting_after(below):
-            gm.graph.call_function(torch._check, (below,))
+    @staticmethod
+    def _only_below(length: torch.SymInt, threshold: int) -> None:
+        """Make this dense graph serve only prompts below the pruning threshold, so that a later long prompt
+        compiles the pruned graph instead of reusing this one.
+
+        Evaluating the comparison on Dynamo's symbolic length records ``length < threshold`` in its shape
+        environment, and Dynamo turns the shape environment into the graph's guards after the backend
+        returns: a longer prompt misses this graph and recompiles, whatever the inner compiler. (A
+        ``torch._check`` in the graph became a guard only when Inductor re-traced it; under the eager
+        compiler it stayed a run-time assert that failed every later long prompt.)"""
+        guard_bool(length < threshold)  # true (the hint is below the threshold); the point is the guard it records
 
     # -- the rewrite ----------------------------------------------------------------------------
 

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 import slimpass
 from slimpass.config import SlimConfig
 from slimpass.runtime import reference
-from tests.conftest import HF_ALWAYS_MASKS, tiny_model, twin
+from tests.conftest import HF_ALWAYS_MASKS, assert_valid_keep_sets, tiny_model, twin
 
 DEPTH = 8
 GEOMETRY = dict(block_size=8, unit_size=2, local_window=4, min_prompt_len=64)
@@ -50,6 +50,7 @@ def _assert_matches_reference(model, oracle, ids, config):
     want = reference.prefill(oracle, ids, config)
     torch.testing.assert_close(got, want.logits, atol=1e-4, rtol=0)
     kept = slimpass.last_keep_sets(model)
+    assert_valid_keep_sets(kept, ids.shape[1])
     assert [k.layer for k in kept] == [k.layer for k in want.keep_sets]
     for ours, theirs in zip(kept, want.keep_sets):
         assert torch.equal(ours.positions, theirs.positions), f"layer {ours.layer}"
@@ -312,3 +313,32 @@ def test_torch_compile_backend_by_name_prunes_once_the_length_is_dynamic():
         want = reference.prefill(oracle, ids, _config({3: 0.5}))
         torch.testing.assert_close(got, want.logits, atol=1e-4, rtol=0)
         assert [k.tokens for k in slimpass.last_keep_sets(model)] == [k.tokens for k in want.keep_sets]
+
+
+@pytest.mark.parametrize("route", ["slimpass.compile", "torch.compile"])
+def test_a_short_prompt_first_does_not_break_later_long_prompts(route):
+    """Regression (issue 30, bug 1): under the eager inner compiler, a short prompt's dense graph carried a
+    `torch._check(length < min_prompt_len)` that became a guard only when Inductor re-traced it: every
+    later long prompt reused the dense graph and failed "Expected cond to be True" until `restore`. The
+    dense graph now guards on the length through Dynamo's shape environment, so long prompts recompile pruned."""
+    model = _model()
+    oracle = twin(model)
+    schedule = SCHEDULES["ratios"]
+    if route == "slimpass.compile":
+        slimpass.compile(model, options=_options(schedule))
+        run = model
+    else:
+        run = torch.compile(model, backend="sliminfer", dynamic=True, options=_options(schedule))
+    for length in (20, 30, 300, 25, 500, 63, 64):
+        ids = torch.randint(0, 128, (1, length), generator=torch.Generator().manual_seed(length))
+        with torch.no_grad():
+            got = run(ids, use_cache=False, logits_to_keep=1).logits[:, -1]
+        want = reference.prefill(oracle, ids, _config(schedule))
+        torch.testing.assert_close(got, want.logits, atol=1e-4, rtol=0, msg=f"{length=}")
+        kept = slimpass.last_keep_sets(model)
+        assert [k.tokens for k in kept] == [k.tokens for k in want.keep_sets], f"{length=}"
+        assert_valid_keep_sets(kept, length)
+        for ours, theirs in zip(kept, want.keep_sets):
+            assert torch.equal(ours.positions, theirs.positions), f"{length=} layer {ours.layer}"
+    kinds = [(r.kind, r.calls) for r in slimpass.compiled_graphs(model)]
+    assert len(kinds) == 2, kinds  # one dense graph (below 64), one pruned (from 64)
