@@ -84,3 +84,19 @@ class GraphCapture:
 @pytest.fixture
 def capture():
     return GraphCapture
+
+
+def assert_valid_keep_sets(keep_sets, prompt_len: int) -> None:
+    """Every reported keep set: positions of the prompt (in range), strictly increasing per row, the last
+    prompt token kept, and each stage's set inside the previous stage's (pruning only removes)."""
+    previous = None
+    for keep in keep_sets:
+        rows = keep.positions.cpu()
+        assert rows.dtype == torch.int64 and rows.dim() == 2, f"layer {keep.layer}: {rows.dtype} {tuple(rows.shape)}"
+        assert bool((rows >= 0).all() and (rows < prompt_len).all()), f"layer {keep.layer}: out of range {rows}"
+        assert bool((rows[:, 1:] > rows[:, :-1]).all()), f"layer {keep.layer}: not strictly increasing"
+        assert bool((rows[:, -1] == prompt_len - 1).all()), f"layer {keep.layer}: the last token is not kept"
+        if previous is not None:
+            for row, before in zip(rows.tolist(), previous.tolist()):
+                assert set(row) <= set(before), f"layer {keep.layer} keeps a token an earlier stage dropped"
+        previous = rows

@@ -11,7 +11,10 @@ import torch
 
 import slimpass
 
-from .conftest import tiny_model, twin
+from slimpass.config import SlimConfig
+from slimpass.runtime import reference
+
+from .conftest import assert_valid_keep_sets, tiny_model, twin
 
 ATOL = 1e-4
 pytestmark = pytest.mark.slow
@@ -65,3 +68,28 @@ def test_mistral_eager_attention_prefill():
     assert record.kind == "prefill" and [r.replaced for r in record.results] == [0, 2, 0, 0, 0, 0]
     assert [(g.role, g.limit) for g in record.guards] == [("max_len", model.config.sliding_window)]
     assert record.calls == {"rewritten": 2, "fallback": 0}
+
+
+def test_pruned_prefill_reports_the_positions_it_kept():
+    """Regression (issue 30, bug 2): through Inductor, `last_keep_sets` held values like 4577402546864978407
+    in the last block of a 150- or 300-token prompt while the logits were right: Inductor's C++ code for
+    the old index arithmetic never wrote the last partial block (see tests/runtime/test_pruning_ops.py).
+    The kept positions now equal the reference's at lengths with a full, a partial and a one-token last block."""
+    model = tiny_model("llama", num_hidden_layers=4, max_position_embeddings=4096)
+    oracle = twin(model)
+    options = {"compiler": "inductor", "prune": True, "min_prompt_len": 64, "schedule": {2: 0.5, 3: 0.25}}
+    slimpass.compile(model, options=options)
+    config = SlimConfig(**{k: v for k, v in options.items() if k != "compiler"})
+    for length in (150, 300, 160, 161):
+        ids = torch.randint(0, 128, (1, length), generator=torch.Generator().manual_seed(length))
+        # compile caches off: a cache hit replays guards on intermediate sizes that a cold compile never
+        # added, which recompiles at other lengths (correct, but not what a fresh machine sees)
+        with torch.no_grad(), torch._inductor.config.patch(fx_graph_cache=False), \
+                torch._functorch.config.patch(enable_autograd_cache=False):
+            got = model(ids, use_cache=False, logits_to_keep=1).logits[:, -1]
+        want = reference.prefill(oracle, ids, config)
+        torch.testing.assert_close(got, want.logits, atol=ATOL, rtol=0, msg=f"{length=}")
+        kept = slimpass.last_keep_sets(model)
+        assert_valid_keep_sets(kept, length)
+        assert [k.positions.tolist() for k in kept] == [k.positions.tolist() for k in want.keep_sets], f"{length=}"
+    assert len(slimpass.compiled_graphs(model)) == 1

@@ -60,25 +60,27 @@ def select_tokens(scores: torch.Tensor, length: int | torch.SymInt, keep: int | 
     block, and the last (possibly partial) block. Ties go to the earlier block (stable sort).
     Requires length > sink_blocks * block_size (the pass guards it).
 
-    The index is computed elementwise over ``arange(K)`` rather than by concatenating and
-    broadcasting pieces, so no size (e.g. a one-token last block) is ever broadcast: broadcasting a
-    symbolic size makes the compiler guard on it being 1, which would recompile for some lengths.
+    Every intermediate is non-empty for every length the pass prunes, and no symbolic size is
+    broadcast: an empty tensor or a broadcast size makes the compiler specialise on it being 0 or 1,
+    which recompiles the graph when a stage first keeps a middle block. So the sinks and the last
+    block enter the ranking forced to the top, the top `sinks + chosen + 1` blocks are taken, and their
+    positions (each block expanded to `block_size`) are cut where the last block ends. No index of
+    the kept dimension is a division or remainder by the block size: an elementwise form over
+    ``arange(K)`` with ``j // block_size`` and ``j % block_size`` was miscompiled by Inductor's C++
+    backend (torch 2.13), which tiled the kept dimension as if K were a multiple of the block size
+    and left the last partial block's positions unwritten, or read past a buffer (issue 30).
     """
     batch = scores.shape[0]
     last = (length - 1) // block_size  # index of the last block
-    middle = scores[:, sink_blocks:last]  # [B, last - sinks]
     chosen = torch.sym_min(keep, last - sink_blocks)
-    order = torch.argsort(middle, dim=1, descending=True, stable=True)[:, :chosen]
-    blocks = torch.sort(order, dim=1).values + sink_blocks  # [B, chosen], ascending
-    blocks = torch.cat([blocks, blocks.new_zeros(batch, 1)], dim=1)  # a spare column: never empty
-    sinks = sink_blocks * block_size
-    kept = sinks + chosen * block_size + (length - last * block_size)
-    j = torch.arange(kept, device=scores.device)
-    rel = j - sinks
-    slot = (rel // block_size).clamp(min=0, max=chosen)
-    inner = torch.gather(blocks, 1, slot.expand(batch, kept)) * block_size + rel % block_size
-    tail = rel + (last * block_size - chosen * block_size)
-    return torch.where(j < sinks, j, torch.where(rel < chosen * block_size, inner, tail))
+    ranked = scores[:, :last].clamp(max=torch.finfo(scores.dtype).max)  # finite: below the forced blocks
+    forced = torch.arange(last, device=scores.device) < sink_blocks
+    priority = torch.cat([ranked.masked_fill(forced, float("inf")), ranked.new_full((batch, 1), float("inf"))], dim=1)
+    top = torch.argsort(priority, dim=1, descending=True, stable=True)[:, : sink_blocks + chosen + 1]
+    blocks = torch.sort(top, dim=1).values  # [B, sinks + chosen + 1] ascending: sinks, the best, the last
+    offsets = torch.arange(block_size, device=scores.device)
+    index = (blocks[:, :, None] * block_size + offsets).reshape(batch, (sink_blocks + chosen + 1) * block_size)
+    return index[:, : (sink_blocks + chosen) * block_size + length - last * block_size]  # the last block ends at L
 
 
 def take_tokens(x: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
