@@ -11,17 +11,20 @@ the prefill records its keep sets.
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 from slimpass.backend import GraphRecord, compile_graph
-from slimpass.config import ConfigError, resolve
+from slimpass.config import ConfigError, patched, resolve
 from slimpass.hf_compat import cache_argument, decode_mask_skipped_under_compile
 from slimpass.registry import REGISTRY
 from slimpass.runtime import slim_cache
 from slimpass.runtime.keep_sets import state_of
+
+log = logging.getLogger(__name__)
 
 # Inputs whose last dimension is the sequence length.
 _SEQUENCE_INPUTS = ("input_ids", "attention_mask", "position_ids", "cache_position", "token_type_ids")
@@ -76,6 +79,41 @@ def _prompt_length(args: tuple, kwargs: dict) -> int | None:
     return int(embeds.shape[1]) if isinstance(embeds, torch.Tensor) else None
 
 
+def _not_a_decoder_lm(model: torch.nn.Module) -> str | None:
+    """Why sliminfer cannot prune `model`'s prompts (None: a decoder-only LM it may try): pruning drops
+    prompt tokens between a causal decoder's layers and decodes on the kept KV."""
+    name = type(model).__name__
+    config = getattr(model, "config", None)
+    if config is None:
+        return f"{name} has no transformers config"
+    if getattr(config, "is_encoder_decoder", False):
+        return f"{name} is an encoder-decoder model (its decoder reads the encoder's output, not a pruned prompt)"
+    can_generate = getattr(model, "can_generate", None)
+    if not callable(can_generate) or not can_generate():
+        return f"{name} is not a generative decoder (no generate)"
+    return None
+
+
+def _check_depth(model: torch.nn.Module, config) -> None:
+    """A schedule naming a layer the model does not have is a `ConfigError` here, not at the first call."""
+    text = getattr(model, "config", None)
+    text = text.get_text_config(decoder=True) if hasattr(text, "get_text_config") else text
+    depth = getattr(text, "num_hidden_layers", None)
+    if config.prune and isinstance(depth, int):
+        from slimpass.schedule import resolve_schedule
+
+        resolve_schedule(config, depth)
+
+
+def _check_mode(mode: str | None) -> None:
+    if mode is None:
+        return
+    try:
+        torch._inductor.list_mode_options(mode)
+    except RuntimeError as error:
+        raise ConfigError(f"slimpass.compile(mode={mode!r}): {error}") from None
+
+
 def compile(  # noqa: A001 - mirrors torch.compile
     model: torch.nn.Module,
     *,
@@ -96,22 +134,31 @@ def compile(  # noqa: A001 - mirrors torch.compile
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"slimpass.compile expects a torch.nn.Module, got {type(model).__name__}")
     config = resolve(options, REGISTRY.config_for(model))  # fail early on bad options
+    _check_mode(mode)
+    _check_depth(model, config)
+    unfit = _not_a_decoder_lm(model)
+    if unfit is not None and config.prune:
+        log.warning("slimpass.compile: pruning declined: %s; compiling forward without it", unfit)
+        options, config = {**(options or {}), "prune": False}, config.replace(prune=False)
     original = model.__dict__.get("_slimpass_original_forward", model.forward)
-    with_slim_cache = slim_cache.supports(model.config) if hasattr(model, "config") else False
+    with_slim_cache = unfit is None and slim_cache.supports(model.config)
     backend = functools.partial(compile_graph, options=options, mode=mode, model=model, slim_cache=with_slim_cache)
     compiled = torch.compile(original, backend=backend, fullgraph=fullgraph, dynamic=None)
 
     state = state_of(model)
+    compiled_config = config
     cache_name = cache_argument(model) if with_slim_cache else ""
 
     @functools.wraps(original)
     def forward(*args: Any, **kwargs: Any) -> Any:
+        # under `slimpass.config.patch` the graphs compiled in this call see the patched config: so does the cache
+        config = resolve(options, REGISTRY.config_for(model)) if patched() else compiled_config
         if config.prune:
             _drop_trivial_mask(kwargs)
         cache = _cache_of(kwargs)
         use_cache = kwargs.get("use_cache")
         if use_cache is None:
-            use_cache = getattr(model.config, "use_cache", True)
+            use_cache = getattr(getattr(model, "config", None), "use_cache", True)
         if with_slim_cache and cache is None and use_cache:
             cache = kwargs[cache_name] = slim_cache.SlimCache(model.config)  # what the model would make, and more
         elif (with_slim_cache and config.prune and cache is not None and not isinstance(cache, slim_cache.SlimCache)
@@ -135,6 +182,10 @@ def compile(  # noqa: A001 - mirrors torch.compile
             cache.after_step()
         return out
 
+    model.__dict__["_slimpass_original_forward"] = original
+    model.forward = forward
+    if not hasattr(model, "generate"):  # a plain module: its forward is all there is to compile
+        return model
     original_generate = model.__dict__.get("_slimpass_original_generate", model.generate)
 
     @functools.wraps(original_generate)
@@ -144,9 +195,7 @@ def compile(  # noqa: A001 - mirrors torch.compile
             cache.new_tokens = _max_new_tokens(model, kwargs)  # static_decode sizes its buffers by it
         return original_generate(*args, **kwargs)
 
-    model.__dict__["_slimpass_original_forward"] = original
     model.__dict__["_slimpass_original_generate"] = original_generate
-    model.forward = forward
     model.generate = generate
     return model
 

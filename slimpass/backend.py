@@ -196,8 +196,14 @@ def compile_graph(
     kind = layer_map.kind if layer_map is not None else "unrecognised"
     if layer_map is None:
         reason = ctx.results[0].declined[0] if ctx.results and ctx.results[0].declined else "no decoder layers"
-        log.warning("sliminfer: graph %s is not a LLaMA-style decoder (%s); compiling it without slimpass passes",
-                    ctx.graph_id, reason)
+        earlier = _records(model) or []
+        if any(record.kind != "unrecognised" for record in earlier):  # this model's decoder was found before
+            why = ("another piece of a forward that a graph break split (TORCH_LOGS=graph_breaks shows where; "
+                   "e.g. output_hidden_states=True records outputs through hooks)")
+        else:
+            why = "not a LLaMA-style decoder slimpass recognises"
+        log.warning("sliminfer: graph %s: slimpass passes declined: %s; %s; compiled without them",
+                    ctx.graph_id, reason, why)
     changed = any(r.changed for r in ctx.results)
     static = layer_map is not None and any(layer.static_valid is not None for layer in layer_map.layers)
     fast = lower(work if changed else gm, example_inputs, config, mode, static)

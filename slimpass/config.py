@@ -181,15 +181,15 @@ class SlimConfig:
     first room than those need, so short requests hold no empty slots."""
 
     def __post_init__(self) -> None:
+        self._check_values()
+        self._check_combinations()
+
+    def _check_values(self) -> None:
+        """Each field alone: its type and range (and the frozen forms of the schedule and dicts)."""
         _check_bool("prune", self.prune)
         object.__setattr__(self, "schedule", _freeze_schedule(self.schedule))
         _check_range("block_size", self.block_size, 1, 65536)
         _check_range("unit_size", self.unit_size, 1, 65536)
-        if self.block_size % self.unit_size:
-            raise ConfigError(
-                f"SlimConfig.unit_size={self.unit_size} must divide block_size={self.block_size} "
-                "(a block is a whole number of scoring units)"
-            )
         _check_range("local_window", self.local_window, 1, 4096)
         _check_range("sink_blocks", self.sink_blocks, 0, 1024)
         _check_range("min_prompt_len", self.min_prompt_len, 1)
@@ -212,21 +212,29 @@ class SlimConfig:
         _check_bool("reselect", self.reselect)
         _check_range("active_tokens", self.active_tokens, 1)
         _check_range("reselect_unit", self.reselect_unit, 1, 65536)
-        if self.block_size % self.reselect_unit:
-            raise ConfigError(f"SlimConfig.reselect_unit={self.reselect_unit} must divide block_size={self.block_size} "
-                              "(a block is a whole number of representative keys)")
         if isinstance(self.gamma, bool) or not isinstance(self.gamma, (int, float)) or not 0.0 <= self.gamma <= 1.0:
             raise ConfigError(f"SlimConfig.gamma={self.gamma!r}: expected a float in [0, 1] (the overlap under which "
                               "a layer's active blocks are swapped)")
         object.__setattr__(self, "gamma", float(self.gamma))
         _check_bool("offload", self.offload)
         _check_range("copy_group", self.copy_group, 1, 64)
+        _check_bool("static_decode", self.static_decode)
+        _check_range("decode_capacity", self.decode_capacity, 1, 1 << 20)
+
+    def _check_combinations(self) -> None:
+        """The fields that constrain each other (checked on the resolved config, where every source is known)."""
+        if self.block_size % self.unit_size:
+            raise ConfigError(
+                f"SlimConfig.unit_size={self.unit_size} must divide block_size={self.block_size} "
+                "(a block is a whole number of scoring units)"
+            )
+        if self.block_size % self.reselect_unit:
+            raise ConfigError(f"SlimConfig.reselect_unit={self.reselect_unit} must divide block_size={self.block_size} "
+                              "(a block is a whole number of representative keys)")
         if self.reselect and not self.prune:
             raise ConfigError("SlimConfig.reselect=True needs prune=True: reselection chooses, at each decoding step, "
                               "among the blocks a pruned prefill kept at its slim layers (without pruning there are "
                               "none); set prune=True or drop reselect")
-        _check_bool("static_decode", self.static_decode)
-        _check_range("decode_capacity", self.decode_capacity, 1, 1 << 20)
         if self.static_decode and not self.rewrite_attention:
             raise ConfigError("SlimConfig.static_decode=True needs rewrite_attention=True: that pass masks each layer's "
                               "attention to the slots its buffers hold")
@@ -236,6 +244,16 @@ class SlimConfig:
         if self.offload and not self.reselect:
             raise ConfigError("SlimConfig.offload=True needs reselect=True: an offloaded slim layer keeps only its "
                               "active blocks on the accelerator, and reselection is what chooses them")
+
+    @classmethod
+    def check_values(cls, values: Mapping[str, Any]) -> None:
+        """Check the given fields' values alone (types, ranges), not how they combine with the others:
+        for `patch`, whose block is resolved later with options and registered configs it cannot see."""
+        probe = object.__new__(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            object.__setattr__(probe, f.name, values.get(f.name, default))
+        probe._check_values()
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
@@ -284,7 +302,9 @@ def patch(**overrides: Any) -> Iterator[None]:
             model(input_ids)   # graphs compiled here use these values
     """
     check_keys(overrides, source="slimpass.config.patch()")
-    SlimConfig().replace(**overrides)  # validate values now, where the mistake was made
+    # each value now, where the mistake was made; how values combine is checked when a graph resolves
+    # the config (options, the patches stacked here, the model's registered config): only then are they known
+    SlimConfig.check_values(overrides)
     stack = _active_patches()
     stack.append(dict(overrides))
     try:
@@ -293,17 +313,26 @@ def patch(**overrides: Any) -> Iterator[None]:
         stack.pop()
 
 
+def patched() -> bool:
+    """Whether a `patch` block is active in this thread."""
+    return bool(_active_patches())
+
+
 def resolve(options: Mapping[str, Any] | None, registered: SlimConfig | None) -> SlimConfig:
-    """Combine the sources in precedence order: options > patch() > registered config > defaults."""
+    """Combine the sources in precedence order: options > patch() > registered config > defaults.
+
+    The sources are merged first and checked once, so values that only make sense together (a
+    `block_size` from one source and a `unit_size` from another) are checked together."""
     config = registered if registered is not None else SlimConfig()
+    merged: dict[str, Any] = {}
     env_dump = os.environ.get("SLIMPASS_DUMP")
     if env_dump and config.dump_dir is None:
-        config = config.replace(dump_dir=env_dump)
+        merged["dump_dir"] = env_dump
     for overrides in _active_patches():
-        config = config.replace(**overrides)
+        merged.update(overrides)
     if options:
         if not isinstance(options, Mapping):
             raise ConfigError(f"options={options!r}: expected a dict of SlimConfig fields")
         check_keys(options, source="options=")
-        config = config.replace(**options)
-    return config
+        merged.update(options)
+    return config.replace(**merged) if merged else config

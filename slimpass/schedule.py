@@ -7,8 +7,9 @@ keys of layer ``p - 1``) to a budget:
 - ``float`` in (0, 1]: at most that fraction of the *original* prompt length;
 - ``(int, float)``: the smaller of the two.
 
-A budget is rounded down to whole blocks (at least the sink blocks plus the last block survive), and
-a stage never keeps more than what reached it, so a budget >= the current length keeps everything.
+A stage keeps the sink blocks and the last (possibly partial) block, and as many whole middle blocks
+as fit in the rest of the budget; it never keeps more than what reached it, so a budget >= the current
+length keeps everything, and a budget below the sinks plus the last block keeps just those.
 
 Presets:
 
@@ -100,5 +101,8 @@ def min_prune_length(config: SlimConfig) -> int:
 
 def middle_budget(stage: Stage, prompt_len: int, config: SlimConfig) -> int:
     """How many blocks between the sink blocks and the last block a stage may keep (before clamping
-    to the number available)."""
-    return max(stage.budget(prompt_len) // config.block_size - config.sink_blocks - 1, 0)
+    to the number available): the whole blocks the budget holds beside the sinks and the last block,
+    which holds the prompt's last ``prompt_len - last * block_size`` tokens at every stage."""
+    block = config.block_size
+    tail = prompt_len - (prompt_len - 1) // block * block
+    return max((stage.budget(prompt_len) - config.sink_blocks * block - tail) // block, 0)

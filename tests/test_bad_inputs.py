@@ -127,6 +127,75 @@ def test_gpt2_generate_through_slimpass_compile(caplog):
     warnings = [r.getMessage() for r in caplog.records if r.name.startswith("slimpass")]
     assert len(warnings) == len(records)
     for message, record in zip(warnings, records):
-        assert f"graph {record.graph_id} is not a LLaMA-style decoder" in message
-        assert "layer 0: query is not rotary-embedded" in message
-        assert "compiling it without slimpass passes" in message
+        assert f"graph {record.graph_id}: slimpass passes declined: layer 0: query is not rotary-embedded" in message
+        assert "not a LLaMA-style decoder slimpass recognises; compiled without them" in message
+
+
+def test_a_module_without_generate_compiles_its_forward(caplog):
+    """Regression (issue 30, bug 4): `slimpass.compile` read `model.generate` unconditionally, so an
+    `nn.Linear` or a `BertModel` raised AttributeError; their forward is compiled (BERT: pruning declined,
+    with the reason)."""
+    linear = torch.nn.Linear(4, 4)
+    x = torch.randn(2, 4)
+    want = linear(x)
+    assert slimpass.compile(linear, options={"compiler": "eager"}) is linear and not hasattr(linear, "generate")
+    torch.testing.assert_close(linear(x), want)
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=64)
+    bert = transformers.BertModel(config).eval()
+    oracle = twin(bert)
+    ids = torch.randint(0, 128, (1, 20))
+    with caplog.at_level(logging.WARNING, logger="slimpass"):
+        slimpass.compile(bert, options={"compiler": "eager", "prune": True})
+    assert "pruning declined: BertModel is not a generative decoder" in caplog.text
+    with torch.no_grad():
+        torch.testing.assert_close(bert(ids).last_hidden_state, oracle(ids).last_hidden_state, atol=1e-5, rtol=0)
+
+
+def test_an_encoder_decoder_is_declined_with_its_reason(caplog):
+    """Regression (issue 30, bug 5): T5 through `slimpass.compile` got a SlimCache injected, and generate
+    raised a misleading `SlimCache.record_prefill: layer 0 holds 41 tokens but the keep sets say None`.
+    Pruning is declined at compile (an encoder-decoder), no SlimCache is made, generate equals the model's."""
+    torch.manual_seed(0)
+    config = transformers.T5Config(vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                                   decoder_start_token_id=0)
+    model = transformers.T5ForConditionalGeneration(config).eval()
+    oracle = twin(model)
+    with caplog.at_level(logging.WARNING, logger="slimpass"):
+        slimpass.compile(model, options={"compiler": "eager", "prune": True})
+    assert "pruning declined: T5ForConditionalGeneration is an encoder-decoder model" in caplog.text
+    ids = torch.randint(0, 128, (1, 41))
+    settings = dict(max_new_tokens=5, do_sample=False, return_dict_in_generate=True)
+    with torch.no_grad():
+        got, want = model.generate(ids, **settings), oracle.generate(ids, **settings)
+    assert torch.equal(got.sequences, want.sequences)
+    assert not isinstance(got.past_key_values, slimpass.SlimCache)
+
+
+def test_a_bogus_mode_is_refused_at_compile():
+    """Regression (issue 30, bug 7): `mode="bogus"` was accepted (ignored under eager, failing at the first
+    call under Inductor)."""
+    model = tiny_model()
+    with pytest.raises(ConfigError, match=r"slimpass.compile\(mode='bogus'\): Unrecognized mode=bogus, should be one of"):
+        slimpass.compile(model, mode="bogus")
+    assert "forward" not in model.__dict__
+
+
+def test_output_hidden_states_names_the_graph_break(caplog):
+    """Regression (issue 30): with `output_hidden_states=True` transformers records the outputs through hooks,
+    Dynamo splits the forward, and the piece without layers was reported as "not a LLaMA-style decoder"
+    though the model's decoder had been found; the warning now says what the piece is."""
+    model = tiny_model(num_hidden_layers=4)
+    oracle = twin(model)
+    slimpass.compile(model, options={"compiler": "eager", "prune": True, "min_prompt_len": 64})
+    ids = torch.randint(0, 128, (1, 100))
+    with caplog.at_level(logging.WARNING, logger="slimpass"), torch.no_grad():
+        got = model(ids, output_hidden_states=True, use_cache=False)
+        want = oracle(ids, output_hidden_states=True, use_cache=False)
+    for a, b in zip(got.hidden_states, want.hidden_states, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+    records = slimpass.compiled_graphs(model)
+    if len(records) > 1:  # transformers versions that record hidden states through hooks
+        assert records[0].kind == "prefill"
+        assert "a graph break split" in caplog.text and "not a LLaMA-style decoder" not in caplog.text

@@ -151,3 +151,38 @@ def test_backend_rejects_unknown_options():
 def test_compile_validates_options_before_running():
     with pytest.raises(ConfigError, match="unit_size=5 must divide"):
         slimpass.compile(tiny_model(), options={"unit_size": 5})
+
+
+def test_patches_are_checked_together_with_the_sources_they_stack_on():
+    """Regression (issue 30, bug 6): `patch` checked each block alone against the defaults, so
+    `patch(block_size=12)` inside `patch(unit_size=4)` raised "unit_size=8 must divide block_size=12", and
+    `patch(static_decode=True)` on a model compiled with `options={"prune": True}` was refused. Values are
+    checked at once; how they combine, when a graph resolves every source."""
+    with slimpass.config.patch(unit_size=4), slimpass.config.patch(block_size=12):
+        assert (resolve(None, None).block_size, resolve(None, None).unit_size) == (12, 4)
+    with slimpass.config.patch(static_decode=True):
+        assert resolve({"prune": True}, None).static_decode
+        with pytest.raises(ConfigError, match="static_decode=True needs prune=True"):
+            resolve(None, None)
+    with pytest.raises(ConfigError, match="block_size=0 is out of range"):
+        with slimpass.config.patch(block_size=0):
+            pass
+
+
+def test_static_decode_patched_onto_a_pruned_model_generates_as_compiled_with_it():
+    """`patch(static_decode=True)` around generate on a model compiled with prune=True: the same tokens as
+    a model compiled with static_decode in its options, and its cache decodes on fixed-size buffers."""
+    geometry = dict(prune=True, compiler="eager", block_size=8, unit_size=2, local_window=4, min_prompt_len=64,
+                    schedule={1: 0.5})
+    model = tiny_model(num_hidden_layers=4)
+    other = twin(model)
+    slimpass.compile(model, options=geometry)
+    slimpass.compile(other, options={**geometry, "static_decode": True})
+    ids = torch.randint(0, 128, (1, 200), generator=torch.Generator().manual_seed(0))
+    settings = dict(max_new_tokens=6, do_sample=False, return_dict_in_generate=True)
+    with torch.no_grad():
+        with slimpass.config.patch(static_decode=True):
+            got = model.generate(ids, **settings)
+        want = other.generate(ids, **settings)
+    assert torch.equal(got.sequences, want.sequences)
+    assert got.past_key_values.room > 0 and want.past_key_values.room > 0

@@ -44,12 +44,15 @@ def score_blocks(q: torch.Tensor, k: torch.Tensor, scorer: str, block_size: int,
 
 def keep_middle(prompt_len: int | torch.SymInt, tokens: int | None, ratio_num: int, ratio_den: int,
                 block_size: int, sink_blocks: int) -> int | torch.SymInt:
-    """Middle blocks a stage may keep: budget // block - sinks - last (the pass's mirror of `Stage.budget`)."""
+    """Middle blocks a stage may keep: what the budget holds after the sinks and the last block (the
+    pass's mirror of `schedule.middle_budget`). The last block holds the prompt's last
+    `prompt_len - last * block_size` tokens at every stage (stages keep whole blocks before it)."""
     budget = tokens
     if ratio_den:
         by_ratio = prompt_len * ratio_num // ratio_den
         budget = by_ratio if budget is None else torch.sym_min(budget, by_ratio)
-    return torch.sym_max(budget // block_size - sink_blocks - 1, 0)
+    tail = prompt_len - (prompt_len - 1) // block_size * block_size
+    return torch.sym_max((budget - sink_blocks * block_size - tail) // block_size, 0)
 
 
 def select_tokens(scores: torch.Tensor, length: int | torch.SymInt, keep: int | torch.SymInt, block_size: int,

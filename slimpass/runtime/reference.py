@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from slimpass.config import SlimConfig
 from slimpass.runtime.keep_sets import KeepSet  # a plain record, shared with the compiled path's report
 from slimpass.runtime.scoring import ScoreSettings, get_scorer
-from slimpass.schedule import Stage, middle_budget, min_prune_length, resolve_schedule
+from slimpass.schedule import Stage, min_prune_length, resolve_schedule
 
 
 @dataclasses.dataclass
@@ -142,6 +142,19 @@ def select_blocks(scores: torch.Tensor, length: int, keep_middle: int, config: S
     return list(range(sink)) + chosen + [last]
 
 
+def middle_blocks(budget: int, length: int, config: SlimConfig) -> int:
+    """How many middle blocks a `budget`-token stage keeps of a `length`-token sequence, counted one block
+    at a time: the sinks and the last block first, then whole blocks while they fit (and remain)."""
+    block, sink = config.block_size, config.sink_blocks
+    last = (length - 1) // block
+    used = min(sink, last) * block + (length - last * block)
+    chosen = 0
+    while sink + chosen < last and used + block <= budget:
+        used += block
+        chosen += 1
+    return chosen
+
+
 def _positions_of(blocks: list[int], length: int, block: int) -> list[int]:
     return [t for j in blocks for t in range(j * block, min((j + 1) * block, length))]
 
@@ -171,7 +184,7 @@ def prefill(model: torch.nn.Module, input_ids: torch.Tensor, config: SlimConfig 
         if stage is not None:
             scores = block_scores(q, k, config)
             length = h.shape[1]
-            keep_middle = middle_budget(stage, prompt_len, config)
+            keep_middle = middle_blocks(stage.budget(prompt_len), length, config)
             rows = [_positions_of(select_blocks(scores[b], length, keep_middle, config), length, config.block_size)
                     for b in range(batch)]
             index_t = torch.tensor(rows, device=h.device)  # [B, K] indices into the current sequence

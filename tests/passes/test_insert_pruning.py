@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import slimpass
-from slimpass.config import SlimConfig
+from slimpass.config import ConfigError, SlimConfig
 from slimpass.runtime import reference
 from tests.conftest import HF_ALWAYS_MASKS, assert_valid_keep_sets, tiny_model, twin
 
@@ -204,10 +204,15 @@ def test_unknown_scorer_is_a_config_error():
 
 
 def test_schedule_layer_beyond_depth_is_a_config_error():
+    """Regression (issue 30, bug 7): a schedule layer beyond the model's depth failed only at the first call,
+    inside a BackendCompilerFailed whose message began with the model's repr; `slimpass.compile` knows the
+    depth. Through torch.compile(backend="sliminfer") the first call still names the problem."""
     model = _model()
-    slimpass.compile(model, options=_options({8: 64}))
+    with pytest.raises(ConfigError, match=r"cuts the input of layer\(s\) \[8\], but the model has 8 decoder layers"):
+        slimpass.compile(model, options=_options({8: 64}))
+    compiled = torch.compile(model, backend="sliminfer", dynamic=True, options=_options({8: 64}))
     with pytest.raises(Exception, match=r"cuts the input of layer\(s\) \[8\], but the model has 8 decoder layers"):
-        _prefill(model, torch.randint(0, 128, (1, 300)))
+        _prefill(compiled, torch.randint(0, 128, (1, 300)))
 
 
 def test_keep_sets_heat_map(tmp_path):
@@ -216,7 +221,8 @@ def test_keep_sets_heat_map(tmp_path):
     slimpass.compile(model, options=_options(SCHEDULES["ratios"], dump_dir=str(tmp_path)))
     _prefill(model, torch.randint(0, 128, (1, 500)))
     kept = slimpass.last_keep_sets(model)
-    assert [k.layer for k in kept] == [2, 4, 6] and [k.tokens for k in kept] == [8 + 29 * 8 + 4, 8 + 13 * 8 + 4, 8 + 5 * 8 + 4]
+    # 500 tokens (the last block holds 4): budgets 250, 125, 62 keep the sinks, the last block and 29, 14, 6 blocks
+    assert [k.layer for k in kept] == [2, 4, 6] and [k.tokens for k in kept] == [8 + 29 * 8 + 4, 8 + 14 * 8 + 4, 8 + 6 * 8 + 4]
     assert kept[0].blocks(8)[0][0] == 0 and kept[0].blocks(8)[0][-1] == 62  # sink and last block
     png = tmp_path / slimpass.compiled_graphs(model)[0].graph_id / "keep_sets.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -342,3 +348,20 @@ def test_a_short_prompt_first_does_not_break_later_long_prompts(route):
             assert torch.equal(ours.positions, theirs.positions), f"{length=} layer {ours.layer}"
     kinds = [(r.kind, r.calls) for r in slimpass.compiled_graphs(model)]
     assert len(kinds) == 2, kinds  # one dense graph (below 64), one pruned (from 64)
+
+
+@pytest.mark.parametrize("budget", [1.0, 150, 155, 159])
+def test_a_budget_covering_the_prompt_keeps_every_token(budget):
+    """Regression (issue 30, bug 3): `schedule={2: 1.0}` (or an int 150-159) on a 150-token prompt kept 134
+    tokens (a middle block gone, logits 2.4e-2 off dense): the budget was counted in whole blocks with
+    the partial last block as a full one. Default geometry (16-token blocks, one sink)."""
+    model = tiny_model("llama", num_hidden_layers=4)
+    oracle = twin(model)
+    slimpass.compile(model, options={"prune": True, "compiler": "eager", "min_prompt_len": 64, "schedule": {2: budget}})
+    ids = torch.randint(0, 128, (1, 150), generator=torch.Generator().manual_seed(0))
+    got = _prefill(model, ids)
+    with torch.no_grad():
+        want = oracle(ids, use_cache=False, logits_to_keep=1).logits[:, -1]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    (kept,) = slimpass.last_keep_sets(model)
+    assert torch.equal(kept.positions[0], torch.arange(150))

@@ -68,3 +68,20 @@ def test_inductor_matches_first_principles_at_every_length(batch):
         want = _first_principles(scores, length, int(keep), block, sinks)
         assert kept.tolist() == want, f"{length=}"
         torch.testing.assert_close(states, torch.stack([hidden[b, want[b]] for b in range(batch)]), atol=0, rtol=0)
+
+
+def test_keep_middle_mirrors_the_schedule():
+    """The graph's budget arithmetic (`keep_middle`) equals `schedule.middle_budget` on plain ints."""
+    from fractions import Fraction
+
+    from slimpass.config import SlimConfig
+    from slimpass.schedule import Stage, middle_budget
+
+    for block, sinks in ((8, 0), (16, 1), (16, 2)):
+        config = SlimConfig(block_size=block, sink_blocks=sinks)
+        for prompt_len in (33, 64, 65, 150, 159, 160, 161, 1000):
+            for tokens, ratio in ((None, Fraction(1, 2)), (150, None), (40, Fraction(1, 4)), (None, Fraction(1)), (7, None)):
+                want = middle_budget(Stage(2, tokens, ratio), prompt_len, config)
+                got = keep_middle(prompt_len, tokens, ratio.numerator if ratio else 0, ratio.denominator if ratio else 0,
+                                  block, sinks)
+                assert got == want, (block, sinks, prompt_len, tokens, ratio)

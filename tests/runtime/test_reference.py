@@ -7,7 +7,7 @@ import torch
 
 from slimpass.config import SlimConfig
 from slimpass.runtime import reference
-from tests.conftest import tiny_model
+from tests.conftest import assert_valid_keep_sets, tiny_model
 
 GEOMETRY = dict(block_size=8, unit_size=2, local_window=4, min_prompt_len=64)
 
@@ -42,13 +42,13 @@ def test_pruned_prefill_keeps_original_positions():
     ids = torch.randint(0, 128, (2, 203), generator=torch.Generator().manual_seed(3))
     state = reference.prefill(model, ids, config)
     first, second = state.keep_sets
-    assert (first.layer, first.tokens, second.layer, second.tokens) == (2, 8 + 10 * 8 + 3, 4, 8 + 3 * 8 + 3)
+    assert (first.layer, first.tokens, second.layer, second.tokens) == (2, 8 + 11 * 8 + 3, 4, 8 + 3 * 8 + 3)
     for keep in state.keep_sets:
         rows = keep.positions
         assert torch.equal(rows, rows.sort(dim=1).values)  # sorted: causal order kept
         assert (rows[:, :8] == torch.arange(8)).all() and (rows[:, -3:] == torch.arange(200, 203)).all()
     assert set(second.positions[0].tolist()) <= set(first.positions[0].tolist())  # cumulative
-    assert [k.shape[2] for k in state.keys] == [203, 203, 91, 91, 35, 35]  # each layer caches what reached it
+    assert [k.shape[2] for k in state.keys] == [203, 203, 99, 99, 35, 35]  # each layer caches what reached it
 
 
 def test_layer_queries_keys_are_the_unpruned_prefill_keys():
@@ -60,3 +60,34 @@ def test_layer_queries_keys_are_the_unpruned_prefill_keys():
     for (index, q, k), keys in zip(seen, state.keys):
         torch.testing.assert_close(k, keys)
         assert q.shape[2] == 96 and q.shape[1] == model.config.num_attention_heads
+
+
+def _kept_from_first_principles(budget: int, length: int, block: int, sinks: int) -> int:
+    """The sinks and the last block always; then whole middle blocks: the largest such count within
+    the budget (all of them when the budget covers the sequence)."""
+    last = (length - 1) // block
+    sizes = [sinks * block + (length - last * block) + k * block for k in range(last - sinks + 1)]
+    return max([n for n in sizes if n <= budget], default=sizes[0])
+
+
+@pytest.mark.parametrize("length", [150, 153, 160, 161])
+def test_budgets_around_the_stage_length(length):
+    """Regression (issue 30, bug 3): a budget at or above the stage's length dropped a middle block when
+    the last block was partial (150 tokens, budget 150-159 or 1.0 kept 134), because the budget was
+    counted in whole blocks with the last block as a full one; the reference shared that rounding."""
+    model = tiny_model("llama", "sdpa", num_hidden_layers=4)
+    ids = torch.randint(0, 128, (1, length), generator=torch.Generator().manual_seed(length))
+    for sinks in (0, 1, 2):
+        budgets = sorted({length - 9, length - 8, length - 1, length, length + 1, length + 9, 40, 1, 1.0, 0.999})
+        for budget in budgets:
+            config = SlimConfig(prune=True, schedule={2: budget}, sink_blocks=sinks, **GEOMETRY)
+            tokens = budget if isinstance(budget, int) else int(length * budget)
+            (keep,) = reference.prefill(model, ids, config).keep_sets
+            assert keep.tokens == _kept_from_first_principles(tokens, length, 8, sinks), (sinks, budget)
+            assert_valid_keep_sets([keep], length)
+            if tokens >= length:
+                assert torch.equal(keep.positions[0], torch.arange(length))
+    # a second stage whose budget covers what reached it keeps all of it
+    config = SlimConfig(prune=True, schedule={1: 0.5, 3: length}, **GEOMETRY)
+    first, second = reference.prefill(model, ids, config).keep_sets
+    assert torch.equal(first.positions, second.positions)
