@@ -42,7 +42,7 @@ def _budget_near(anchor: int):
                      st.floats(0.1, 0.6))
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_call_sequences_under_the_eager_compiler(data):
     anchor = data.draw(st.integers(MIN_LEN, 400), label="stage length the budgets sit around")
