@@ -4,7 +4,7 @@
     python benchmarks/gpu_prefill.py --variants hf_eager,sliminfer --no-mask
     python benchmarks/gpu_prefill.py --tiny --lengths 64,128        # CPU dry run of the whole pipeline
 
-Model: a Llama-3.1-8B-shaped LlamaForCausalLM with random bf16 weights built directly on the GPU
+Model: a random-weight bf16 model of a real config (`--shape`: Llama-3.1-8B, the default, Qwen2.5-7B or Mistral-7B-v0.3) built directly on the GPU
 (no checkpoint, no network). Workload: batch-1 prefill returning only the last token's logits,
 ``model(ids, attention_mask=ones, logits_to_keep=1, use_cache=False)`` under inference_mode.
 
@@ -53,6 +53,20 @@ LLAMA_31_8B = dict(
     rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
                          high_freq_factor=4.0, original_max_position_embeddings=8192),
 )
+# Qwen2.5-7B-Instruct's and Mistral-7B-v0.3's config.json (the issue-23 non-Llama shapes).
+QWEN25_7B = dict(
+    vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+    num_key_value_heads=4, max_position_embeddings=32768, rms_norm_eps=1e-6, tie_word_embeddings=False,
+    rope_parameters=dict(rope_type="default", rope_theta=1000000.0),
+)
+MISTRAL_7B = dict(
+    vocab_size=32768, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+    num_key_value_heads=8, max_position_embeddings=32768, rms_norm_eps=1e-5, tie_word_embeddings=False,
+    sliding_window=None, rope_parameters=dict(rope_type="default", rope_theta=1000000.0),
+)
+SHAPES = {"llama-3.1-8b": ("LlamaConfig", "LlamaForCausalLM", LLAMA_31_8B),
+          "qwen2.5-7b": ("Qwen2Config", "Qwen2ForCausalLM", QWEN25_7B),
+          "mistral-7b": ("MistralConfig", "MistralForCausalLM", MISTRAL_7B)}
 TINY = dict(
     vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
@@ -94,6 +108,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=240.0, help="seconds per variant (all its lengths)")
     parser.add_argument("--seed", type=int, default=0, help="weights and prompts; the same in every worker")
     parser.add_argument("--tiny", action="store_true", help="tiny float32 model on CPU: test this script")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="llama-3.1-8b",
+                        help="whose config (family and sizes) the random-weight model has")
     parser.add_argument("--options", type=json.loads, default={},
                         help='more slimpass options for the sliminfer variants, as JSON, '
                         'e.g. \'{"inductor_options": {"max_autotune_gemm": true}}\'')
@@ -111,7 +127,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def build_model(args: argparse.Namespace, device: torch.device) -> torch.nn.Module:
-    """Random-weight LlamaForCausalLM, allocated and initialised directly on `device` in its final dtype.
+    """Random-weight model of `args.shape` (family and sizes), allocated and initialised directly on `device` in
+    its final dtype (with --tiny, the family at tiny sizes).
 
     Setting the default dtype (rather than calling .to(bfloat16) afterwards) avoids ever holding a
     float32 copy of the 8B parameters (32 GB). The seed makes the weights identical in every worker.
@@ -119,17 +136,18 @@ def build_model(args: argparse.Namespace, device: torch.device) -> torch.nn.Modu
     import transformers
 
     dtype = torch.float32 if args.tiny else torch.bfloat16
-    shape = TINY if args.tiny else LLAMA_31_8B
+    config_name, model_name, full = SHAPES[getattr(args, "shape", "llama-3.1-8b")]
+    shape = TINY if args.tiny else full
     if getattr(args, "layers", None):  # a shallower model of the same width (quicker to compile)
         shape = {**shape, "num_hidden_layers": args.layers}
-    config = transformers.LlamaConfig(**shape, dtype=dtype)
+    config = getattr(transformers, config_name)(**shape, dtype=dtype)
     config._attn_implementation = "sdpa"
     torch.manual_seed(args.seed)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = transformers.LlamaForCausalLM(config)
+            model = getattr(transformers, model_name)(config)
     finally:
         torch.set_default_dtype(previous)
     return model.eval()
@@ -361,7 +379,7 @@ def describe(result: Result) -> str:
 def worker_command(variant: str, args: argparse.Namespace, workdir: Path) -> list[str]:
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", variant, "--workdir", str(workdir),
                "--lengths", ",".join(map(str, args.lengths)), "--warmup", str(args.warmup),
-               "--repeats", str(args.repeats), "--seed", str(args.seed)]
+               "--repeats", str(args.repeats), "--seed", str(args.seed), "--shape", args.shape]
     command += ["--options", json.dumps(args.options)]
     return command + (["--tiny"] if args.tiny else []) + (["--no-mask"] if args.no_mask else [])
 
@@ -536,7 +554,7 @@ def main(argv: list[str] | None = None) -> None:
         "settings": {"lengths": args.lengths, "variants": args.variants, "attention_mask": not args.no_mask,
                      "warmup": args.warmup, "repeats": args.repeats, "timeout_s": args.timeout,
                      "seed": args.seed, "options": args.options,
-                     "model": "tiny" if args.tiny else "llama-3.1-8b-shape",
+                     "model": f"{args.shape}-shape" + (" (tiny)" if args.tiny else ""),
                      "dtype": "float32" if args.tiny else "bfloat16"},
         "results": reports,
         "logits_vs_hf_eager": comparison,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from slimpass import config
 from slimpass.api import compile, compiled_graphs, restore
-from slimpass.backend import sliminfer
+from slimpass.backend import SlimpassWarning, sliminfer
 from slimpass.config import ConfigError, SlimConfig
 from slimpass.passes.base import GraphPass, PassContext, PassResult
 from slimpass.registry import configure, register_pass, unregister_pass
@@ -19,7 +19,7 @@ from slimpass.runtime.scoring import ScoreSettings, make_window_attention, regis
 from slimpass.runtime.slim_cache import MemoryReport, SlimCache
 
 __all__ = [
-    "ConfigError", "GraphPass", "KeepSet", "MemoryReport", "PassContext", "PassResult", "ScoreSettings", "SlimCache", "SlimConfig", "compile",
+    "ConfigError", "GraphPass", "SlimpassWarning", "KeepSet", "MemoryReport", "PassContext", "PassResult", "ScoreSettings", "SlimCache", "SlimConfig", "compile",
     "compiled_graphs", "config", "configure", "last_keep_sets", "make_window_attention", "plot_keep_sets", "register_pass",
     "register_scorer",
     "restore", "sliminfer", "unregister_pass",

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import functools
 import logging
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 
-from slimpass.backend import GraphRecord, compile_graph
+from slimpass.backend import GraphRecord, SlimpassWarning, compile_graph
 from slimpass.config import ConfigError, patched, resolve
 from slimpass.hf_compat import cache_argument, decode_mask_skipped_under_compile
 from slimpass.registry import REGISTRY
@@ -138,7 +139,8 @@ def compile(  # noqa: A001 - mirrors torch.compile
     _check_depth(model, config)
     unfit = _not_a_decoder_lm(model)
     if unfit is not None and config.prune:
-        log.warning("slimpass.compile: pruning declined: %s; compiling forward without it", unfit)
+        warnings.warn(f"slimpass.compile: prune=True does not apply: {unfit}; compiling forward without it",
+                      SlimpassWarning, stacklevel=2)
         options, config = {**(options or {}), "prune": False}, config.replace(prune=False)
     original = model.__dict__.get("_slimpass_original_forward", model.forward)
     with_slim_cache = unfit is None and slim_cache.supports(model.config)

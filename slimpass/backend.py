@@ -11,6 +11,7 @@ import dataclasses
 import itertools
 import logging
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -173,6 +174,32 @@ def _records(model: Any) -> list[GraphRecord] | None:
         return None
 
 
+class SlimpassWarning(UserWarning):
+    """Something the user turned on (``prune=True``) does not apply to this model: it runs dense."""
+
+
+def _family(model: Any) -> str:
+    config = getattr(model, "config", None)
+    kind = getattr(config, "model_type", None)
+    return f"{kind} ({type(model).__name__})" if kind else type(model).__name__
+
+
+_WARNED_WITHOUT_MODEL: set[tuple[str, str]] = set()
+
+
+def _warn_once(model: Any, what: str, reason: str) -> None:
+    """Warn once per model and reason that pruning does not apply (Python `warnings`, `SlimpassWarning`)."""
+    try:
+        seen = model.__dict__.setdefault("_slimpass_warned", set())
+    except AttributeError:
+        seen = _WARNED_WITHOUT_MODEL
+    if (what, reason) in seen:
+        return
+    seen.add((what, reason))
+    warnings.warn(f"slimpass: {_family(model)}: prune=True does not apply ({what}): {reason}. This graph runs "
+                  "dense; slimpass.compiled_graphs(model) has the detail of every pass", SlimpassWarning, stacklevel=2)
+
+
 def compile_graph(
     gm: torch.fx.GraphModule,
     example_inputs: list[Any],
@@ -204,6 +231,12 @@ def compile_graph(
             why = "not a LLaMA-style decoder slimpass recognises"
         log.warning("sliminfer: graph %s: slimpass passes declined: %s; %s; compiled without them",
                     ctx.graph_id, reason, why)
+        if config.prune and not any(record.kind != "unrecognised" for record in earlier):
+            _warn_once(model, "no decoder layer recognised", f"{reason} ({why})")
+    if config.prune:
+        for result in ctx.results:
+            for reason in result.unmet:
+                _warn_once(model, result.name, reason)
     changed = any(r.changed for r in ctx.results)
     static = layer_map is not None and any(layer.static_valid is not None for layer in layer_map.layers)
     fast = lower(work if changed else gm, example_inputs, config, mode, static)

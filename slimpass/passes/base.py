@@ -27,6 +27,9 @@ class PassResult:
     replaced: int = 0
     declined: list[str] = dataclasses.field(default_factory=list)
     summary: str = ""
+    # declines of something the user turned on that does not apply to this model (not a routine skip such as a
+    # decode graph or a short prompt): the backend warns once per model and reason
+    unmet: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def changed(self) -> bool:

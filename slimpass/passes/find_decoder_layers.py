@@ -22,6 +22,7 @@ from slimpass.passes.layer_map import EagerAttention, LayerInfo, LayerMap
 
 _LAYER_PATH = re.compile(r"^(?P<path>.*\.(?P<index>\d+))$")
 _TRIG_WRAPPERS = ("cast", "getitem", "expand", "reshape")
+_TRIG_METHODS = ("unsqueeze", "repeat_interleave")  # GLM and ERNIE interleave cos/sin inside the layer
 
 
 class DiscoveryError(Exception):
@@ -72,9 +73,9 @@ def _cache_write(full: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node | No
 
 
 def _outside(node, members: set):
-    """Walk up through view/cast ops (unsqueeze, to, getitem, ...) while inside the layer."""
+    """Walk up through view/cast ops (unsqueeze, to, getitem, repeat_interleave, ...) while inside the layer."""
     while isinstance(node, torch.fx.Node) and node in members:
-        if not (any(is_op(node, k) for k in _TRIG_WRAPPERS) or (node.op == "call_method" and node.target == "unsqueeze")):
+        if not (any(is_op(node, k) for k in _TRIG_WRAPPERS) or (node.op == "call_method" and node.target in _TRIG_METHODS)):
             return None
         node = node.args[0]
     if isinstance(node, torch.fx.Node) and node.op != "placeholder":
@@ -82,20 +83,70 @@ def _outside(node, members: set):
     return None
 
 
-def _rope(node: torch.fx.Node, members: set, index: int, what: str) -> tuple[torch.fx.Node, torch.fx.Node]:
-    """q_embed = q*cos + rotate_half(q)*sin -> (cos producer, sin producer), both outside the layer."""
+def _uncast(node):
+    while is_op(node, "cast"):
+        node = node.args[0]
+    return node
+
+
+def _is_rotation(node) -> bool:
+    """rotate_half(x): cat((-x2, x1), -1) (split halves), or stack((-x2, x1), -1).flatten(-2) (interleaved pairs)."""
+    node = _uncast(node)
+    if is_op(node, "cat"):
+        return True
+    return node.op == "call_method" and node.target == "flatten" and isinstance(node.args[0], torch.fx.Node) and \
+        (node.args[0].op, node.args[0].target) in (("call_function", torch.stack), ("call_method", "stack"))
+
+
+def _rope_form(node, members: set) -> tuple[torch.fx.Node, torch.fx.Node] | None:
+    """x*cos + rotate_half(x)*sin (either order, either operand order, either rotation of `_is_rotation`)
+    -> (cos producer, sin producer) outside the layer; None if `node` is not that form."""
     if not (is_op(node, "add") and all(is_op(a, "mul") for a in node.args[:2])):
-        raise DiscoveryError(f"layer {index}: {what} is not rotary-embedded (expected q*cos + rotate_half(q)*sin)")
+        return None
     trig = {}
     for mul in node.args[:2]:
         for operand, other in ((mul.args[1], mul.args[0]), (mul.args[0], mul.args[1])):
             source = _outside(operand, members)
             if source is not None:
-                trig["sin" if is_op(other, "cat") else "cos"] = source
+                trig["sin" if _is_rotation(other) else "cos"] = source
                 break
-    if set(trig) != {"cos", "sin"}:
-        raise DiscoveryError(f"layer {index}: could not find the shared cos/sin producers of the {what} RoPE")
-    return trig["cos"], trig["sin"]
+    return (trig["cos"], trig["sin"]) if set(trig) == {"cos", "sin"} else None
+
+
+def _rope(node: torch.fx.Node, members: set, index: int, what: str) -> tuple[torch.fx.Node, torch.fx.Node] | None:
+    """The shared cos/sin producers of the RoPE that `node` (an attention operand) went through, or None for a
+    layer without position embedding (NoPE: only the residual stream reaches the operand from outside the layer).
+
+    The accepted forms: the rotary form of `_rope_form` anywhere upstream of the operand inside the layer, so
+    that casts around it (OLMo, Cohere and ERNIE compute RoPE in float32), a partial-rotary concatenation
+    ``cat([rope(x[..., :r]), x[..., r:]], -1)`` (GPT-NeoX, Phi, GLM, StableLM) and a per-head norm after it
+    (Hunyuan) all pass; pruning does not depend on the form, only on the cos/sin being computed outside the
+    layer from the token positions (the pruning pass gathers them at the kept positions). An operand that
+    reads anything else from outside the layer (a position-dependent value in a form we do not know) is
+    declined by name."""
+    seen, frontier = set(), [node]
+    while frontier:
+        current = frontier.pop()
+        if current in seen or not isinstance(current, torch.fx.Node) or current not in members:
+            continue
+        seen.add(current)
+        found = _rope_form(current, members)
+        if found is not None:
+            return found
+        if is_op(current, "cat"):
+            parts = current.args[0]
+            if isinstance(parts, (list, tuple)) and parts:
+                frontier.append(parts[0])  # the rotated slice comes first; the pass-through is a slice of x
+            continue
+        frontier.extend(reversed(current.all_input_nodes))
+    foreign = [inp for n in seen for inp in n.all_input_nodes
+               if inp not in members and inp.op != "placeholder" and not _is_hidden(inp)]
+    if foreign:
+        raise DiscoveryError(
+            f"layer {index}: the {what} reads `{foreign[0].name}` from outside the layer but is not "
+            "rotary-embedded in an accepted form (x*cos + rotate_half(x)*sin, rotate_half split or interleaved, with "
+            "casts, a partial-rotary concatenation or a norm after it)")
+    return None
 
 
 def _eager_attention(softmax: torch.fx.Node, index: int) -> EagerAttention:
@@ -176,12 +227,11 @@ def _layer(index: int, path: str, nodes: list[torch.fx.Node]) -> tuple[LayerInfo
     v_full, v_rep = _unrepeat(v_attn)
     k, k_write = _cache_write(k_full)
     v, v_write = _cache_write(v_full)
-    cos, sin = _rope(q, members, index, "query")
-    cos_k, sin_k = _rope(k, members, index, "key")
-    if (cos_k, sin_k) != (cos, sin):
-        raise DiscoveryError(f"layer {index}: query and key use different cos/sin producers")
+    trig = _rope(q, members, index, "query")
+    if _rope(k, members, index, "key") != trig:
+        raise DiscoveryError(f"layer {index}: query and key use different cos/sin producers (or only one is rotary-embedded)")
     writes = tuple(w for w in (k_write, v_write) if w is not None)
-    exclude = set(writes) | {cos, sin} | ({mask} if mask is not None else set())
+    exclude = set(writes) | set(trig or ()) | ({mask} if mask is not None else set())
     if eager is not None:
         exclude |= {eager.probs, eager.softmax}
     res_in, res_out = _residual(index, nodes, exclude)
@@ -189,7 +239,7 @@ def _layer(index: int, path: str, nodes: list[torch.fx.Node]) -> tuple[LayerInfo
         index, path, res_in, res_out, q, k, v, k_attn, v_attn, k_full, v_full, attention, kind, mask, writes,
         k_rep and v_rep, eager,
     )
-    return info, cos, sin
+    return info, trig
 
 
 def _graph_kind(layers: list[LayerInfo]) -> str:
@@ -209,11 +259,15 @@ def discover(graph: torch.fx.Graph) -> LayerMap:
         raise DiscoveryError(f"decoder layer indices are not contiguous: {sorted(groups)}")
     layers, trig = [], set()
     for index, (path, nodes) in groups.items():
-        info, cos, sin = _layer(index, path, nodes)
+        info, rope = _layer(index, path, nodes)
         layers.append(info)
-        trig.add((cos, sin))
+        if rope is not None:
+            trig.add(rope)
+    if not trig:
+        raise DiscoveryError("no decoder layer is rotary-embedded (x*cos + rotate_half(x)*sin): not a RoPE decoder")
     if len(trig) != 1:
-        raise DiscoveryError("decoder layers do not share one cos/sin producer (per-layer RoPE is not supported)")
+        raise DiscoveryError(f"decoder layers use {len(trig)} different cos/sin producers (per-layer-type RoPE, "
+                             "e.g. local and global rotary bases, is not supported)")
     for prev, layer in zip(layers, layers[1:]):
         if layer.input is not prev.output:
             raise DiscoveryError(f"residual stream broken between layers {prev.index} and {layer.index}")

@@ -44,7 +44,12 @@ log = logging.getLogger(__name__)
 
 
 class Decline(Exception):
-    """The graph does not match what pruning can rewrite exactly; the message says why."""
+    """The graph does not match what pruning can rewrite exactly; the message says why. A `routine` decline is
+    expected in normal use (pruning off, a decode graph, a short or static prompt) and is not warned about."""
+
+    def __init__(self, message: str, routine: bool = False):
+        super().__init__(message)
+        self.routine = routine
 
 
 def _token_dims(node: torch.fx.Node, length: Any) -> list[int]:
@@ -96,6 +101,8 @@ class InsertPruning(GraphPass):
             result.declined.append(str(why))
             if self.config.prune:
                 log.info("sliminfer: %s: pruning declined: %s", ctx.graph_id, why)
+                if not why.routine and ctx.layer_map is not None:  # no layer map: the backend warns about discovery
+                    result.unmet.append(str(why))
             return result
         if length is None:
             return result
@@ -107,11 +114,11 @@ class InsertPruning(GraphPass):
     def _check(self, gm: torch.fx.GraphModule, ctx: PassContext) -> tuple[list[Stage], Any]:
         config, layer_map = self.config, ctx.layer_map
         if not config.prune:
-            raise Decline("pruning is off (prune=False)")
+            raise Decline("pruning is off (prune=False)", routine=True)
         if layer_map is None:
             raise Decline("no layer map (discovery declined)")
         if layer_map.kind != "prefill":
-            raise Decline(f"{layer_map.kind} graph: only prefill graphs are pruned")
+            raise Decline(f"{layer_map.kind} graph: only prefill graphs are pruned", routine=True)
         get_scorer(config.scorer)  # an unknown scorer is a configuration error, not a decline
         stages = resolve_schedule(config, len(layer_map.layers))
         if not stages:
@@ -142,7 +149,7 @@ class InsertPruning(GraphPass):
             raise Decline(f"the prompt length is static in this graph ({length} tokens; torch.compile's first call "
                           "without dynamic shapes): pruning rewrites shapes symbolically. Use slimpass.compile (it "
                           "marks the length dynamic) or torch._dynamo.mark_dynamic(input_ids, 1); with "
-                          "torch.compile the next prompt length recompiles dynamic and is pruned")
+                          "torch.compile the next prompt length recompiles dynamic and is pruned", routine=True)
         self._check_outputs(gm, ctx, stages, length)
         for stage in stages:
             self._check_crossings(gm, layer_map.layers[stage.layer].input, length)
@@ -151,7 +158,7 @@ class InsertPruning(GraphPass):
         if hint is not None and hint < threshold:
             self._only_below(length, threshold)
             raise Decline(f"prompt of {hint} tokens is shorter than {threshold} (min_prompt_len, or one block past "
-                          "the sinks): compiled dense")
+                          "the sinks): compiled dense", routine=True)
         return stages, length
 
     def _check_outputs(self, gm: torch.fx.GraphModule, ctx: PassContext, stages: list[Stage], length: Any) -> None:

@@ -1,9 +1,21 @@
 """The reference SlimInfer implementation: a plain PyTorch loop over a Hugging Face decoder's layers.
 
 This is the readable specification of the method and the test oracle of the compiled path. It
-shares no code with the graph passes: it runs the model's own submodules (embedding, norms,
-projections, MLPs, rotary embedding, LM head) in a loop, computes attention itself, and prunes
-with a simple per-row Python selection. With pruning off it equals the model's eager forward.
+shares no code with the graph passes, and it is family-generic: it runs the model's *own* forward
+(its embedding, decoder layers, attention, norms, multipliers and LM head, whatever they are) with a
+`DynamicCache`, and does only the pruning itself, from outside the model:
+
+- transformers' attention interface: the model's attention runs through a registered implementation
+  that wraps the one the model was configured with (``sdpa``, or the family's own
+  ``eager_attention_forward``), records each layer's post-RoPE queries and keys, and at decode
+  attends to the reselected blocks;
+- forward pre-hooks on the decoder layers: at a pruning layer they score, select and gather the hidden
+  states; at every layer from the first pruning layer on they gather what the model computed for the
+  whole prompt (rotary cos/sin, position ids, the attention mask's rows and columns) at the original
+  positions of the tokens that reached it.
+
+With pruning off nothing is gathered and the wrapped attention is called with the model's own
+arguments: the logits equal the model's forward bit for bit.
 
 The method (one pruning point, after layer ``p - 1``, cutting the input of layer ``p``):
 
@@ -32,20 +44,36 @@ Use::
 
     out = reference.prefill(model, input_ids, config)      # last-position logits, keep sets, caches
     tokens = reference.generate(model, input_ids, config, max_new_tokens=32)
+
+What it cannot run it refuses with a `ReferenceError` naming why: a model whose attention does not go
+through transformers' attention interface once per decoder layer, an attention implementation other
+than sdpa or eager, a cache-less or hybrid (state-space) family.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import sys
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
-import torch.nn.functional as F
+from transformers import AttentionInterface, DynamicCache
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from slimpass.config import SlimConfig
+from slimpass.hf_compat import cache_argument
 from slimpass.runtime.keep_sets import KeepSet  # a plain record, shared with the compiled path's report
 from slimpass.runtime.scoring import ScoreSettings, get_scorer
 from slimpass.schedule import Stage, min_prune_length, resolve_schedule
+
+IMPLEMENTATION = "slimpass_reference"  # the attention implementation name the reference registers
+
+
+class ReferenceError(TypeError):
+    """The reference cannot run this model; the message says why."""
 
 
 @dataclasses.dataclass
@@ -59,68 +87,21 @@ class ReferenceState:
     prompt_len: int
 
 
-def _decoder(model: torch.nn.Module) -> torch.nn.Module:
-    inner = getattr(model, "model", None)
-    if inner is None or not hasattr(inner, "layers") or not hasattr(model, "lm_head"):
-        raise TypeError(f"reference: {type(model).__name__} is not a LLaMA-style causal LM (model.model.layers, lm_head)")
-    return inner
+def _text_config(model: torch.nn.Module):
+    config = getattr(model, "config", None)
+    if config is None:
+        raise ReferenceError(f"reference: {type(model).__name__} has no Hugging Face config")
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, H, L, D]; cos/sin [B, L, D]."""
-    return x * cos[:, None] + _rotate_half(x) * sin[:, None]
-
-
-def _project(attn: torch.nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """Post-RoPE queries, keys and values of one attention module: [B, H, L, D]."""
-    batch, length, _ = h.shape
-    dim = attn.head_dim
-    q = attn.q_proj(h).view(batch, length, -1, dim).transpose(1, 2)
-    k = attn.k_proj(h).view(batch, length, -1, dim).transpose(1, 2)
-    v = attn.v_proj(h).view(batch, length, -1, dim).transpose(1, 2)
-    if hasattr(attn, "q_norm"):  # Qwen3-style per-head norms before RoPE
-        q, k = attn.q_norm(q), attn.k_norm(k)
-    return _rope(q, cos, sin), _rope(k, cos, sin), v
-
-
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
-            scale: float) -> torch.Tensor:
-    """Attention where query i sees key j iff k_pos[j] <= q_pos[i] (original positions, per row)."""
-    if k_pos is q_pos:  # prefill: the same ascending positions on both sides, so that rule is causal order
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
-    groups = q.shape[1] // k.shape[1]
-    k = k.repeat_interleave(groups, dim=1)
-    v = v.repeat_interleave(groups, dim=1)
-    allowed = k_pos[:, None, None, :] <= q_pos[:, None, :, None]  # [B, 1, Lq, Lk]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale)
-
-
-def _layer(layer: torch.nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q_pos: torch.Tensor,
-           past: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
-           attend_to: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None):
-    """One decoder layer. Returns (new h, q, k, v) with k/v of this step only.
-
-    `attend_to(q, keys)`, if given, returns [B, n] indices of the cached + new keys the step attends to."""
-    attn = layer.self_attn
-    q, k, v = _project(attn, layer.input_layernorm(h), cos, sin)
-    keys, values, k_pos = (k, v, q_pos) if past is None else (
-        torch.cat([past[0], k], 2), torch.cat([past[1], v], 2), torch.cat([past[2], q_pos], 1))
-    if attend_to is not None:
-        index = attend_to(q, keys)
-        rows = torch.arange(keys.shape[0], device=keys.device)[:, None]
-        keys = keys.transpose(1, 2)[rows, index].transpose(1, 2)
-        values = values.transpose(1, 2)[rows, index].transpose(1, 2)
-        k_pos = k_pos[rows, index]
-    out = _attend(q, keys, values, q_pos, k_pos, attn.scaling)
-    out = attn.o_proj(out.transpose(1, 2).reshape(h.shape[0], h.shape[1], -1))
-    h = h + out
-    h = h + layer.mlp(layer.post_attention_layernorm(h))
-    return h, q, k, v
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The model's decoder layers: the outermost ModuleList with ``num_hidden_layers`` entries."""
+    depth = getattr(_text_config(model), "num_hidden_layers", None)
+    lists = [(name, module) for name, module in model.named_modules()
+             if isinstance(module, torch.nn.ModuleList) and depth is not None and len(module) == depth]
+    if not lists:
+        raise ReferenceError(f"reference: {type(model).__name__} has no ModuleList of its {depth} decoder layers")
+    return min(lists, key=lambda item: item[0].count("."))[1]
 
 
 def block_scores(q: torch.Tensor, k: torch.Tensor, config: SlimConfig) -> torch.Tensor:
@@ -162,41 +143,210 @@ def _positions_of(blocks: list[int], length: int, block: int) -> list[int]:
 def _stages(model: torch.nn.Module, config: SlimConfig | None, prompt_len: int) -> list[Stage]:
     if config is None or not config.prune or prompt_len < min_prune_length(config):
         return []
-    return resolve_schedule(config, len(_decoder(model).layers))
+    return resolve_schedule(config, len(decoder_layers(model)))
+
+
+def _rows(value: torch.Tensor, batch: int) -> torch.Tensor:
+    return value.expand(batch, *value.shape[1:]) if value.shape[0] == 1 else value
+
+
+def _gather(value: Any, dim: int, index: torch.Tensor) -> Any:
+    """`value` at per-row `index` ([B, K]) along `dim` (a batch of 1 is broadcast to B rows)."""
+    value = _rows(value, index.shape[0])
+    shape = [index.shape[0]] + [1] * (value.dim() - 1)
+    shape[dim] = index.shape[1]
+    expand = list(value.shape)
+    expand[dim] = index.shape[1]
+    return value.gather(dim, index.view(shape).expand(expand))
+
+
+class _Run:
+    """One reference prefill or generation: what the pre-hooks and the attention wrapper share."""
+
+    active: "_Run | None" = None
+
+    def __init__(self, model: torch.nn.Module, config: SlimConfig | None, stages: list[Stage], batch: int,
+                 prompt_len: int, device: torch.device, record_all: bool = False):
+        self.model, self.config = model, config
+        self.layers = decoder_layers(model)
+        self.layer_of = {id(module): index for index, layer in enumerate(self.layers) for module in layer.modules()}
+        self.stages = {stage.layer: stage for stage in stages}
+        self.first = min(self.stages, default=len(self.layers))
+        self.batch, self.prompt_len = batch, prompt_len
+        self.positions = torch.arange(prompt_len, device=device).expand(batch, prompt_len)  # the current sequence's
+        self.layer_positions: list[torch.Tensor | None] = [None] * len(self.layers)  # each layer's cached prompt tokens
+        self.keep_sets: list[KeepSet] = []
+        self.recorded: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # prefill: layer -> (queries, keys)
+        self.keep_queries = record_all or self.stages
+        self.calls = [0] * len(self.layers)
+        self.step: int | None = None  # None in prefill; the decoding step (0, 1, ...) after
+        self.reselect: dict[int, Reselection] = {}
+        self.implementation = _text_config(model)._attn_implementation or "eager"
+        if self.implementation not in ("sdpa", "eager"):
+            raise ReferenceError(f"reference: attention implementation {self.implementation!r}; it runs 'sdpa' or 'eager'")
+
+    # -- the attention wrapper --------------------------------------------------------------------------
+    def inner(self, module: torch.nn.Module) -> Callable:
+        if self.implementation == "sdpa":
+            return ALL_ATTENTION_FUNCTIONS["sdpa"]
+        inner = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+        if inner is None:
+            raise ReferenceError(f"reference: {type(module).__module__} has no eager_attention_forward to wrap")
+        return inner
+
+    def attend(self, module, query, key, value, attention_mask, **kwargs):
+        index = self.layer_of.get(id(module))
+        if index is None:
+            raise ReferenceError(f"reference: an attention call from {type(module).__name__}, outside the decoder layers")
+        self.calls[index] += 1
+        if self.step is None:
+            if self.keep_queries is True or index + 1 in self.stages:
+                self.recorded[index] = (query, key)
+        elif index in self.reselect:
+            chosen = self.reselect[index](query, key)  # [B, n] of the layer's cached + new keys
+            key, value = _gather(key, 2, chosen), _gather(value, 2, chosen)
+            if isinstance(attention_mask, torch.Tensor):
+                attention_mask = _gather_columns(attention_mask, chosen)
+        return self.inner(module)(module, query, key, value, attention_mask, **kwargs)
+
+    # -- the decoder-layer pre-hook ---------------------------------------------------------------------
+    def before_layer(self, index: int, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if self.step is None:
+            return self._prefill(index, args, kwargs)
+        if index < self.first:
+            return args, kwargs
+        total = self.prompt_len + self.step + 1
+        generated = torch.arange(self.prompt_len, total, device=self.positions.device).expand(self.batch, -1)
+        columns = torch.cat([self.layer_positions[index], generated], dim=1)
+        def cut(value):
+            if isinstance(value, torch.Tensor) and value.dim() == 4 and value.shape[-1] == total:
+                return _gather_columns(value, columns)
+            if isinstance(value, torch.Tensor) and value.dim() == 4 and value.shape[-1] > 1 and value.shape[-1] != total:
+                raise ReferenceError(f"reference: layer {index}'s decode mask covers {value.shape[-1]} keys, "
+                                     f"not the {total} of prompt and generated tokens")
+            return value
+        return _map(cut, args, kwargs)
+
+    def _prefill(self, index: int, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        stage = self.stages.get(index)
+        hidden_key = "hidden_states" if "hidden_states" in kwargs else None
+        hidden = kwargs[hidden_key] if hidden_key else args[0]
+        if stage is not None:
+            queries, keys = self.recorded.pop(index - 1)
+            config, length = self.config, hidden.shape[1]
+            scores = block_scores(queries, keys, config)
+            keep_middle = middle_blocks(stage.budget(self.prompt_len), length, config)
+            rows = [_positions_of(select_blocks(scores[b], length, keep_middle, config), length, config.block_size)
+                    for b in range(self.batch)]
+            chosen = torch.tensor(rows, device=hidden.device)  # [B, K] indices into the current sequence
+            hidden = _gather(hidden, 1, chosen)
+            self.positions = self.positions.gather(1, chosen)
+            self.keep_sets.append(KeepSet(index, self.positions.clone()))
+            if hidden_key:
+                kwargs = {**kwargs, hidden_key: hidden}
+            else:
+                args = (hidden, *args[1:])
+        self.layer_positions[index] = self.positions
+        if index < self.first:
+            return args, kwargs
+        n, positions = self.prompt_len, self.positions
+        def cut(value):  # a whole-prompt tensor the model computed once for every layer
+            if not isinstance(value, torch.Tensor) or value.dim() == 0 or value is hidden:
+                return value
+            if value.dim() == 4 and value.shape[-2:] == (n, n):  # an attention mask: rows and columns
+                return _gather_columns(_gather(value, 2, positions), positions)
+            if value.dim() >= 2 and value.shape[1] == n:  # rotary cos/sin, position ids, per-token inputs
+                return _gather(value, 1, positions)
+            if value.dim() == 1 and value.shape[0] == n:  # cache_position (transformers < 5.24), one for all rows:
+                # rows that keep different tokens leave it whole (it only addresses cache slots, which the
+                # reference's DynamicCache ignores)
+                return value[positions[0]] if bool((positions == positions[:1]).all()) else value
+            return value
+        return _map(cut, args[1:], kwargs, head=args[:1])
+
+
+def _gather_columns(mask: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """mask [b, h, q, k] at per-row key `columns` ([B, K])."""
+    mask = _rows(mask, columns.shape[0])
+    index = columns[:, None, None, :].expand(mask.shape[0], mask.shape[1], mask.shape[2], -1)
+    return mask.gather(3, index)
+
+
+def _map(fn: Callable, args: tuple, kwargs: dict, head: tuple = ()) -> tuple[tuple, dict]:
+    def walk(value):
+        if isinstance(value, (tuple, list)):
+            return type(value)(walk(v) for v in value)
+        if isinstance(value, dict):
+            return {k: walk(v) for k, v in value.items()}
+        return fn(value)
+    return (*head, *(walk(a) for a in args)), {k: (v if k == "hidden_states" else walk(v)) for k, v in kwargs.items()}
+
+
+def _attention(module, query, key, value, attention_mask, **kwargs):
+    run = _Run.active
+    if run is None:
+        raise ReferenceError(f"reference: the {IMPLEMENTATION!r} attention implementation ran outside a reference call")
+    return run.attend(module, query, key, value, attention_mask, **kwargs)
+
+
+AttentionInterface.register(IMPLEMENTATION, _attention)
+
+
+@contextlib.contextmanager
+def _instrumented(run: _Run) -> Iterator[_Run]:
+    """The model's attention through `_attention` and its decoder layers behind the pre-hooks, for `run`."""
+    config = _text_config(run.model)
+    saved = config._attn_implementation
+    AttentionMaskInterface.register(IMPLEMENTATION, ALL_MASK_ATTENTION_FUNCTIONS[run.implementation])
+    hooks = [layer.register_forward_pre_hook(lambda _m, a, k, i=index: run.before_layer(i, a, k), with_kwargs=True)
+             for index, layer in enumerate(run.layers)]
+    previous, _Run.active = _Run.active, run
+    config._attn_implementation = IMPLEMENTATION
+    try:
+        yield run
+    finally:
+        config._attn_implementation = saved
+        _Run.active = previous
+        for hook in hooks:
+            hook.remove()
+
+
+def _forward(run: _Run, ids: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
+    """One forward of the model's own code under `run`: the last position's logits [B, V]."""
+    model = run.model
+    run.calls = [0] * len(run.layers)
+    out = model(ids, use_cache=True, **{cache_argument(model): cache})
+    missing = [index for index, count in enumerate(run.calls) if count != 1]
+    if missing:
+        raise ReferenceError(
+            f"reference: {type(model).__name__}'s attention does not go through transformers' attention interface "
+            f"once per decoder layer (layers {missing[:4]} called it {[run.calls[i] for i in missing[:4]]} times)")
+    return out.logits[:, -1]
+
+
+def _cache_of(run: _Run, cache: DynamicCache) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    layers = getattr(cache, "layers", None)
+    if layers is None or len(layers) != len(run.layers):
+        raise ReferenceError(f"reference: the DynamicCache holds {len(layers or [])} layers, not "
+                             f"{len(run.layers)} (a family with layers that keep no KV cache)")
+    return [layer.keys for layer in layers], [layer.values for layer in layers]
+
+
+def _prefill(model, input_ids, config, record_all=False) -> tuple[_Run, DynamicCache, torch.Tensor]:
+    batch, prompt_len = input_ids.shape
+    run = _Run(model, config, _stages(model, config, prompt_len), batch, prompt_len, input_ids.device, record_all)
+    cache = DynamicCache()
+    with _instrumented(run):
+        logits = _forward(run, input_ids, cache)
+    return run, cache, logits
 
 
 @torch.no_grad()
 def prefill(model: torch.nn.Module, input_ids: torch.Tensor, config: SlimConfig | None = None) -> ReferenceState:
     """Run the prompt through the model with SlimInfer pruning as `config` says (None: no pruning)."""
-    decoder = _decoder(model)
-    batch, prompt_len = input_ids.shape
-    window = getattr(model.config, "sliding_window", None)
-    if window and prompt_len > window:
-        raise NotImplementedError(f"reference: prompt of {prompt_len} tokens exceeds the sliding window ({window})")
-    stages = {s.layer: s for s in _stages(model, config, prompt_len)}
-    h = decoder.embed_tokens(input_ids)
-    positions = torch.arange(prompt_len, device=input_ids.device).expand(batch, prompt_len)
-    cos, sin = decoder.rotary_emb(h, positions)
-    keep_sets, keys, values = [], [], []
-    q = k = None
-    for index, layer in enumerate(decoder.layers):
-        stage = stages.get(index)
-        if stage is not None:
-            scores = block_scores(q, k, config)
-            length = h.shape[1]
-            keep_middle = middle_blocks(stage.budget(prompt_len), length, config)
-            rows = [_positions_of(select_blocks(scores[b], length, keep_middle, config), length, config.block_size)
-                    for b in range(batch)]
-            index_t = torch.tensor(rows, device=h.device)  # [B, K] indices into the current sequence
-            h = torch.stack([h[b, index_t[b]] for b in range(batch)])
-            positions = torch.stack([positions[b, index_t[b]] for b in range(batch)])
-            cos, sin = decoder.rotary_emb(h, positions)  # recomputed from the original positions
-            keep_sets.append(KeepSet(index, positions.clone()))
-        h, q, k, v = _layer(layer, h, cos, sin, positions, None)
-        keys.append(k)
-        values.append(v)
-    logits = model.lm_head(decoder.norm(h[:, -1:]))[:, 0]
-    return ReferenceState(logits, keep_sets, keys, values, prompt_len)
+    run, cache, logits = _prefill(model, input_ids, config)
+    keys, values = _cache_of(run, cache)
+    return ReferenceState(logits, run.keep_sets, keys, values, run.prompt_len)
 
 
 @torch.no_grad()
@@ -204,13 +354,9 @@ def layer_queries_keys(model: torch.nn.Module, input_ids: torch.Tensor) -> Itera
     """(layer index, post-RoPE queries, keys) of every decoder layer of an unpruned forward, in order.
 
     What a scorer at that layer would see (`slimpass.eval.calibrate` ranks blocks at each layer)."""
-    decoder = _decoder(model)
-    h = decoder.embed_tokens(input_ids)
-    positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand(input_ids.shape[0], -1)
-    cos, sin = decoder.rotary_emb(h, positions)
-    for index, layer in enumerate(decoder.layers):
-        h, q, k, _ = _layer(layer, h, cos, sin, positions, None)
-        yield index, q, k
+    run, _cache, _logits = _prefill(model, input_ids, None, record_all=True)
+    for index in range(len(run.layers)):
+        yield index, *run.recorded[index]
 
 
 @dataclasses.dataclass
@@ -265,38 +411,24 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, config: SlimConfig
     given, receives per decoding step {slim layer: per row its active middle blocks}; `logits`, if given,
     the [B, vocab] logits each new token was chosen from. `forced` ([B, max_new_tokens]), if given, are the
     tokens to feed instead of the greedy ones (to score a sequence another search chose)."""
-    decoder = _decoder(model)
-    state = prefill(model, input_ids, config)
-    batch = input_ids.shape[0]
-    # each layer's cache: keys, values and the original positions of its tokens
-    caches = []
-    stages = {s.layer: s.positions for s in state.keep_sets}
-    positions = torch.arange(state.prompt_len, device=input_ids.device).expand(batch, -1)
-    for index in range(len(decoder.layers)):
-        positions = stages.get(index, positions)
-        caches.append((state.keys[index], state.values[index], positions))
-    first_slim = state.keep_sets[0].layer if state.keep_sets else len(caches)
-    reselect = {index: Reselection(caches[index][0], config)
-                for index in range(first_slim, len(caches)) if config is not None and config.reselect}
+    run, cache, step_logits = _prefill(model, input_ids, config)
+    keys, _values = _cache_of(run, cache)
+    if config is not None and config.reselect:
+        run.reselect = {index: Reselection(keys[index], config) for index in range(run.first, len(run.layers))}
+
     def choose(step_logits: torch.Tensor, step: int) -> torch.Tensor:
         return step_logits.argmax(-1, keepdim=True) if forced is None else forced[:, step:step + 1]
 
-    out = [input_ids, choose(state.logits, 0)]
+    out = [input_ids, choose(step_logits, 0)]
     if logits is not None:
-        logits.append(state.logits)
-    for step in range(max_new_tokens - 1):
-        token = out[-1]
-        pos = torch.full((batch, 1), state.prompt_len + step, device=input_ids.device)
-        h = decoder.embed_tokens(token)
-        cos, sin = decoder.rotary_emb(h, pos)
-        for index, layer in enumerate(decoder.layers):
-            h, _, k, v = _layer(layer, h, cos, sin, pos, caches[index], reselect.get(index))
-            keys, values, kpos = caches[index]
-            caches[index] = (torch.cat([keys, k], 2), torch.cat([values, v], 2), torch.cat([kpos, pos], 1))
-        if trace is not None:
-            trace.append({index: [list(row) for row in r.active] for index, r in reselect.items()})
-        step_logits = model.lm_head(decoder.norm(h))
-        if logits is not None:
-            logits.append(step_logits[:, -1])
-        out.append(choose(step_logits[:, -1], step + 1))
+        logits.append(step_logits)
+    with _instrumented(run):
+        for step in range(max_new_tokens - 1):
+            run.step = step
+            step_logits = _forward(run, out[-1], cache)
+            if trace is not None:
+                trace.append({index: [list(row) for row in r.active] for index, r in run.reselect.items()})
+            if logits is not None:
+                logits.append(step_logits)
+            out.append(choose(step_logits, step + 1))
     return torch.cat(out, dim=1)

@@ -91,3 +91,46 @@ def test_budgets_around_the_stage_length(length):
     config = SlimConfig(prune=True, schedule={1: 0.5, 3: length}, **GEOMETRY)
     first, second = reference.prefill(model, ids, config).keep_sets
     assert torch.equal(first.positions, second.positions)
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+def test_generic_reference_agrees_with_the_llama_reference(family):
+    """The family-generic reference (the model's own modules, pruning from hooks and the attention
+    interface) against the Llama-only re-implementation: the same kept positions, logits, caches and
+    reselecting decode, over several lengths, batch rows and schedules."""
+    from tests.runtime import llama_reference
+
+    model = tiny_model(family, "sdpa", num_hidden_layers=5)
+    configs = [SlimConfig(prune=True, schedule={2: 0.5, 4: 0.25}, **GEOMETRY),
+               SlimConfig(prune=True, schedule={1: 40}, sink_blocks=2, reselect=True, active_tokens=24, **GEOMETRY),
+               SlimConfig(prune=True, schedule={3: 1.0}, reselect=True, reselect_unit=2, active_tokens=16, **GEOMETRY)]
+    for config, (batch, length) in zip(configs, ((2, 150), (1, 97), (2, 203))):
+        ids = torch.randint(0, 128, (batch, length), generator=torch.Generator().manual_seed(length))
+        generic, llama = reference.prefill(model, ids, config), llama_reference.prefill(model, ids, config)
+        assert [k.layer for k in generic.keep_sets] == [k.layer for k in llama.keep_sets]
+        for a, b in zip(generic.keep_sets, llama.keep_sets):
+            assert torch.equal(a.positions, b.positions)
+        assert_valid_keep_sets(generic.keep_sets, length)
+        torch.testing.assert_close(generic.logits, llama.logits, atol=1e-5, rtol=0)
+        for ka, kb in zip(generic.keys, llama.keys):
+            torch.testing.assert_close(ka, kb, atol=1e-5, rtol=0)
+        trace_a, trace_b = [], []
+        tokens = reference.generate(model, ids, config, max_new_tokens=10, trace=trace_a)
+        assert torch.equal(tokens, llama_reference.generate(model, ids, config, max_new_tokens=10, trace=trace_b))
+        assert trace_a == trace_b
+
+
+def test_reference_refuses_what_it_cannot_run():
+    """An attention that never reaches transformers' attention interface (a family that computes it inline)
+    is refused by name, not silently run unpruned; so is an attention implementation it cannot wrap."""
+    model = tiny_model("llama", "sdpa", num_hidden_layers=3)
+    attn = model.model.layers[1].self_attn
+    attn.forward = lambda hidden_states, **kwargs: (attn.o_proj(torch.zeros_like(hidden_states)), None)
+    ids = torch.randint(0, 128, (1, 20))
+    with pytest.raises(reference.ReferenceError, match=r"does not go through transformers' attention interface "
+                                                       r"once per decoder layer \(layers \[1\]"):
+        reference.prefill(model, ids)
+    other = tiny_model("llama", "sdpa")
+    other.config._attn_implementation = "flex_attention"
+    with pytest.raises(reference.ReferenceError, match="attention implementation 'flex_attention'"):
+        reference.prefill(other, ids)

@@ -1,0 +1,332 @@
+"""The family matrix: every causal-LM family of the installed transformers whose attention uses rotary
+embeddings, built tiny and checked against the model itself and the family-generic reference.
+
+For each family (found in transformers' own registries, not listed by hand) `check` builds a tiny
+random-weight float32 model (a few layers, GQA where the family has it) and reports:
+
+- recognised: the prefill graph's decoder layers were all found (`slimpass.compiled_graphs`);
+- dense: `slimpass.compile` with pruning off against the model's eager forward (max |logits| error),
+  and the reference with pruning off against the same forward (bit for bit);
+- pruned: the pruned prefill against `slimpass.runtime.reference` (kept positions per stage equal, logits);
+- decode: greedy `generate` steps with decode-time reselection against the reference's;
+- static_decode (optional, slower): the same with ``static_decode=True``;
+- warned: the `SlimpassWarning`s raised when pruning did not apply.
+
+`DECLINED` is the explicit list of families slimpass declines on purpose, each with the reason the
+warning gives (the test asserts that reason); `UNCHECKED` the families whose tiny model cannot be
+built here, with why. Every other rotary family must be recognised and pruned exactly.
+
+Run ``python -m slimpass.eval.families --out results.json --table docs/FAMILIES.md`` to regenerate the
+support table (`tests/test_families.py` runs the same checks in CI).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import inspect
+import json
+import sys
+import warnings
+from collections.abc import Iterator
+
+import torch
+
+# The tiny geometry: 4 layers, pruned at layers 2 and 3, blocks of 8 tokens, a 150-token prompt.
+TINY = dict(
+    vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+    num_key_value_heads=2, head_dim=16, max_position_embeddings=2048, pad_token_id=0, bos_token_id=1,
+    eos_token_id=2,
+)
+# Set only where the family's config has the field: small mixtures of experts, small latent attention.
+TINY_IF_PRESENT = dict(
+    moe_intermediate_size=32, num_experts=4, num_local_experts=4, n_routed_experts=4, num_experts_per_tok=2,
+    n_shared_experts=1, shared_expert_intermediate_size=32, first_k_dense_replace=1,
+)
+OVERRIDES: dict[str, dict] = {  # per-family fixes that let the tiny config build
+}
+PRUNED = dict(compiler="eager", prune=True, schedule={2: 0.5, 3: 0.25}, block_size=8, unit_size=2, local_window=4,
+              min_prompt_len=64, reselect=True, active_tokens=32)
+PROMPT = 150
+DECODE_STEPS = 8
+
+# Families declined on purpose: family -> the reason the warning names (a substring of it).
+DECLINED: dict[str, str] = {}
+# Families whose tiny model does not build here: family -> why.
+UNCHECKED: dict[str, str] = {}
+
+
+class NotTiny(Exception):
+    """This family is not built tiny here; the message says why."""
+
+
+@dataclasses.dataclass
+class FamilyResult:
+    family: str
+    model_class: str = ""
+    built: bool = False
+    recognised: bool = False
+    layers: str = ""  # "found/total" in the prefill graph
+    pruned: bool = False
+    dense_error: float | None = None
+    reference_exact: bool | None = None  # the reference with pruning off == the model's forward, bit for bit
+    logits_error: float | None = None  # pruned prefill vs the reference
+    keep_equal: bool | None = None
+    decode_equal: bool | None = None
+    static_equal: bool | None = None
+    warned: list[str] = dataclasses.field(default_factory=list)
+    reason: str = ""
+
+    @property
+    def exact(self) -> bool:
+        return bool(self.pruned and self.reference_exact and self.keep_equal and self.decode_equal and self.logits_error is not None
+                    and self.logits_error <= 1e-4 and self.dense_error is not None and self.dense_error <= 1e-4)
+
+
+def _modeling_module(family: str, class_name: str):
+    import transformers
+
+    cls = getattr(transformers, class_name, None)
+    if cls is None:
+        return None, None
+    return cls, inspect.getmodule(cls)
+
+
+def rotary_families() -> Iterator[tuple[str, type]]:
+    """(model type, causal-LM class) of every family in `MODEL_FOR_CAUSAL_LM_MAPPING_NAMES` whose modeling
+    module defines a rotary embedding (a ``*RotaryEmbedding`` class)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    for family, class_name in sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.items()):
+        try:
+            cls, module = _modeling_module(family, class_name)
+        except Exception:  # noqa: BLE001 - a family whose module does not import here (missing extra)
+            continue
+        if module is not None and any(name.endswith("RotaryEmbedding") for name in vars(module)):
+            yield family, cls
+
+
+def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
+    """A tiny random-weight float32 model of `family` in eval mode, with sdpa attention where the family has it."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    import transformers
+
+    cls = getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[family])
+    config_cls = CONFIG_MAPPING[family]
+    towers = sorted(k for k in getattr(config_cls, "sub_configs", {}) if any(t in k for t in ("vision", "audio", "speech")))
+    if towers:
+        raise NotTiny(f"a multimodal model ({', '.join(towers)}): its text decoder is checked as its own family "
+                      "where transformers registers one")
+    default = config_cls()
+    settings = {**TINY, **{k: v for k, v in TINY_IF_PRESENT.items() if hasattr(default, k)}, **OVERRIDES.get(family, {})}
+    config = config_cls(**settings)
+    config._attn_implementation = "sdpa" if getattr(cls, "_supports_sdpa", False) else "eager"
+    torch.manual_seed(seed)
+    return cls(config).eval()
+
+
+def _twin(model: torch.nn.Module) -> torch.nn.Module:
+    other = type(model)(model.config).eval()
+    other.load_state_dict(model.state_dict())
+    return other
+
+
+def _error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).abs().max())
+
+
+@torch.no_grad()
+def check(family: str, compiler: str = "eager", static: bool = False, dense: bool = True) -> FamilyResult:
+    """Build `family` tiny and run the matrix's checks on it (see the module docstring); `dense=False` skips
+    the dense compile (one graph less where compiling is slow)."""
+    import slimpass
+    from slimpass.runtime import reference
+
+    result = FamilyResult(family)
+    try:
+        model = tiny_model(family)
+    except NotTiny as error:
+        result.reason = f"not built: {error}"
+        return result
+    except Exception as error:  # noqa: BLE001 - any failure to build is reported, not raised
+        result.reason = f"tiny config does not build: {type(error).__name__}: {str(error).splitlines()[0][:160]}"
+        return result
+    result.built, result.model_class = True, type(model).__name__
+    vocab = model.config.get_text_config().vocab_size
+    ids = torch.randint(3, vocab, (1, PROMPT), generator=torch.Generator().manual_seed(PROMPT))
+    want = model(ids).logits[:, -1]
+    try:
+        result.reference_exact = torch.equal(reference.prefill(model, ids).logits, want)
+    except reference.ReferenceError as error:
+        result.reason = f"the reference cannot run it: {error}"
+    if dense:
+        torch._dynamo.reset()
+        compiled = slimpass.compile(_twin(model), options={"compiler": compiler})
+        result.dense_error = _error(compiled(ids, use_cache=False).logits[:, -1], want)
+    torch._dynamo.reset()
+    options = {**PRUNED, "compiler": compiler}
+    config = slimpass.config.resolve(options, None)
+    pruned = _twin(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", slimpass.SlimpassWarning)
+        slimpass.compile(pruned, options=options)
+        logits = pruned(ids, logits_to_keep=1).logits[:, -1]
+        keep = slimpass.last_keep_sets(pruned)
+        tokens = pruned.generate(ids, max_new_tokens=DECODE_STEPS, do_sample=False, pad_token_id=0)
+    result.warned = [str(w.message) for w in caught if issubclass(w.category, slimpass.SlimpassWarning)]
+    prefill = [r for r in slimpass.compiled_graphs(pruned) if r.kind == "prefill"]
+    depth = model.config.get_text_config().num_hidden_layers
+    found = max((r.layers for r in prefill), default=0)
+    result.layers = f"{found}/{depth}"
+    result.recognised = found == depth
+    result.pruned = bool(keep)
+    if not result.pruned:
+        result.reason = result.warned[0] if result.warned else "pruning did not apply and nothing warned"
+        return result
+    try:
+        state = reference.prefill(model, ids, config)
+        expected = reference.generate(model, ids, config, max_new_tokens=DECODE_STEPS)
+    except reference.ReferenceError as error:
+        result.reason = f"the reference cannot run it: {error}"
+        return result
+    result.logits_error = _error(logits, state.logits)
+    result.keep_equal = [k.layer for k in keep] == [k.layer for k in state.keep_sets] and all(
+        torch.equal(a.positions.cpu(), b.positions.cpu()) for a, b in zip(keep, state.keep_sets))
+    result.decode_equal = torch.equal(tokens, expected)
+    if static:
+        torch._dynamo.reset()
+        fixed = slimpass.compile(_twin(model), options={**options, "static_decode": True})
+        result.static_equal = torch.equal(
+            fixed.generate(ids, max_new_tokens=DECODE_STEPS, do_sample=False, pad_token_id=0), expected)
+    return result
+
+
+def _mark(value: bool | None) -> str:
+    return {True: "yes", False: "**no**", None: "–"}[value]
+
+
+def table(results: list[FamilyResult]) -> str:
+    """The README's support table: family | recognised | pruning | decode/reselection | static_decode | reason."""
+    lines = ["| family | class | recognised | pruning (exact vs reference) | decode + reselection | static_decode | "
+             "reason when declined |", "|---|---|---|---|---|---|---|"]
+    for r in sorted(results, key=lambda r: (not r.exact, not r.built, r.family)):
+        reason = (r.reason or "").replace("|", "\\|").replace("\n", " ")
+        if len(reason) > 160:
+            reason = reason[:157] + "..."
+        pruning = "yes" if r.exact else ("**no**" if r.built else "–")
+        lines.append(f"| {r.family} | {r.model_class or '–'} | {_mark(r.recognised) if r.built else '–'} "
+                     f"({r.layers or '–'}) | {pruning} | {_mark(r.decode_equal)} | {_mark(r.static_equal)} | {reason} |")
+    return "\n".join(lines)
+
+
+def _category(reason: str) -> str:
+    """A decline reason without its graph-specific details (node names, layer numbers, sizes), to group by."""
+    import re
+
+    text = reason.split(". This graph runs dense")[0]
+    text = re.sub(r"^slimpass: [^:]+: prune=True does not apply \(([^)]*)\): ", r"\1: ", text)
+    text = re.sub(r"`[^`]*`", "`…`", text)
+    text = re.sub(r"\blayers? \[?[\d, ]+\]?", "layer N", text)
+    text = re.sub(r"\d+\*s\d+|s\d+|\d+", "n", text)
+    return text[:200]
+
+
+def readme_section(results: list[FamilyResult]) -> str:
+    """The README's part of the table: the families pruned exactly, and the others grouped by reason."""
+    exact = sorted((r for r in results if r.exact), key=lambda r: r.family)
+    lines = ["| family | class | recognised | pruning (exact vs reference) | decode + reselection | static_decode |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {r.family} | {r.model_class} | yes ({r.layers}) | yes | {_mark(r.decode_equal)} | "
+              f"{_mark(r.static_equal)} |" for r in exact]
+    groups: dict[str, list[str]] = {}
+    for r in results:
+        if not r.exact:
+            groups.setdefault(_category(r.reason or "not pruned"), []).append(r.family)
+    lines += ["", "| declined: reason (grouped) | families |", "|---|---|"]
+    for reason, names in sorted(groups.items(), key=lambda item: -len(item[1])):
+        lines.append(f"| {reason.replace('|', '/')} | {', '.join(sorted(names))} |")
+    return "\n".join(lines)
+
+
+README_START, README_END = "<!-- families:start -->", "<!-- families:end -->"
+
+
+def _replace_section(path: str, text: str) -> None:
+    with open(path) as handle:
+        content = handle.read()
+    if README_START not in content or README_END not in content:
+        raise SystemExit(f"{path}: no {README_START} ... {README_END} section to replace")
+    head, rest = content.split(README_START, 1)
+    _old, tail = rest.split(README_END, 1)
+    with open(path, "w") as handle:
+        handle.write(f"{head}{README_START}\n{text}\n{README_END}{tail}")
+
+
+def _run_isolated(family: str, static: bool) -> FamilyResult:
+    """`check` in a child process: a family that crashes or hangs the interpreter takes only itself down."""
+    import subprocess
+
+    code = (f"import json, dataclasses; from slimpass.eval.families import check; "
+            f"print('RESULT', json.dumps(dataclasses.asdict(check({family!r}, static={static!r}))))")
+    try:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240)
+    except subprocess.TimeoutExpired:
+        return FamilyResult(family, reason="check timed out (240 s)")
+    for line in out.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return FamilyResult(**json.loads(line[7:]))
+    tail = (out.stderr.strip().splitlines() or ["no output"])[-1]
+    return FamilyResult(family, reason=f"check crashed: {tail[:160]}")
+
+
+def load(path: str) -> list[FamilyResult]:
+    """Results written by ``--out``."""
+    with open(path) as handle:
+        return [FamilyResult(**entry) for entry in json.load(handle)]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", help="write the results as JSON here")
+    parser.add_argument("--table", help="write the markdown support table here")
+    parser.add_argument("--readme", help="replace the README's families section (between its markers) too")
+    parser.add_argument("--static", action="store_true", help="also check static_decode (slower)")
+    parser.add_argument("--results", help="make the tables from this --out file instead of checking again")
+    parser.add_argument("--jobs", type=int, default=2, help="families checked at once (one process each)")
+    parser.add_argument("families", nargs="*", help="only these model types (default: every rotary family)")
+    args = parser.parse_args(argv)
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm import tqdm
+
+    names = args.families or [family for family, _cls in rotary_families()]
+    if args.results:
+        results = load(args.results)
+    else:
+        with ThreadPoolExecutor(args.jobs) as pool:
+            results = list(tqdm(pool.map(lambda f: _run_isolated(f, args.static), names), total=len(names),
+                                unit="family"))
+    if args.out:
+        with open(args.out, "w") as handle:
+            json.dump([dataclasses.asdict(r) for r in results], handle, indent=1)
+    text = table(results)
+    if args.table:
+        import transformers
+
+        exact = sum(r.exact for r in results)
+        with open(args.table, "w") as handle:
+            handle.write(f"# Model families\n\nGenerated by `python -m slimpass.eval.families --table docs/FAMILIES.md "
+                         f"--static` with transformers {transformers.__version__} and torch {torch.__version__} (CPU, "
+                         f"float32, tiny random configs): {exact} of {len(results)} rotary causal-LM families "
+                         "recognised and pruned exactly against the family-generic reference; the others declined "
+                         "with the reason below (and a `SlimpassWarning` when `prune=True`).\n\n" + text + "\n")
+    if args.readme:
+        _replace_section(args.readme, readme_section(results))
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
