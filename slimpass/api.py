@@ -144,6 +144,12 @@ def compile(  # noqa: A001 - mirrors torch.compile
         options, config = {**(options or {}), "prune": False}, config.replace(prune=False)
     original = model.__dict__.get("_slimpass_original_forward", model.forward)
     with_slim_cache = unfit is None and slim_cache.supports(model.config)
+    wanted = [name for name in ("reselect", "offload", "static_decode") if getattr(config, name)]
+    if unfit is None and wanted and not with_slim_cache:
+        warnings.warn(f"slimpass.compile: {'/'.join(f'{name}=True' for name in wanted)} does not apply: "
+                      f"{getattr(model.config, 'model_type', type(model).__name__)} has sliding-window (or other "
+                      "non-global) attention layers, which the SlimCache these need does not model; decoding attends "
+                      "every kept token", SlimpassWarning, stacklevel=2)
     backend = functools.partial(compile_graph, options=options, mode=mode, model=model, slim_cache=with_slim_cache)
     compiled = torch.compile(original, backend=backend, fullgraph=fullgraph, dynamic=None)
 

@@ -175,7 +175,8 @@ def _records(model: Any) -> list[GraphRecord] | None:
 
 
 class SlimpassWarning(UserWarning):
-    """Something the user turned on (``prune=True``) does not apply to this model: it runs dense."""
+    """Something the user turned on (``prune=True``, ``reselect=True``) does not apply to this model's graph:
+    it runs without it (dense, or decoding on every cached token)."""
 
 
 def _family(model: Any) -> str:
@@ -196,8 +197,10 @@ def _warn_once(model: Any, what: str, reason: str) -> None:
     if (what, reason) in seen:
         return
     seen.add((what, reason))
-    warnings.warn(f"slimpass: {_family(model)}: prune=True does not apply ({what}): {reason}. This graph runs "
-                  "dense; slimpass.compiled_graphs(model) has the detail of every pass", SlimpassWarning, stacklevel=2)
+    option = "reselect=True" if what == "reselect_kv" else "prune=True"
+    warnings.warn(f"slimpass: {_family(model)}: {option} does not apply ({what}): {reason}. This graph runs "
+                  "without it; slimpass.compiled_graphs(model) has the detail of every pass", SlimpassWarning,
+                  stacklevel=2)
 
 
 def compile_graph(
@@ -233,10 +236,9 @@ def compile_graph(
                     ctx.graph_id, reason, why)
         if config.prune and not any(record.kind != "unrecognised" for record in earlier):
             _warn_once(model, "no decoder layer recognised", f"{reason} ({why})")
-    if config.prune:
-        for result in ctx.results:
-            for reason in result.unmet:
-                _warn_once(model, result.name, reason)
+    for result in ctx.results:
+        for reason in result.unmet:
+            _warn_once(model, result.name, reason)
     changed = any(r.changed for r in ctx.results)
     static = layer_map is not None and any(layer.static_valid is not None for layer in layer_map.layers)
     fast = lower(work if changed else gm, example_inputs, config, mode, static)

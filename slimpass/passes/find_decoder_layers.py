@@ -140,13 +140,27 @@ def _rope(node: torch.fx.Node, members: set, index: int, what: str) -> tuple[tor
             continue
         frontier.extend(reversed(current.all_input_nodes))
     foreign = [inp for n in seen for inp in n.all_input_nodes
-               if inp not in members and inp.op != "placeholder" and not _is_hidden(inp)]
+               if inp not in members and not _is_hidden(inp) and (inp.op != "placeholder" or _is_integer(inp))]
     if foreign:
         raise DiscoveryError(
             f"layer {index}: the {what} reads `{foreign[0].name}` from outside the layer but is not "
             "rotary-embedded in an accepted form (x*cos + rotate_half(x)*sin, rotate_half split or interleaved, with "
             "casts, a partial-rotary concatenation or a norm after it)")
     return None
+
+
+def _soft_capped(node) -> bool:
+    """Whether a tanh lies on the way from the scores to the softmax (Gemma 2, Grok: logit soft-capping)."""
+    seen, frontier = 0, [node]
+    while frontier and seen < 16:
+        current = frontier.pop()
+        seen += 1
+        if isinstance(current, torch.fx.Node):
+            if current.target in (torch.tanh, "tanh") or getattr(current.target, "__name__", "") == "tanh":
+                return True
+            if not is_op(current, "matmul"):
+                frontier.extend(current.all_input_nodes)
+    return False
 
 
 def _eager_attention(softmax: torch.fx.Node, index: int) -> EagerAttention:
@@ -158,6 +172,9 @@ def _eager_attention(softmax: torch.fx.Node, index: int) -> EagerAttention:
     elif is_op(pre, "mul") and is_op(pre.args[0], "matmul"):
         scaled = pre
     if scaled is None or not isinstance(scaled.args[1], (int, float)):
+        if _soft_capped(pre):
+            raise DiscoveryError(f"layer {index}: attention-logit soft-capping (tanh(scores / cap) * cap before the "
+                                 "softmax) is not supported: the rewritten attention would drop it")
         raise DiscoveryError(f"layer {index}: eager attention without the (q @ k^T) * scale pattern")
     probs = softmax
     while len(probs.users) == 1 and any(is_op(next(iter(probs.users)), k) for k in ("cast", "dropout")):
@@ -191,6 +208,12 @@ def _operands(attention: torch.fx.Node, kind: str, eager: EagerAttention | None,
     if eager.masked is not None:
         mask = next(a for a in eager.masked.args[:2] if a is not eager.scaled)
     return eager.scores.args[0], key_t.args[0], attention.args[1], mask
+
+
+def _is_integer(node: torch.fx.Node) -> bool:
+    """An integer tensor (position ids, cache positions): never a parameter."""
+    value = fake(node)
+    return isinstance(value, torch.Tensor) and not value.is_floating_point()
 
 
 def _is_hidden(node: torch.fx.Node) -> bool:
@@ -265,9 +288,8 @@ def discover(graph: torch.fx.Graph) -> LayerMap:
             trig.add(rope)
     if not trig:
         raise DiscoveryError("no decoder layer is rotary-embedded (x*cos + rotate_half(x)*sin): not a RoPE decoder")
-    if len(trig) != 1:
-        raise DiscoveryError(f"decoder layers use {len(trig)} different cos/sin producers (per-layer-type RoPE, "
-                             "e.g. local and global rotary bases, is not supported)")
+    # several producers: per-layer-type RoPE (local and global rotary bases, OLMo 3, ModernBERT); pruning gathers
+    # each of them at the kept positions like any other tensor with a token dimension
     for prev, layer in zip(layers, layers[1:]):
         if layer.input is not prev.output:
             raise DiscoveryError(f"residual stream broken between layers {prev.index} and {layer.index}")
@@ -275,7 +297,7 @@ def discover(graph: torch.fx.Graph) -> LayerMap:
         if fake(layer.q) is None or fake(layer.k_attn) is None:
             raise DiscoveryError(f"layer {layer.index}: no shape metadata on q/k")
     masks = tuple(dict.fromkeys(layer.mask for layer in layers if layer.mask is not None))
-    cos, sin = trig.pop()
+    cos, sin = trig.pop() if len(trig) == 1 else sorted(trig, key=lambda pair: pair[0].name)[0]
     return LayerMap(layers, cos, sin, masks, _graph_kind(layers))
 
 

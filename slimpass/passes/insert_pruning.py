@@ -9,7 +9,9 @@ For each stage of the schedule (cut the input of layer ``p``), right after layer
     h      = take_tokens(h, index, 1)                         # the residual stream of layer p
 
 and every later use of an earlier tensor with a token dimension (cos/sin, position ids, ...) reads
-its kept rows instead, every later use of the length ``L`` reads ``K``. The attention of later
+its kept rows instead, every later use of the length ``L`` reads ``K``, and every later use of integer
+arithmetic on ``L`` (a mixture of experts' ``tokens * top_k``, shared by Dynamo between layers) is
+rebuilt on ``K``. The attention of later
 layers runs causal on the kept tokens (kept indices are sorted, so causal order is preserved), and
 their KV-cache writes store only kept tokens. The original positions of each stage's kept tokens
 become extra graph outputs, which the backend strips and records (`slimpass.last_keep_sets`).
@@ -57,6 +59,23 @@ def _token_dims(node: torch.fx.Node, length: Any) -> list[int]:
     if not isinstance(value, torch.Tensor):
         return []
     return [d for d, size in enumerate(value.shape) if same_size(size, length)]
+
+
+# Integer arithmetic a size can be computed with (Dynamo shares one node for e.g. ``tokens * top_k`` between
+# the layers of a mixture of experts): after a cut such a value is rebuilt from the kept length.
+_SIZE_ARITHMETIC = frozenset({operator.mul, operator.add, operator.sub, operator.floordiv, operator.mod, operator.neg,
+                              torch.sym_max, torch.sym_min})
+
+
+def _rebuildable(node: Any, length: Any) -> bool:
+    """Whether a size made before the cut is integer arithmetic on the length and constants only."""
+    if not isinstance(node, torch.fx.Node):
+        return isinstance(node, (int, bool))
+    value = fake(node)
+    if isinstance(value, torch.SymInt) and (same_size(value, length) or not _mentions(value, length)):
+        return True
+    return (node.op == "call_function" and node.target in _SIZE_ARITHMETIC and not node.kwargs
+            and all(_rebuildable(a, length) for a in node.args))
 
 
 def _is_length(node: Any, length: Any) -> bool:
@@ -192,9 +211,9 @@ class InsertPruning(GraphPass):
                     continue
                 value = fake(inp)
                 if isinstance(value, torch.SymInt):
-                    if not same_size(value, length) and _mentions(value, length):
+                    if not same_size(value, length) and _mentions(value, length) and not _rebuildable(inp, length):
                         raise Decline(f"`{node.name}` reads `{inp.name}` = {value}, a function of the prompt length "
-                                      "computed before the cut: not supported")
+                                      "computed before the cut by more than integer arithmetic: not supported")
                 elif isinstance(value, torch.Tensor):
                     dims = _token_dims(inp, length)
                     if len(dims) > 1:
@@ -284,6 +303,12 @@ class InsertPruning(GraphPass):
             if node is current or (first_stage and _is_length(node, length)):
                 replaced[node] = kept
                 return kept
+            if node.op == "call_function" and node.target in _SIZE_ARITHMETIC and not isinstance(fake(node), torch.Tensor):
+                args = [substitute(a) or a if isinstance(a, torch.fx.Node) else a for a in node.args]
+                if any(new is not old for new, old in zip(args, node.args)):  # a size computed from the length
+                    replaced[node] = add(node.target, *args)
+                    return replaced[node]
+                return None
             dims = [tracked[node]] if node in tracked else _token_dims(node, length)
             if not dims:
                 return None

@@ -88,6 +88,12 @@ class ReselectKV(GraphPass):
             layer.attention = node
             result.matched += 1
             result.replaced += 1
+        unmet: dict[str, list[str]] = {}
+        for line in result.declined:  # "layer i: reason", grouped by reason: one warning, not one per layer
+            index, _, reason = line.partition(": ")
+            unmet.setdefault(reason, []).append(index.removeprefix("layer "))
+        result.unmet += [f"{reason} (slim layer(s) {', '.join(indices)} decode attending every cached token)"
+                         for reason, indices in unmet.items()]
         if result.replaced:
             dropped = sum(1 for why in proven.values() if not why)
             result.summary = f"reselected attention at {result.replaced} slim layer(s)" + (
