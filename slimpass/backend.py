@@ -231,7 +231,7 @@ def compile_graph(
             why = ("another piece of a forward that a graph break split (TORCH_LOGS=graph_breaks shows where; "
                    "e.g. output_hidden_states=True records outputs through hooks)")
         else:
-            why = "not a LLaMA-style decoder slimpass recognises"
+            why = "not a RoPE decoder slimpass recognises"
         log.warning("sliminfer: graph %s: slimpass passes declined: %s; %s; compiled without them",
                     ctx.graph_id, reason, why)
         if config.prune and not any(record.kind != "unrecognised" for record in earlier):

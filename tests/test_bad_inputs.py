@@ -128,7 +128,7 @@ def test_gpt2_generate_through_slimpass_compile(caplog):
     assert len(warnings) == len(records)
     for message, record in zip(warnings, records):
         assert f"graph {record.graph_id}: slimpass passes declined: no decoder layer is rotary-embedded" in message
-        assert "not a LLaMA-style decoder slimpass recognises; compiled without them" in message
+        assert "not a RoPE decoder slimpass recognises; compiled without them" in message
 
 
 def test_a_module_without_generate_compiles_its_forward(caplog):

@@ -133,11 +133,6 @@ def _rope(node: torch.fx.Node, members: set, index: int, what: str) -> tuple[tor
         found = _rope_form(current, members)
         if found is not None:
             return found
-        if is_op(current, "cat"):
-            parts = current.args[0]
-            if isinstance(parts, (list, tuple)) and parts:
-                frontier.append(parts[0])  # the rotated slice comes first; the pass-through is a slice of x
-            continue
         frontier.extend(reversed(current.all_input_nodes))
     foreign = [inp for n in seen for inp in n.all_input_nodes
                if inp not in members and not _is_hidden(inp) and (inp.op != "placeholder" or _is_integer(inp))]
@@ -152,8 +147,8 @@ def _rope(node: torch.fx.Node, members: set, index: int, what: str) -> tuple[tor
 def _soft_capped(node) -> bool:
     """Whether a tanh lies on the way from the scores to the softmax (Gemma 2, Grok: logit soft-capping)."""
     seen, frontier = 0, [node]
-    while frontier and seen < 16:
-        current = frontier.pop()
+    while frontier and seen < 64:  # breadth first: the scores' chain is short, the mask's may be long
+        current = frontier.pop(0)
         seen += 1
         if isinstance(current, torch.fx.Node):
             if current.target in (torch.tanh, "tanh") or getattr(current.target, "__name__", "") == "tanh":
