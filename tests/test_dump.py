@@ -156,7 +156,7 @@ def test_dump_of_unrecognised_graph_says_why(tmp_path):
     summary = (folder / "summary.md").read_text()
     assert "- graph kind: unrecognised" in summary
     rows = _pass_rows(summary)
-    assert "layer 0" in rows["find_decoder_layers"]["declined"], summary
+    assert "rotary-embedded" in rows["find_decoder_layers"]["declined"], summary
     assert rows["find_decoder_layers"]["declined"] == "; ".join(record.results[0].declined)
     assert rows["rewrite_attention"]["declined"] == "no layer map (discovery declined)"
 

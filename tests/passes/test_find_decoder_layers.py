@@ -70,7 +70,7 @@ def test_gpt2_warns_and_compiles_plainly(caplog):
     torch.testing.assert_close(got, oracle(ids).logits, atol=1e-4, rtol=0)
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING and r.name.startswith("slimpass")]
     assert len(warnings) == 1
-    assert "not a LLaMA-style decoder" in warnings[0].getMessage()
+    assert "not a RoPE decoder" in warnings[0].getMessage()
     assert "rotary" in warnings[0].getMessage() or "layer 0" in warnings[0].getMessage()
     (record,) = slimpass.compiled_graphs(model)
     assert record.kind == "unrecognised"
