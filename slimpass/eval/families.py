@@ -308,6 +308,10 @@ def _mark(value: bool | None) -> str:
     return {True: "yes", False: "**no**", None: "–"}[value]
 
 
+def _static(r: FamilyResult) -> str:
+    return "declined¹ (output exact)" if r.static_equal and r.reselect_declined else _mark(r.static_equal)
+
+
 def _decode(r: FamilyResult) -> str:
     return "yes, without reselection¹" if r.decode_equal and r.reselect_declined else _mark(r.decode_equal)
 
@@ -322,7 +326,7 @@ def table(results: list[FamilyResult]) -> str:
             reason = reason[:157] + "..."
         pruning = "yes" if r.exact else ("**no**" if r.built else "–")
         lines.append(f"| {r.family} | {r.model_class or '–'} | {_mark(r.recognised) if r.built else '–'} "
-                     f"({r.layers or '–'}) | {pruning} | {_decode(r)} | {_mark(r.static_equal)} | {reason} |")
+                     f"({r.layers or '–'}) | {pruning} | {_decode(r)} | {_static(r)} | {reason} |")
     if any(r.reselect_declined for r in results if r.exact):
         lines += ["", "¹ " + _RESELECT_NOTE]
     return "\n".join(lines)
@@ -330,7 +334,7 @@ def table(results: list[FamilyResult]) -> str:
 
 _RESELECT_NOTE = ("the family's config sets a sliding window, so decode masks stay in the graph and reselection is "
                   "declined with a `SlimpassWarning` (decode attends every kept token; exact against the reference "
-                  "without reselection).")
+                  "without reselection); static_decode, which needs a SlimCache too, is declined the same way.")
 
 
 def _category(reason: str) -> str:
@@ -350,7 +354,7 @@ def readme_section(results: list[FamilyResult]) -> str:
     exact = sorted((r for r in results if r.exact), key=lambda r: r.family)
     rows: dict[tuple[str, str], list[str]] = {}
     for r in exact:  # one row per combination of results: the table stays short
-        rows.setdefault((_decode(r), _mark(r.static_equal)), []).append(r.family)
+        rows.setdefault((_decode(r), _static(r)), []).append(r.family)
     lines = ["| families | recognised | pruning (exact vs reference) | decode + reselection | static_decode |",
              "|---|---|---|---|---|"]
     lines += [f"| {', '.join(names)} | yes | yes | {decode} | {static} |" for (decode, static), names in rows.items()]
