@@ -27,8 +27,9 @@ def test_the_matrix_is_generated_and_every_list_names_real_families():
         assert name in FAMILIES
     listed = set(families.DECLINED) | set(families.UNCHECKED)
     assert not set(families.DECLINED) & set(families.UNCHECKED)
-    stale = listed - set(FAMILIES)
-    assert not stale or all(f not in FAMILIES for f in stale)  # entries for families another version lacks are allowed
+    # entries for families another transformers version lacks are allowed; every entry names its reason
+    assert all(len(reason) > 15 for reason in {**families.DECLINED, **families.UNCHECKED}.values())
+    assert listed
 
 
 @pytest.mark.parametrize("family", FAMILIES)
