@@ -211,3 +211,18 @@ def test_gpu_decode_static_variants(gpu_decode, tmp_path, monkeypatch):
                                                            ["sliminfer_offload_static", "sliminfer_reselect_static"]]
     assert saved[-1]["rounds_done"] == 1 and saved[-1]["raw"]["sliminfer_offload_static"]["tokens"] == offload["tokens"]
     assert "partial" not in json.loads(out.read_text())  # the finished run overwrote the partial file
+
+
+def test_long_quality_summary_counts_retention_over_cells_the_full_model_solves(monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "benchmarks"))
+    import gpu_long_quality
+
+    def row(task, variant, score, survived=None):
+        return {"task": task, "length": 4096, "variant": variant, "score": score, "seconds": 1.0, "survived": survived}
+    rows = [row("passkey", "full", 1.0), row("passkey", "full", 1.0),
+            row("passkey", "default", 1.0, [True, True]), row("passkey", "default", 0.0, [True, False]),
+            row("qa", "full", 0.0), row("qa", "full", 1.0), row("qa", "default", 1.0), row("qa", "default", 1.0)]
+    text = gpu_long_quality.summarize(rows)
+    # all cells: default 75% vs full 75% -> 100%; cells where full >= 80%: passkey only, 50% of 100%
+    assert "| 4096 | default | 2 (2) | 75.0% | 100.0% | 50.0% (1 fam.) | 50.0% | 50.0% |" in text
+    assert "| passkey | 4096 | default | 2 | 50% [9, 91] | 50% | 1/2 | 1.00 |" in text
