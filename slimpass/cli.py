@@ -190,6 +190,12 @@ def cmd_bench(args: argparse.Namespace, extra: list[str]) -> int:
     if args.suite == "cpu":
         command = [sys.executable, "-m", "pytest", "-q", str(folder / "test_cpu_smoke.py"), "--benchmark-only", *extra]
     else:
+        import torch
+
+        if not torch.cuda.is_available() and "--help" not in extra and "-h" not in extra:
+            print(f"error: `slimpass bench {args.suite}` times CUDA kernels and this machine has no CUDA device "
+                  f"(torch {torch.__version__}); run it on a GPU machine, or `slimpass bench cpu` here", file=sys.stderr)
+            return 2
         command = [sys.executable, str(folder / f"gpu_{args.suite}.py"), *extra]
     return subprocess.call(command, env={**os.environ, "PYTHONPATH": str(folder.parent)})
 
@@ -262,6 +268,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_device(name: str) -> None:
+    """A ValueError naming the fix for a device this torch cannot use (before any model is loaded)."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device name; give cpu, cuda, cuda:1, ...") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: this torch ({torch.__version__}) sees no CUDA device; "
+                             "use --device cpu, or a CUDA build of torch on a GPU machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -270,6 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     from slimpass.eval.models import ModelNotFound
 
     try:
+        if getattr(args, "device", None) is not None:
+            _check_device(args.device)
         if args.command in ("bench", "demo"):
             return {"bench": cmd_bench, "demo": cmd_demo}[args.command](args, extra)
         return {"eval": cmd_eval, "run": cmd_run, "dump": cmd_dump, "calibrate": cmd_calibrate}[args.command](args)
