@@ -198,6 +198,18 @@ def compile(  # noqa: A001 - mirrors torch.compile
 
     @functools.wraps(original_generate)
     def generate(*args: Any, **kwargs: Any) -> Any:
+        config = resolve(options, REGISTRY.config_for(model)) if patched() else compiled_config
+        if config.prune and kwargs.get("assistant_model") is not None:
+            raise ConfigError("slimpass.compile(prune=True): assisted / speculative decoding (assistant_model=) "
+                              "verifies several tokens a step against a pruned cache, which is not supported; "
+                              "generate without assistant_model, or compile with prune=False")
+        other = kwargs.get("cache_implementation") or getattr(kwargs.get("generation_config"), "cache_implementation", None)
+        if other:
+            if config.prune:
+                raise ConfigError(f"slimpass.compile(prune=True) decodes from a slimpass.SlimCache (the pruned layers "
+                                  f"hold fewer tokens); generate(cache_implementation={other!r}) asks for another "
+                                  "cache: drop cache_implementation, or compile with prune=False")
+            return original_generate(*args, **kwargs)  # pruning off: the cache generate was asked for
         if with_slim_cache and _cache_of(kwargs) is None and kwargs.get("use_cache", True):
             cache = kwargs[cache_name] = slim_cache.SlimCache(model.config)  # every request a clean cache
             cache.new_tokens = _max_new_tokens(model, kwargs)  # static_decode sizes its buffers by it

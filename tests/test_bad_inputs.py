@@ -253,3 +253,27 @@ def test_gpu_bench_refuses_cleanly_without_cuda(capsys):
 
     assert cli.main(["bench", "prefill"]) == 2
     assert "has no CUDA device" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("implementation", ["static", "dynamic"])  # "offloaded" needs CUDA streams under compile
+def test_generate_keeps_its_own_cache_choice_with_pruning_off(implementation):
+    """Issue 29 (1): the generate wrapper used to inject a SlimCache whatever was asked, so
+    cache_implementation= raised 'Passing both cache_implementation and cache'."""
+    model = tiny_model("llama")
+    oracle = twin(model)
+    ids = torch.randint(0, model.config.vocab_size, (1, 40), generator=torch.Generator().manual_seed(3))
+    slimpass.compile(model, options={"prune": False, "compiler": "eager"})
+    kwargs = dict(max_new_tokens=5, do_sample=False, cache_implementation=implementation, pad_token_id=0)
+    assert torch.equal(model.generate(ids, **kwargs), oracle.generate(ids, **kwargs))
+
+
+def test_generate_refuses_another_cache_or_an_assistant_with_pruning_on_before_compiling():
+    model = tiny_model("llama")
+    ids = torch.randint(0, model.config.vocab_size, (1, 40), generator=torch.Generator().manual_seed(3))
+    slimpass.compile(model, options={"prune": True, "compiler": "eager"})
+    with pytest.raises(ConfigError, match=r"generate\(cache_implementation='static'\) asks for another cache: "
+                                          "drop cache_implementation, or compile with prune=False"):
+        model.generate(ids, max_new_tokens=3, cache_implementation="static")
+    with pytest.raises(ConfigError, match="assisted / speculative decoding .* generate without assistant_model"):
+        model.generate(ids, max_new_tokens=3, assistant_model=twin(model))
+    assert slimpass.compiled_graphs(model) == []  # refused before anything was compiled
