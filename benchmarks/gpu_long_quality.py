@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
                                                 eos_token_id=eos_ids)
                 else:
                     tokens = reference.generate(model, ids, config, max_new_tokens=NEW_TOKENS[task],
-                                                eos_token_id=eos_ids, keep_sets=kept)
+                                                eos_token_id=eos_ids, keep_sets=kept, last_logits_only=True)
                 seconds = time.perf_counter() - t0
                 text = tokenizer.decode(tokens[0, ids.shape[1]:], skip_special_tokens=True).strip()
                 needed = sample.needle_positions

@@ -85,7 +85,8 @@ def generate(name: str, model: torch.nn.Module, input_ids: torch.Tensor, budget:
     device = input_ids.device
     eos = None if eos_token_id is None else torch.tensor(eos_token_id, device=device)
     if budget >= n:  # nothing to drop: the full model
-        return reference.generate(model, input_ids, None, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id)
+        return reference.generate(model, input_ids, None, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
+                                 last_logits_only=True)
     if name == "gemfilter":
         depth = len(reference.decoder_layers(model))
         layer = round(13 / 32 * depth) if layer is None else layer
@@ -98,7 +99,8 @@ def generate(name: str, model: torch.nn.Module, input_ids: torch.Tensor, budget:
         scores[:, -1] = float("inf")  # the last token (the question's end) stays
         chosen = scores.topk(budget, dim=-1).indices.sort(dim=-1).values
         short = input_ids.gather(1, chosen)
-        tokens = reference.generate(model, short, None, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id)
+        tokens = reference.generate(model, short, None, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
+                                 last_logits_only=True)
         return torch.cat([input_ids, tokens[:, short.shape[1]:]], dim=1)
     cache = DynamicCache()
     if name == "snapkv":

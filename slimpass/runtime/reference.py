@@ -181,6 +181,7 @@ class _Run:
         self.keep_queries = record_all or self.stages
         self.calls = [0] * len(self.layers)
         self.step: int | None = None  # None in prefill; the decoding step (0, 1, ...) after
+        self.last_logits_only = False  # logits_to_keep=1: memory at long prompts, but not bit for bit the model's
         self.reselect: dict[int, Reselection] = {}
         self.implementation = _text_config(model)._attn_implementation or "eager"
         if self.implementation not in ("sdpa", "eager"):
@@ -317,7 +318,7 @@ def _forward(run: _Run, ids: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
     model = run.model
     run.calls = [0] * len(run.layers)
     kwargs = {cache_argument(model): cache}
-    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+    if run.last_logits_only and "logits_to_keep" in inspect.signature(model.forward).parameters:
         kwargs["logits_to_keep"] = 1  # a long prompt's [B, N, vocab] logits would not fit
     out = model(ids, use_cache=True, **kwargs)
     missing = [index for index, count in enumerate(run.calls) if count != 1]
@@ -336,9 +337,10 @@ def _cache_of(run: _Run, cache: DynamicCache) -> tuple[list[torch.Tensor], list[
     return [layer.keys for layer in layers], [layer.values for layer in layers]
 
 
-def _prefill(model, input_ids, config, record_all=False) -> tuple[_Run, DynamicCache, torch.Tensor]:
+def _prefill(model, input_ids, config, record_all=False, last_logits_only=False) -> tuple[_Run, DynamicCache, torch.Tensor]:
     batch, prompt_len = input_ids.shape
     run = _Run(model, config, _stages(model, config, prompt_len), batch, prompt_len, input_ids.device, record_all)
+    run.last_logits_only = last_logits_only
     cache = DynamicCache()
     with _instrumented(run):
         logits = _forward(run, input_ids, cache)
@@ -409,7 +411,8 @@ class Reselection:
 def generate(model: torch.nn.Module, input_ids: torch.Tensor, config: SlimConfig | None = None,
              max_new_tokens: int = 32, trace: list[dict[int, list[list[int]]]] | None = None,
              logits: list[torch.Tensor] | None = None, forced: torch.Tensor | None = None,
-             eos_token_id: int | list[int] | None = None, keep_sets: list[KeepSet] | None = None) -> torch.Tensor:
+             eos_token_id: int | list[int] | None = None, keep_sets: list[KeepSet] | None = None,
+             last_logits_only: bool = False) -> torch.Tensor:
     """Greedy decoding after a (pruned) prefill: returns [B, prompt + max_new_tokens] token ids.
 
     With ``config.reselect``, slim layers attend to their reselected blocks (section 5); `trace`, if
@@ -417,8 +420,10 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, config: SlimConfig
     the [B, vocab] logits each new token was chosen from. `forced` ([B, max_new_tokens]), if given, are the
     tokens to feed instead of the greedy ones (to score a sequence another search chose). With
     `eos_token_id` (one id or a list), decoding stops early once every row has produced one (the result is then shorter);
-    `keep_sets`, if given, receives the prefill's keep sets."""
-    run, cache, step_logits = _prefill(model, input_ids, config)
+    `keep_sets`, if given, receives the prefill's keep sets. `last_logits_only` asks the model for the last
+    position's logits only (``logits_to_keep=1``: long prompts' full logits do not fit; the rounding of the
+    LM head may then differ from the model's full forward in the last bits)."""
+    run, cache, step_logits = _prefill(model, input_ids, config, last_logits_only=last_logits_only)
     if keep_sets is not None:
         keep_sets.extend(run.keep_sets)
     keys, _values = _cache_of(run, cache)
