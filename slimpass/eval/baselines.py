@@ -102,16 +102,14 @@ def generate(name: str, model: torch.nn.Module, input_ids: torch.Tensor, budget:
         tokens = reference.generate(model, short, None, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
                                  last_logits_only=True)
         return torch.cat([input_ids, tokens[:, short.shape[1]:]], dim=1)
-    cache = DynamicCache()
-    if name == "snapkv":
-        recorded = list(reference.layer_queries_keys(model, input_ids))
-    logits = model(input_ids, **{cache_argument(model): cache}, use_cache=True, logits_to_keep=1).logits[:, -1]
+    # one unpruned forward fills the cache (and, for snapkv, records every layer's queries and keys)
+    run, cache, logits = reference._prefill(model, input_ids, None, record_all=name == "snapkv", last_logits_only=True)
     kv_heads = cache.layers[0].keys.shape[1]
     for index in range(len(cache.layers)):
         if name == "streaming":
             keep = _streaming_keep(n, budget, sinks, device).expand(batch, kv_heads, -1)
         else:
-            _, q, k = recorded[index]
+            q, k = run.recorded[index]
             scores = _kv_heads_scores(q, k, window)
             scores = F.avg_pool1d(scores.flatten(0, 1)[:, None], kernel, stride=1, padding=kernel // 2)[:, 0]
             scores = scores.view(batch, kv_heads, -1)
