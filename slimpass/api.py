@@ -23,7 +23,7 @@ from slimpass.config import ConfigError, patched, resolve
 from slimpass.hf_compat import cache_argument, decode_mask_skipped_under_compile
 from slimpass.registry import REGISTRY
 from slimpass.runtime import slim_cache
-from slimpass.runtime.keep_sets import state_of
+from slimpass.runtime.keep_sets import state_of, unwrap
 
 log = logging.getLogger(__name__)
 
@@ -241,5 +241,6 @@ def restore(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def compiled_graphs(model: torch.nn.Module) -> list[GraphRecord]:
-    """What sliminfer compiled for this model so far: one `GraphRecord` per graph (kind, passes, guards)."""
-    return list(model.__dict__.get("_slimpass_graphs", []))
+    """What sliminfer compiled for this model so far: one `GraphRecord` per graph (kind, passes, guards).
+    `model` may be the module or what `torch.compile(model, backend="sliminfer")` returned."""
+    return list(unwrap(model).__dict__.get("_slimpass_graphs", []))

@@ -135,3 +135,21 @@ def test_source_tree_registration_happens_once(monkeypatch):
     slimpass._register_without_entry_point()  # a second import (importlib.reload) must not raise "duplicate name"
     assert registry._COMPILER_FNS["sliminfer"] is slimpass.sliminfer
 
+
+
+def test_introspection_reads_through_the_torch_compile_wrapper():
+    """`compiled_graphs` / `last_keep_sets` given what torch.compile returned (an OptimizedModule)
+    answer for the module under it; a KeepSet's repr is one short line, not its positions."""
+    from tests.conftest import tiny_model
+
+    model = tiny_model("llama")
+    options = {"compiler": "eager", "prune": True, "schedule": {1: 0.5}, "block_size": 8, "min_prompt_len": 64}
+    wrapper = torch.compile(model, backend="sliminfer", dynamic=True, options=options)
+    assert slimpass.compiled_graphs(wrapper) == [] and slimpass.last_keep_sets(wrapper) is None
+    ids = torch.randint(0, 100, (1, 200), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        wrapper(ids, logits_to_keep=1)
+    assert [r.graph_id for r in slimpass.compiled_graphs(wrapper)] == [r.graph_id for r in slimpass.compiled_graphs(model)]
+    assert slimpass.compiled_graphs(wrapper) and slimpass.last_keep_sets(wrapper) == slimpass.last_keep_sets(model)
+    (keep,) = slimpass.last_keep_sets(wrapper)
+    assert repr(keep) == f"KeepSet(layer=1, tokens={keep.tokens})" and 0 < keep.tokens < 200

@@ -28,6 +28,10 @@ class KeepSet:
     def tokens(self) -> int:
         return int(self.positions.shape[1])
 
+    def __repr__(self) -> str:  # the positions themselves are thousands of numbers: `.positions` has them
+        rows, kept = self.positions.shape
+        return f"KeepSet(layer={self.layer}, tokens={kept}{f', rows={rows}' if rows != 1 else ''})"
+
     def blocks(self, block_size: int) -> list[list[int]]:
         """Per batch row, the kept block indices (of the original prompt)."""
         return [sorted({int(p) // block_size for p in row}) for row in self.positions.cpu()]
@@ -61,8 +65,17 @@ class SlimState:
             self.dumps[graph_id] = (folder, block_size, depth)
 
 
+def unwrap(model: Any) -> Any:
+    """The module under `torch.compile`'s wrapper (`OptimizedModule._orig_mod`, nested or not): where the backend
+    keeps the graph records and runtime state."""
+    while isinstance(model, torch.nn.Module) and isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):
+        model = model._orig_mod
+    return model
+
+
 def state_of(model: Any) -> SlimState:
     """The model's `SlimState` (created on first use); a fresh private one when there is no model."""
+    model = unwrap(model)
     if model is None:
         return SlimState()
     state = model.__dict__.get("_slimpass_state")
@@ -86,6 +99,7 @@ def last_keep_sets(model: Any) -> list[KeepSet] | None:
         for keep in slimpass.last_keep_sets(model):
             print(keep.layer, keep.tokens, keep.blocks(16)[0])
     """
+    model = unwrap(model)
     state = model.__dict__.get("_slimpass_state") if hasattr(model, "__dict__") else None
     return None if state is None else state.last_keep
 
