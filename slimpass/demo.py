@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import statistics
 import time
 
 import torch
 import transformers
 
 import slimpass
+from slimpass.eval import timing
 
 
 def build_model(layers: int, seed: int) -> torch.nn.Module:
@@ -32,15 +32,6 @@ def build_model(layers: int, seed: int) -> torch.nn.Module:
     config._attn_implementation = "sdpa"
     torch.manual_seed(seed)
     return transformers.LlamaForCausalLM(config).eval()
-
-
-def median_ms(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ")
@@ -77,16 +68,18 @@ def real_model_demo(args: argparse.Namespace) -> int:
           f"{transformers.__version__}, inner compiler {args.compiler}\n")
     settings = dict(max_new_tokens=args.new_tokens, do_sample=False, attention_mask=torch.ones_like(ids),
                     pad_token_id=tokenizer.eos_token_id)
-    rows = []
+    sides = {"without SlimInfer": dense, "with SlimInfer": model}
+    calls = {name: (lambda runner=runner: runner(ids, logits_to_keep=1)) for name, runner in sides.items()}
     with torch.inference_mode():
-        model(ids, logits_to_keep=1)  # compile (not timed)
-        for name, runner in (("without SlimInfer", dense), ("with SlimInfer", model)):
-            ttft = median_ms(lambda runner=runner: runner(ids, logits_to_keep=1), repeats=3)
-            answer = tokenizer.decode(runner.generate(ids, **settings)[0, ids.shape[1]:], skip_special_tokens=True)
-            rows.append((name, ttft, answer.strip()))
-    for name, ttft, answer in rows:
+        warm = timing.warm_up(calls)  # the first call with SlimInfer compiles: reported apart, never in the TTFT
+        ttft = timing.interleave(calls, rounds=args.rounds)
+        answers = {name: tokenizer.decode(runner.generate(ids, **settings)[0, ids.shape[1]:], skip_special_tokens=True)
+                   for name, runner in sides.items()}
+    print(f"first call with SlimInfer (compiling, not timed below): {warm['with SlimInfer']:.1f} s")
+    for name, answer in answers.items():
         found = "finds the key" if str(args.key) in answer else "misses the key"
-        print(f"{name:>18}: TTFT {ttft:7.1f} ms on this CPU, {found}: {answer!r}")
+        print(f"{name:>18}: TTFT {ttft.line(name)} on this CPU, {found}: {answer.strip()!r}")
+    print(f"verdict: {ttft.verdict('with SlimInfer', 'without SlimInfer')}")
     kept = slimpass.last_keep_sets(model) or []
     schedule = ", ".join(f"layer {k.layer}: {k.tokens}" for k in kept) or "nothing pruned"
     print(f"\ntokens reaching each cut layer (of {ids.shape[1]}): {schedule}")
@@ -107,19 +100,23 @@ def real_model_demo(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m slimpass.demo", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m slimpass.demo", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--random", action="store_true", help="the mechanics demo on a random-weight Llama")
     parser.add_argument("--tokens", type=int, default=1500, help="real-model demo: prompt length (about)")
     parser.add_argument("--depth", type=float, default=0.5, help="real-model demo: where the key sits (0..1)")
     parser.add_argument("--key", type=int, default=71432, help="real-model demo: the pass key")
     parser.add_argument("--schedule", help="real-model demo: a preset (default, paper); default: 'default'")
     parser.add_argument("--lengths", default="300,1000,2048", help="--random: prompt lengths, comma-separated")
-    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--layers", type=int, default=4, help="--random: decoder layers of the random Llama")
     parser.add_argument("--compiler", choices=("inductor", "eager"), default=None,
                         help="inner compiler (default: eager for the real model on CPU, inductor for --random)")
-    parser.add_argument("--new-tokens", type=int, default=16, help="greedy tokens generated")
+    parser.add_argument("--max-new-tokens", "--new-tokens", dest="new_tokens", type=int, default=16,
+                        help="greedy tokens generated")
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="timed rounds per side, interleaved (the first, compiling call is not one of them)")
     parser.add_argument("--dump-dir", help="write graph dumps (before/after each pass, summary.md) here")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="--random: weights and prompts seed")
     args = parser.parse_args(argv)
     logging.basicConfig(format="%(name)s: %(message)s")
     if not args.random:
@@ -147,8 +144,9 @@ def main(argv: list[str] | None = None) -> int:
             first = time.perf_counter() - start
             want = oracle(**inputs).logits
             diff = (got - want).abs().max().item()
-            ours = median_ms(lambda: model(**inputs), repeats=3)
-            theirs = median_ms(lambda: oracle(**inputs), repeats=3)
+            rounds = timing.interleave({"compiled": lambda: model(**inputs), "eager": lambda: oracle(**inputs)},
+                                       rounds=args.rounds)
+            ours, theirs = rounds.median("compiled"), rounds.median("eager")
             print(f"{length:>7} {first:>10.1f}s {ours:>8.1f}ms {theirs:>8.1f}ms {diff:>11.2e}")
 
         prompt = torch.randint(0, model.config.vocab_size, (1, lengths[0]), generator=generator)
