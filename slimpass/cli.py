@@ -16,6 +16,7 @@ schedule, e.g. 'paper_scorer={"schedule": {"9": 0.5, "19": 0.25}, "scorer": "tok
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import os
@@ -111,7 +112,7 @@ def _timed_answer(model, tokenizer, ids, max_new_tokens: int) -> tuple[float, st
 
 def cmd_run(args: argparse.Namespace) -> int:
     import slimpass
-    from slimpass.eval import models
+    from slimpass.eval import models, timing
 
     model, tokenizer = models.load(args.model)
     document = Path(args.prompt_file).read_text()
@@ -120,15 +121,27 @@ def cmd_run(args: argparse.Namespace) -> int:
                                         return_tensors="pt")
     ids = ids if isinstance(ids, torch.Tensor) else ids["input_ids"]
     print(f"prompt: {ids.shape[1]} tokens")
-    if args.compare:
-        ttft, text = _timed_answer(model, tokenizer, ids, args.max_new_tokens)
-        print(f"without SlimInfer: TTFT {ttft:.0f} ms: {text!r}")
+    dense = copy.deepcopy(model) if args.compare else None  # the same weights, never compiled
     name, schedule = args.schedule or ("default", "default")
     slimpass.compile(model, options={"prune": True, "schedule": schedule, "compiler": args.compiler,
                                      **_options(args.option)})
-    ttft, text = _timed_answer(model, tokenizer, ids, args.max_new_tokens)
+    answers: dict[str, str] = {}
+
+    def side(label: str, runner) -> Any:
+        def call() -> float:  # milliseconds to the first token; the answer kept for printing
+            ttft, answers[label] = _timed_answer(runner, tokenizer, ids, args.max_new_tokens)
+            return ttft
+        return call
+    calls = {**({"without SlimInfer": side("without SlimInfer", dense)} if dense is not None else {}),
+             f"with SlimInfer ({name})": side(f"with SlimInfer ({name})", model)}
+    warm = timing.warm_up(calls)  # the first call with SlimInfer compiles: reported apart, never in the TTFT
+    print(f"first call with SlimInfer (compiling, not timed below): {warm[f'with SlimInfer ({name})']:.1f} s")
+    ttft = timing.interleave(calls, rounds=args.rounds, measure=lambda call: call())
+    for label in calls:
+        print(f"{label}: TTFT {ttft.line(label)}: {answers[label]!r}")
+    if dense is not None:
+        print(f"verdict: {ttft.verdict(f'with SlimInfer ({name})', 'without SlimInfer')}")
     kept = slimpass.last_keep_sets(model) or []
-    print(f"with SlimInfer ({name}): TTFT {ttft:.0f} ms (first call includes compiling): {text!r}")
     print("kept tokens per cut layer: " + (", ".join(f"layer {k.layer}: {k.tokens}" for k in kept) or "none "
                                            "(prompt shorter than min_prompt_len, or pruning declined)"))
     return 0
@@ -240,7 +253,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--question", default="")
     p.add_argument("--schedule", type=parse_schedule)
     p.add_argument("--max-new-tokens", type=int, default=48)
-    p.add_argument("--compare", action="store_true", help="also answer without SlimInfer")
+    p.add_argument("--compare", action="store_true",
+                   help="also answer without SlimInfer: both sides timed interleaved, with a verdict")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="timed generate calls per side, after the first (compiling) one")
 
     p = sub.add_parser("dump", help="write graph dumps (per pass, summary, skeleton) for a model")
     common(p)
@@ -264,7 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="benchmark suites: cpu (pytest-benchmark), prefill / scoring / profile (GPU)")
     p.add_argument("suite", choices=("cpu", "prefill", "scoring", "profile"))
-    sub.add_parser("demo", help="the README's demo (python -m slimpass.demo)")
+    # its options are the demo's own (`slimpass demo --help` prints them): everything passes through
+    sub.add_parser("demo", add_help=False, help="the README's demo (python -m slimpass.demo)")
     return parser
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from slimpass import demo
 
 
@@ -20,3 +22,12 @@ def test_random_model_demo(capsys):
                       "--new-tokens", "3"]) == 0
     out = capsys.readouterr().out
     assert "identical to eager" in out and "rewrite_attention" in out
+
+
+def test_slimpass_demo_help_lists_the_demos_options(capsys):
+    from slimpass import cli
+
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["demo", "--help"])
+    out = capsys.readouterr().out
+    assert exit_.value.code == 0 and "--max-new-tokens" in out and "--rounds" in out and "(default: 1500)" in out

@@ -127,9 +127,11 @@ def test_cli_run_and_dump(smollm, tmp_path, capsys, monkeypatch):
     document.write_text(filler * 10 + "The pass key is 40213. Remember it. " + filler * 10)
     try:
         code = cli.main(["run", "--prompt-file", str(document), "--question", "What is the pass key?", "--compare",
-                         "--max-new-tokens", "6", "--option", "min_prompt_len=128"])
+                         "--max-new-tokens", "6", "--rounds", "2", "--option", "min_prompt_len=128"])
         out = capsys.readouterr().out
         assert code == 0 and "without SlimInfer: TTFT" in out and "with SlimInfer (default): TTFT" in out
+        assert "(median of 2," in out and "first call with SlimInfer (compiling, not timed below)" in out
+        assert "\nverdict: with SlimInfer (default) " in out
         assert "kept tokens per cut layer: layer 9:" in out
     finally:
         slimpass.restore(smollm[0])  # the module-scoped model stays plain for the other tests
