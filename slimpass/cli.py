@@ -125,22 +125,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     name, schedule = args.schedule or ("default", "default")
     slimpass.compile(model, options={"prune": True, "schedule": schedule, "compiler": args.compiler,
                                      **_options(args.option)})
+    slim = f"with SlimInfer ({name})"
+    sides = {**({"without SlimInfer": dense} if dense is not None else {}), slim: model}
     answers: dict[str, str] = {}
 
-    def side(label: str, runner) -> Any:
-        def call() -> float:  # milliseconds to the first token; the answer kept for printing
-            ttft, answers[label] = _timed_answer(runner, tokenizer, ids, args.max_new_tokens)
-            return ttft
-        return call
-    calls = {**({"without SlimInfer": side("without SlimInfer", dense)} if dense is not None else {}),
-             f"with SlimInfer ({name})": side(f"with SlimInfer ({name})", model)}
+    def ttft_ms(label: str) -> float:  # milliseconds to the first token; the answer kept for printing
+        ttft, answers[label] = _timed_answer(sides[label], tokenizer, ids, args.max_new_tokens)
+        return ttft
+    calls = {label: (lambda label=label: ttft_ms(label)) for label in sides}
     warm = timing.warm_up(calls)  # the first call with SlimInfer compiles: reported apart, never in the TTFT
-    print(f"first call with SlimInfer (compiling, not timed below): {warm[f'with SlimInfer ({name})']:.1f} s")
+    print(f"first call with SlimInfer (compiling, not timed below): {warm[slim]:.1f} s")
     ttft = timing.interleave(calls, rounds=args.rounds, measure=lambda call: call())
     for label in calls:
         print(f"{label}: TTFT {ttft.line(label)}: {answers[label]!r}")
     if dense is not None:
-        print(f"verdict: {ttft.verdict(f'with SlimInfer ({name})', 'without SlimInfer')}")
+        print(f"verdict: {ttft.verdict(slim, 'without SlimInfer')}")
     kept = slimpass.last_keep_sets(model) or []
     print("kept tokens per cut layer: " + (", ".join(f"layer {k.layer}: {k.tokens}" for k in kept) or "none "
                                            "(prompt shorter than min_prompt_len, or pruning declined)"))

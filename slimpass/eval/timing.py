@@ -42,8 +42,8 @@ class Timings:
 
     def spread(self, name: str) -> float:
         """(max - min) / median over the rounds."""
-        times = self.ms[name]
-        return (max(times) - min(times)) / self.median(name) if self.median(name) else 0.0
+        times, middle = self.ms[name], self.median(name)
+        return (max(times) - min(times)) / middle if middle else 0.0
 
     def line(self, name: str) -> str:
         times = self.ms[name]

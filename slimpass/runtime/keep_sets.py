@@ -66,7 +66,7 @@ class SlimState:
 
 
 def unwrap(model: Any) -> Any:
-    """The module under `torch.compile`'s wrapper (`OptimizedModule._orig_mod`, nested or not): where the backend
+    """The module under `torch.compile`'s wrapper (`OptimizedModule._orig_mod`): where the backend
     keeps the graph records and runtime state."""
     while isinstance(model, torch.nn.Module) and isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):
         model = model._orig_mod
