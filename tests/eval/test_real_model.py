@@ -47,7 +47,7 @@ def test_missing_model_names_the_install_command(monkeypatch, tmp_path):
     nowhere = str(tmp_path / "nowhere")
     with pytest.raises(models.ModelNotFound, match=re.escape(
             f"{nowhere!r} is neither a named model (smollm2-135m-instruct, qwen2.5-coder-0.5b-instruct, "
-            "qwen2.5-coder-1.5b-instruct) nor a local model folder")):
+            "qwen2.5-coder-1.5b-instruct), a local model folder (config.json and weights), nor a hub id")):
         models.load(nowhere)
 
 
