@@ -18,14 +18,16 @@ import slimpass
 
 from .conftest import tiny_model, twin
 
-PASS_FILES = [
-    "01_find_decoder_layers.before.py", "01_find_decoder_layers.after.py",
-    "02_rewrite_attention.before.py", "02_rewrite_attention.after.py",
-    "03_insert_pruning.before.py", "03_insert_pruning.after.py",
-    "04_sink_selection.before.py", "04_sink_selection.after.py",
-    "05_reselect_kv.before.py", "05_reselect_kv.after.py",
-    "06_fuse_projections.before.py", "06_fuse_projections.after.py",
-]
+PASSES = ["find_decoder_layers", "rewrite_attention", "insert_pruning", "sink_selection", "reselect_kv",
+          "fuse_projections"]
+PASS_FILES = ["00_input.py", *(f"{i:02d}_{name}.diff" for i, name in enumerate(PASSES, start=1)), "final.py"]
+
+
+def _diff(folder, step: int, name: str) -> tuple[list[str], list[str]]:
+    """The removed and the added lines of a pass's diff file."""
+    lines = (folder / f"{step:02d}_{name}.diff").read_text().splitlines()
+    return ([ln[1:] for ln in lines if ln.startswith("-") and not ln.startswith("---")],
+            [ln[1:] for ln in lines if ln.startswith("+") and not ln.startswith("+++")])
 
 
 def _expected_files(with_skeleton: bool = True) -> list[str]:
@@ -68,13 +70,14 @@ def test_dump_dir_option_writes_each_graph(tmp_path):
 
     prefill = tmp_path / records[0].graph_id
     assert records[0].kind == "prefill"
-    for name in PASS_FILES:
-        ast.parse((prefill / name).read_text())  # the dumps are Python, one statement per node
-    before = (prefill / "02_rewrite_attention.before.py").read_text()
-    after = (prefill / "02_rewrite_attention.after.py").read_text()
-    # shapes (symbolic prompt length) and module paths on every node line
-    attention_before = [ln for ln in before.splitlines() if "'role': 'attention'" in ln]
-    attention_after = [ln for ln in after.splitlines() if "'rewritten': True" in ln]
+    for name in ("00_input.py", "final.py"):
+        ast.parse((prefill / name).read_text())  # the graphs are Python, one statement per node
+    before, after = (prefill / "00_input.py").read_text(), (prefill / "final.py").read_text()
+    # shapes (symbolic prompt length) and module paths on every node line; node arguments are names, not strings
+    removed, added = _diff(prefill, 2, "rewrite_attention")
+    attention_before = [ln for ln in removed if "'role': 'attention'" in ln]
+    attention_after = [ln for ln in added if "'rewritten': True" in ln]
+    assert "'s" not in before and "view((1, s" in before
     assert len(attention_before) == 2 and len(attention_after) == 2
     for index, (old, new) in enumerate(zip(attention_before, attention_after)):
         assert f"model.layers.{index}.self_attn" in old and f"model.layers.{index}.self_attn" in new
@@ -97,13 +100,14 @@ def test_dump_dir_option_writes_each_graph(tmp_path):
     assert "- graph kind: decode" in summary
     rows = _pass_rows(summary)
     assert not rows["rewrite_attention"]["declined"]
-    decode_before = (tmp_path / decode.graph_id / "01_find_decoder_layers.after.py").read_text()
-    decode_after = (tmp_path / decode.graph_id / "02_rewrite_attention.after.py").read_text()
-    if "attn_mask = attention_mask" in decode_before or "attn_mask=attention_mask" in decode_before:
+    decode_before = (tmp_path / decode.graph_id / "00_input.py").read_text()
+    removed, added = _diff(tmp_path / decode.graph_id, 2, "rewrite_attention")
+    if "attn_mask=attention_mask" in decode_before:
         assert rows["rewrite_attention"]["replaced"] == "2"
-        assert "'rewritten': True" in decode_after and "attn_mask=None" in decode_after
+        assert any("'rewritten': True" in ln and "attn_mask=None" in ln for ln in added)
     else:  # no mask and no KV copies in this transformers' decode graph: nothing to rewrite
-        assert rows["rewrite_attention"]["replaced"] == "0" and decode_after == decode_before
+        assert rows["rewrite_attention"]["replaced"] == "0"
+        assert (tmp_path / decode.graph_id / "02_rewrite_attention.diff").read_text() == "# rewrite_attention: unchanged\n"
 
     (dot,) = pydot.graph_from_dot_data((prefill / "skeleton.dot").read_text())
     nodes = {n.get_name(): n.get("label") for n in dot.get_nodes()}
@@ -126,8 +130,9 @@ def test_dump_env_variable(monkeypatch, tmp_path):
     assert sorted(p.name for p in folder.iterdir()) == _expected_files()
     assert f"dump_dir='{tmp_path}'" in (folder / "summary.md").read_text()
     # eager attention: the softmax(q k^T * s + mask) v chain becomes one causal SDPA per layer
-    assert "softmax" in (folder / "02_rewrite_attention.before.py").read_text()
-    assert "softmax" not in (folder / "02_rewrite_attention.after.py").read_text()
+    removed, added = _diff(folder, 2, "rewrite_attention")
+    assert any("softmax" in ln for ln in removed) and not any("softmax" in ln for ln in added)
+    assert "softmax" in (folder / "00_input.py").read_text() and "softmax" not in (folder / "final.py").read_text()
     (dot,) = pydot.graph_from_dot_data((folder / "skeleton.dot").read_text())
     assert {"layer0", "layer1"} <= {n.get_name() for n in dot.get_nodes()}
 
@@ -202,3 +207,30 @@ def test_later_graph_does_not_overwrite_earlier_dump(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["graph_0_0", "graph_0_0.2"]
     for folder in tmp_path.iterdir():
         assert sorted(p.name for p in folder.iterdir()) == _expected_files()
+
+
+def test_pruned_dump_shows_kept_lengths_and_writes_no_copies(tmp_path):
+    """After insert_pruning the pruned layers' shapes are re-propagated: layer 1 holds the kept length (a
+    named formula of the prompt length), layer 0 the prompt length; passes that change nothing say so."""
+    model = tiny_model(num_hidden_layers=4)
+    slimpass.compile(model, options={"compiler": "eager", "prune": True, "min_prompt_len": 64,
+                                     "dump_dir": str(tmp_path)})
+    with torch.no_grad():
+        model(torch.randint(0, 128, (1, 300)), logits_to_keep=1)
+    (record,) = slimpass.compiled_graphs(model)
+    folder = tmp_path / record.graph_id
+    final = (folder / "final.py").read_text()
+    legend = dict(ln[2:].split(" = ", 1) for ln in final.splitlines() if ln.startswith("# n"))
+    assert legend and all("Min(" in formula or "//" in formula for formula in legend.values())
+    lines = final.splitlines()
+    layer0 = [ln for ln in lines if "model.layers.0.self_attn.q_proj" in ln]
+    layer1 = [ln for ln in lines if "model.layers.1.self_attn.q_proj" in ln]
+    assert len(layer0) == len(layer1) == 1
+    prompt = layer0[0].split("# float32[1, ")[1].split(",")[0]
+    kept = layer1[0].split("# float32[1, ")[1].split(",")[0]
+    assert prompt.startswith("s") and kept in legend and prompt in legend[kept]
+    removed, added = _diff(folder, 3, "insert_pruning")
+    assert any(f"[1, {kept}, 64]" in ln for ln in added) and not any(f"[1, {kept}, 64]" in ln for ln in removed)
+    texts = [p.read_text() for p in sorted(folder.glob("*.diff"))]
+    assert len(set(texts)) == len(texts)  # no two pass files alike
+    assert (folder / "05_reselect_kv.diff").read_text() == "# reselect_kv: unchanged\n"

@@ -1,13 +1,20 @@
-"""Graph dumps for debugging: each graph before/after each pass, a summary, a layer skeleton picture.
+"""Graph dumps for debugging: the graph as traced, what each pass changed, the graph lowered, a summary,
+a layer skeleton picture.
 
 Enabled by ``options={"dump_dir": ...}`` or ``SLIMPASS_DUMP=dir``. Per compiled graph, a folder
-``<dump_dir>/<graph id>/`` holds ``NN_<pass>.before.py`` / ``NN_<pass>.after.py`` (readable Python,
-one line per node, with its shape and module path), ``summary.md`` and ``skeleton.dot`` (+ ``.svg``
-where Graphviz' ``dot`` is installed).
+``<dump_dir>/<graph id>/`` holds ``00_input.py`` (the graph Dynamo traced, as readable Python: one line
+per node with its shape and module path), ``NN_<pass>.diff`` (a unified diff of what pass NN changed;
+"unchanged" when it changed nothing), ``final.py`` (the graph handed to the inner compiler),
+``summary.md`` and ``skeleton.dot`` (+ ``.svg`` where Graphviz' ``dot`` is installed). Shapes are
+propagated again after every pass (fake tensors, guards suppressed), so a pruned layer shows its kept
+length, not the prompt's; where a graph cannot be re-run that way the traced shapes are shown and the
+debug log says why.
 """
 
 from __future__ import annotations
 
+import contextlib
+import difflib
 import logging
 import os
 import shutil
@@ -15,8 +22,9 @@ from typing import Any
 
 import networkx as nx
 import torch.fx
+from torch._subclasses.fake_tensor import FakeTensor
 
-from slimpass.passes.graph_utils import module_path, shape_str
+from slimpass.passes.graph_utils import fake, module_path, shape_str
 
 log = logging.getLogger(__name__)
 
@@ -30,32 +38,102 @@ def _target(node: torch.fx.Node) -> str:
         return repr(node.target)
 
 
+class _Ref:
+    """A node in an argument, printed as its name (a bare identifier, not a quoted string)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+def _arg(value: Any) -> str:
+    return repr(torch.fx.node.map_arg(value, lambda n: _Ref(n.name)))
+
+
 def _call_args(node: torch.fx.Node) -> str:
     args = node.args[1:] if node.op == "call_method" else node.args
-    parts = [str(torch.fx.node.map_arg(a, lambda n: n.name)) for a in args]
-    parts += [f"{k}={torch.fx.node.map_arg(v, lambda n: n.name)}" for k, v in node.kwargs.items()]
-    return ", ".join(parts)
+    return ", ".join([_arg(a) for a in args] + [f"{k}={_arg(v)}" for k, v in node.kwargs.items()])
 
 
-def render_graph(gm: torch.fx.GraphModule) -> str:
-    """The graph as readable Python: `name = op(args)  # shape  module.path  [slimpass role]`."""
+def current_values(gm: torch.fx.GraphModule) -> dict[torch.fx.Node, Any]:
+    """Every node's fake value in `gm` as it is now: the graph re-run on its placeholders' fake values, in
+    their fake mode, guards suppressed (a dump must not change what is compiled). Empty where it cannot be."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    inputs = [fake(n) for n in placeholders]
+    modes = {id(v.fake_mode): v.fake_mode for v in inputs if isinstance(v, FakeTensor)}
+    mode = next(iter(modes.values()), None)
+    if len(modes) != 1 or any(v is None for v in inputs):
+        log.debug("dump: no fake inputs to re-run shapes on; the traced shapes are shown")
+        return {}
+    values: dict[torch.fx.Node, Any] = {}
+
+    class Recorder(torch.fx.Interpreter):
+        def run_node(self, node: torch.fx.Node) -> Any:
+            values[node] = result = super().run_node(node)
+            return result
+
+    env = mode.shape_env
+    guards = (env.suppress_guards(), env.ignore_fresh_unbacked_symbols()) if env is not None else ()
+    try:
+        with contextlib.ExitStack() as stack:
+            for manager in (mode, *guards):
+                stack.enter_context(manager)
+            Recorder(gm).run(*inputs)
+    except Exception as err:  # noqa: BLE001 - a dump falls back to the traced shapes, never fails a compile
+        log.debug("dump: shapes not re-propagated (%s: %s); the traced shapes are shown", type(err).__name__, err)
+        return {}
+    return values
+
+
+class _Sizes:
+    """Short names (n1, n2, ...) for size expressions too long to repeat on every line (a pruned layer's kept
+    length is a formula of the prompt length); `legend` lists them."""
+
+    def __init__(self) -> None:
+        self.names: dict[str, str] = {}
+
+    def __call__(self, size: Any) -> str:
+        text = str(size)
+        if len(text) <= 16:
+            return text
+        return self.names.setdefault(text, f"n{len(self.names) + 1}")
+
+    def legend(self) -> str:
+        return "".join(f"# {name} = {text}\n" for text, name in self.names.items())
+
+
+def _shape(node: torch.fx.Node, values: dict[torch.fx.Node, Any], sizes: _Sizes) -> str:
+    value = values.get(node, fake(node))
+    if isinstance(value, torch.Tensor):
+        return f"{str(value.dtype).removeprefix('torch.')}[{', '.join(sizes(s) for s in value.shape)}]"
+    if isinstance(value, (torch.SymInt, int, float, bool)):
+        return f"{type(value).__name__}({sizes(value)})"
+    return ""
+
+
+def render_graph(gm: torch.fx.GraphModule, values: dict[torch.fx.Node, Any] | None = None) -> str:
+    """The graph as readable Python: `name = op(args)  # shape  module.path  [slimpass role]`; shapes from
+    `values` (see `current_values`) where given, else as traced; long size expressions named in a legend."""
+    values, sizes = values or {}, _Sizes()
     lines, inputs = [], []
     for node in gm.graph.nodes:
         if node.op == "placeholder":
-            inputs.append(f"    {node.name},  # {shape_str(node)}")
+            inputs.append(f"    {node.name},  # {_shape(node, values, sizes)}")
             continue
         if node.op == "output":
-            lines.append(f"    return {torch.fx.node.map_arg(node.args[0], lambda n: n.name)}")
+            lines.append(f"    return {_arg(node.args[0])}")
             continue
         if node.op == "get_attr":
             code = f"{node.name} = self.{node.target}"
         else:
             code = f"{node.name} = {_target(node)}({_call_args(node)})"
-        notes = [shape_str(node), module_path(node)]
+        notes = [_shape(node, values, sizes), module_path(node)]
         if "slimpass" in node.meta:
             notes.append(f"[slimpass {node.meta['slimpass']}]")
         lines.append(f"    {code}  # {'  '.join(n for n in notes if n)}")
-    return "def forward(\n    self,\n" + "\n".join(inputs) + "\n):\n" + "\n".join(lines) + "\n"
+    return sizes.legend() + "def forward(\n    self,\n" + "\n".join(inputs) + "\n):\n" + "\n".join(lines) + "\n"
 
 
 def skeleton(layer_map: Any) -> nx.DiGraph:
@@ -100,6 +178,7 @@ class GraphDumper:
 
     def __init__(self, root: str | None, graph_id: str) -> None:
         self.folder = _fresh_folder(root, graph_id.replace("/", "_")) if root else None
+        self._last = ""  # the rendering after the last pass
 
     @property
     def name(self) -> str | None:
@@ -110,10 +189,30 @@ class GraphDumper:
     def enabled(self) -> bool:
         return self.folder is not None
 
-    def write_graph(self, step: int, name: str, gm: torch.fx.GraphModule) -> None:
+    def write_input(self, gm: torch.fx.GraphModule) -> None:
+        """00_input.py: the graph before any pass."""
         if self.folder:
-            with open(os.path.join(self.folder, f"{step:02d}_{name}.py"), "w") as fh:
-                fh.write(render_graph(gm))
+            self._last = render_graph(gm)
+            self._write("00_input.py", self._last)
+
+    def write_pass(self, step: int, name: str, gm: torch.fx.GraphModule) -> None:
+        """NN_<pass>.diff: what the pass changed in the rendered graph (shapes re-propagated)."""
+        if not self.folder:
+            return
+        text = render_graph(gm, current_values(gm))
+        diff = difflib.unified_diff(self._last.splitlines(keepends=True), text.splitlines(keepends=True),
+                                    f"before {name}", f"after {name}", n=1)
+        self._write(f"{step:02d}_{name}.diff", "".join(diff) or f"# {name}: unchanged\n")
+        self._last = text
+
+    def write_final(self) -> None:
+        """final.py: the graph handed to the inner compiler (the last pass's result)."""
+        if self.folder:
+            self._write("final.py", self._last)
+
+    def _write(self, name: str, text: str) -> None:
+        with open(os.path.join(self.folder, name), "w") as fh:
+            fh.write(text)
 
     def write_summary(self, text: str) -> None:
         if self.folder:

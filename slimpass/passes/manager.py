@@ -96,12 +96,13 @@ class PassManager:
             steps.append((graph_pass.name, graph_pass))
             steps.extend((p.name, p.fn) for p in REGISTRY.passes_after(graph_pass.name))
         steps.extend((p.name, p.fn) for p in REGISTRY.passes_after("end"))
+        dumper.write_input(gm)
         for step, (name, fn) in enumerate(steps, start=1):
             ctx.results.append(self._run_one(step, name, fn, gm, ctx, dumper))
+        dumper.write_final()
         return ctx.results
 
     def _run_one(self, step: int, name: str, fn: Callable[..., Any], gm, ctx: PassContext, dumper) -> PassResult:
-        dumper.write_graph(step, f"{name}.before", gm)
         start = time.perf_counter()
         try:
             result = _as_result(name, fn(gm, ctx))
@@ -117,5 +118,5 @@ class PassManager:
                 f"{', '.join(before)}): {type(err).__name__}: {err}"
             ) from err
         log.debug("%s: %s in %.3f s", ctx.graph_id, result.line(), time.perf_counter() - start)
-        dumper.write_graph(step, f"{name}.after", gm)
+        dumper.write_pass(step, name, gm)
         return result
