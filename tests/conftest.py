@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+import tokenizers
 import torch
 import transformers
 
@@ -37,6 +40,31 @@ def twin(model: torch.nn.Module) -> torch.nn.Module:
     other = type(model)(model.config).eval()
     other.load_state_dict(model.state_dict())
     return other
+
+
+WORDS = 120
+
+
+def save_tiny_model(folder: Path, context: int = 2048) -> Path:
+    """A tiny Llama with a word-level tokenizer (w0 .. w119) and a plain chat template, saved as a HF folder."""
+    model = tiny_model(max_position_embeddings=context)
+    model.save_pretrained(folder)
+    vocab = {f"w{i}": i for i in range(WORDS)} | {"[UNK]": WORDS}
+    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", eos_token="w0")
+    tokenizer.chat_template = "{% for m in messages %}w1 {{ m['content'] }} w2{% endfor %} w3"
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def errors(captured: str) -> str:
+    """The `error:` lines of a captured stderr (loading and saving print progress bars there too)."""
+    return "".join(line + "\n" for line in captured.replace("\r", "\n").splitlines() if line.startswith("error:"))
+
+
+def document(words: int) -> str:
+    return " ".join(f"w{4 + i % (WORDS - 4)}" for i in range(words))
 
 
 @pytest.fixture(autouse=True)

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import huggingface_hub.constants
 import pytest
-import tokenizers
 import torch
 import transformers
 
@@ -19,32 +18,7 @@ import slimpass
 from slimpass import cli, demo
 from slimpass.eval import models
 
-from .conftest import tiny_model
-
-WORDS = 120
-
-
-def save_tiny_model(folder: Path, context: int = 2048) -> Path:
-    """A tiny Llama with a word-level tokenizer (w0 .. w119) and a plain chat template, saved as a HF folder."""
-    model = tiny_model(max_position_embeddings=context)
-    model.save_pretrained(folder)
-    vocab = {f"w{i}": i for i in range(WORDS)} | {"[UNK]": WORDS}
-    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
-    backend.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", eos_token="w0")
-    tokenizer.chat_template = "{% for m in messages %}w1 {{ m['content'] }} w2{% endfor %} w3"
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
-def errors(captured: str) -> str:
-    """The `error:` lines of a captured stderr (loading and saving print progress bars there too)."""
-    return "".join(line + "\n" for line in captured.replace("\r", "\n").splitlines() if line.startswith("error:"))
-
-
-def document(words: int) -> str:
-    return " ".join(f"w{4 + i % (WORDS - 4)}" for i in range(words))
-
+from .conftest import document, errors, save_tiny_model, tiny_model
 
 def test_a_hub_id_in_the_hugging_face_cache_loads_without_a_download(tmp_path, monkeypatch):
     """`org/model` resolves through the HF cache with local_files_only (the snapshot layout `hf download`
