@@ -73,7 +73,7 @@ bench-gpu:
 # A wheel of slimpass in dist/, for `pip install dist/slimpass-*.whl` where no clone is wanted (slimpass
 # is not on PyPI). `pip install "dist/slimpass-<version>-py3-none-any.whl[eval]"` adds the model loader's needs.
 wheel: $(STAMP)
-	$(PY) -m pip wheel --quiet --no-deps --no-build-isolation --wheel-dir dist .
+	$(PY) -m pip wheel --quiet --no-deps --wheel-dir dist .
 
 clean:
 	rm -rf $(VENV) $(VENV517) .pytest_cache .benchmarks .hypothesis dist build

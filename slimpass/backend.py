@@ -105,13 +105,22 @@ def _graph_id() -> str:
     return f"graph_{compile_id}".replace("/", "_") if compile_id is not None else f"graph_{time.monotonic_ns()}"
 
 
+def inner_compiler(name: str, example_inputs: list[Any]) -> str:
+    """`SlimConfig.compiler` for one graph: "auto" is Inductor when a tensor input is on an accelerator,
+    eager when all are on the CPU."""
+    if name != "auto":
+        return name
+    on_device = any(isinstance(x, torch.Tensor) and x.device.type != "cpu" for x in example_inputs)
+    return "inductor" if on_device else "eager"
+
+
 def lower(gm: torch.fx.GraphModule, example_inputs: list[Any], config: SlimConfig, mode: str | None,
           static_decode: bool = False) -> Callable:
     """Compile the edited graph with the configured inner compiler. `static_decode`: a decoding step on
     fixed-size buffers (`SlimConfig.static_decode`), which Inductor runs as CUDA graphs on a GPU unless
     ``inductor_options`` say otherwise (no size in it changes between steps; elsewhere CUDA graphs would
     record a graph per prompt length)."""
-    if config.compiler == "eager":
+    if inner_compiler(config.compiler, example_inputs) == "eager":
         return gm.forward
     from torch._inductor.compile_fx import compile_fx
 
@@ -262,8 +271,9 @@ def compile_graph(
     records = _records(model)
     if records is not None:
         records.append(record)
-    log.info("sliminfer: %s (%s) compiled in %.1f s: %s%s", ctx.graph_id, kind, record.compile_seconds,
-             "; ".join(r.line() for r in ctx.results), f"; dumps in {dumper.folder}" if dumper.folder else "")
+    log.info("sliminfer: %s (%s) compiled in %.1f s (%s): %s%s", ctx.graph_id, kind, record.compile_seconds,
+             inner_compiler(config.compiler, example_inputs), "; ".join(r.line() for r in ctx.results),
+             f"; dumps in {dumper.folder}" if dumper.folder else "")
     return compiled
 
 

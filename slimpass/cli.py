@@ -280,8 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "the Hugging Face cache (nothing is downloaded)")
         p.add_argument("--device", default="cpu", help="where the model runs: cpu, cuda, cuda:1, ...")
         p.add_argument("--dtype", default="float32", choices=tuple(DTYPES), help="the model's weights and activations")
-        p.add_argument("--compiler", default="eager", choices=("eager", "inductor"),
-                       help="inner compiler (eager: our passes without Inductor's C++ build)")
+        p.add_argument("--compiler", default="auto", choices=("auto", "eager", "inductor"),
+                       help="inner compiler after our passes (auto: Inductor on a GPU, eager on the CPU, whose "
+                            "Inductor C++ build takes minutes)")
         p.add_argument("--option", action="append", metavar="KEY=VALUE",
                        help="any SlimConfig option, VALUE as JSON or text (repeatable)")
         return p

@@ -20,7 +20,7 @@ from collections.abc import Iterator, Mapping
 from types import MappingProxyType
 from typing import Any
 
-INNER_COMPILERS = ("inductor", "eager")
+INNER_COMPILERS = ("auto", "inductor", "eager")
 ATTENTION_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
 
 
@@ -127,8 +127,12 @@ class SlimConfig:
     layer instead of seven, which batch-1 decoding, bound by the host's launches, feels. The model's
     parameters of each group move into one stacked tensor (each becomes a view of its rows; values unchanged;
     `slimpass.passes.fuse_projections`). Off under gradients."""
-    compiler: str = "inductor"
-    """Inner compiler that lowers the edited graph: 'inductor' or 'eager' (debugging, fast tests)."""
+    compiler: str = "auto"
+    """Inner compiler that lowers the edited graph: 'inductor', 'eager' (the edited graph run as Python:
+    debugging, fast tests), or 'auto': Inductor where the graph's inputs are on a GPU, eager where they are on
+    the CPU, whose Inductor C++ build of a 30-layer model takes minutes (SmolLM2-135M's first pruned
+    `generate`: 25 s eager, minutes with Inductor; docs/PERF.md) for a TTFT that pruning, not the lowering,
+    mostly sets there."""
     fallback_compiler: str = "eager"
     """How the unedited graph runs when a runtime guard fails (padded batch, prompt below the pruning
     threshold): 'eager' runs Dynamo's graph as is (no compile time; HF-eager speed), 'inductor' lowers it

@@ -72,7 +72,7 @@ def test_unknown_key_without_close_match_lists_known_options():
         ("sink_blocks", -1, "SlimConfig.sink_blocks=-1 is out of range: expected an int in [0, 1024]"),
         ("min_prompt_len", 0, "SlimConfig.min_prompt_len=0 is out of range: expected an int >= 1"),
         ("local_window", True, "SlimConfig.local_window=True: expected an int in [1, 4096]"),
-        ("fallback_compiler", "tvm", "SlimConfig.fallback_compiler='tvm': expected one of 'inductor', 'eager'"),
+        ("fallback_compiler", "tvm", "SlimConfig.fallback_compiler='tvm': expected one of 'auto', 'inductor', 'eager'"),
         ("schedule", {3: 2.0}, "SlimConfig.schedule[3]=2.0: a keep ratio must be in (0, 1]"),
     ],
     ids=["block_size", "sink_blocks", "min_prompt_len", "local_window-bool", "fallback_compiler", "schedule-ratio"],

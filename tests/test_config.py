@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
@@ -19,7 +21,7 @@ from .conftest import tiny_model, twin
         ("block_size", 64.0, "expected an int"),
         ("unit_size", 7, "must divide block_size=16"),
         ("local_window", -1, "local_window=-1"),
-        ("compiler", "tvm", "expected one of 'inductor', 'eager'"),
+        ("compiler", "tvm", "expected one of 'auto', 'inductor', 'eager'"),
         ("attention_backend", "xformers", "attention_backend='xformers'"),
         ("prune", "yes", "expected True or False"),
         ("schedule", {0: 128}, "layer 0 must be an int >= 1"),
@@ -186,3 +188,19 @@ def test_static_decode_patched_onto_a_pruned_model_generates_as_compiled_with_it
         want = other.generate(ids, **settings)
     assert torch.equal(got.sequences, want.sequences)
     assert got.past_key_values.room > 0 and want.past_key_values.room > 0
+
+
+def test_auto_compiler_is_eager_on_the_cpu_and_inductor_elsewhere(caplog):
+    """The default inner compiler: Inductor's C++ build of a deep model takes minutes on a CPU, so "auto"
+    lowers CPU graphs with eager and graphs on an accelerator with Inductor."""
+    from slimpass.backend import inner_compiler
+
+    cpu, elsewhere = torch.zeros(2), torch.zeros(2, device="meta")
+    assert SlimConfig().compiler == "auto"
+    assert inner_compiler("auto", [3, cpu]) == "eager" and inner_compiler("auto", [cpu, elsewhere]) == "inductor"
+    assert inner_compiler("inductor", [cpu]) == "inductor" and inner_compiler("eager", [elsewhere]) == "eager"
+    model = tiny_model()
+    slimpass.compile(model)
+    with caplog.at_level(logging.INFO, logger="slimpass"), torch.no_grad():
+        model(torch.randint(0, 128, (1, 20)))
+    assert "compiled in " in caplog.text and " s (eager): " in caplog.text

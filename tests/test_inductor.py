@@ -24,7 +24,7 @@ def test_llama_sdpa_prefill_and_generate():
     """Masked prefill at 3 lengths on one rewritten graph, a padded call on its fallback, 8 greedy tokens."""
     model = tiny_model("llama", "sdpa")
     oracle = twin(model)
-    slimpass.compile(model)
+    slimpass.compile(model, options={"compiler": "inductor"})
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for length in (17, 64, 65):
@@ -58,7 +58,7 @@ def test_mistral_eager_attention_prefill():
     """HF's eager softmax chain, rewritten to causal SDPA under the sliding-window guard; one graph, 2 lengths."""
     model = tiny_model("mistral", "eager")
     oracle = twin(model)
-    slimpass.compile(model)
+    slimpass.compile(model, options={"compiler": "inductor"})
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for length in (31, 64):

@@ -44,7 +44,7 @@ class EvalSettings:
     fidelity_tokens: int = 32
     options: dict[str, Any] = dataclasses.field(default_factory=lambda: {"min_prompt_len": 256})
     """Extra SlimConfig options for every pruned variant (scorer, block_size, ...)."""
-    compiler: str = "eager"
+    compiler: str = "auto"
     device: str = "cpu"
     """Where the model runs ("cpu", "cuda", ...)."""
     dtype: str = "float32"
