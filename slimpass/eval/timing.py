@@ -7,9 +7,12 @@ The demo and `slimpass run --compare` time the model with and without SlimInfer 
     print(result.verdict("with", "without"))
 
 Rounds alternate the order (A B, B A, A B, ...) so that a machine that slows down or speeds up during the run
-(a loaded CI box, thermal limits) weighs on both sides alike. The spread of a side is its min..max over the
-rounds; the verdict calls a difference real only when the medians differ by more than both sides' relative
-spread, and otherwise says it is within noise.
+(a loaded CI box, thermal limits) weighs on both sides alike. The verdict is paired, round by round: each
+round's candidate / baseline ratio compares two calls made next to each other, under the same load. A
+difference is called real only when every round agrees on its direction (a sign test: with no difference,
+5 rounds agree by chance 1 time in 16) and the median ratio is more than `MARGIN` away from 1; otherwise it is
+within noise. A load spike that slows one call in one round flips that round only if it outweighs the
+difference. Fewer than `MIN_ROUNDS` rounds give no verdict. `line` shows a side's median and min..max.
 """
 
 from __future__ import annotations
@@ -18,6 +21,11 @@ import dataclasses
 import statistics
 import time
 from collections.abc import Callable
+
+MIN_ROUNDS = 3
+"""Rounds below which the verdict says nothing (agreement of 1 or 2 rounds is chance half the time)."""
+MARGIN = 0.02
+"""Median per-round ratios within 2% of 1 are within noise, even when every round agrees."""
 
 
 def _seconds(fn: Callable[[], object]) -> tuple[float, object]:
@@ -40,25 +48,32 @@ class Timings:
     def median(self, name: str) -> float:
         return statistics.median(self.ms[name])
 
-    def spread(self, name: str) -> float:
-        """(max - min) / median over the rounds."""
-        times, middle = self.ms[name], self.median(name)
-        return (max(times) - min(times)) / middle if middle else 0.0
-
     def line(self, name: str) -> str:
         times = self.ms[name]
         return f"{self.median(name):.1f} ms (median of {len(times)}, {min(times):.1f}..{max(times):.1f})"
 
+    def ratios(self, candidate: str, baseline: str) -> list[float]:
+        """Per round: candidate's time / baseline's (below 1: the candidate was faster in that round)."""
+        return [new / old for new, old in zip(self.ms[candidate], self.ms[baseline], strict=True)]
+
     def verdict(self, candidate: str, baseline: str) -> str:
-        """One line: `candidate` faster / slower than `baseline`, or within noise."""
+        """One line: `candidate` faster / slower than `baseline`, or within noise (see the module's doc)."""
         new, old = self.median(candidate), self.median(baseline)
-        noise = max(self.spread(candidate), self.spread(baseline))
-        if not old or not new or abs(new / old - 1) <= noise:
-            return (f"{candidate} vs {baseline}: within noise ({new:.1f} vs {old:.1f} ms; the rounds spread "
-                    f"{100 * noise:.0f}%); run more rounds on a quieter machine to tell them apart")
-        if new < old:
-            return f"{candidate} is {old / new:.2f}x faster than {baseline} ({new:.1f} vs {old:.1f} ms, medians)"
-        return f"{candidate} is {new / old:.2f}x slower than {baseline} ({new:.1f} vs {old:.1f} ms, medians)"
+        rounds = len(self.ms[candidate])
+        if rounds < MIN_ROUNDS:
+            return (f"{candidate} vs {baseline}: {new:.1f} vs {old:.1f} ms; {rounds} round(s) are too few for a "
+                    f"verdict (give {MIN_ROUNDS} or more)")
+        ratios = self.ratios(candidate, baseline)
+        ratio = statistics.median(ratios)
+        faster, slower = sum(r < 1 for r in ratios), sum(r > 1 for r in ratios)
+        if max(faster, slower) < rounds or abs(ratio - 1) <= MARGIN:
+            return (f"{candidate} vs {baseline}: within noise ({new:.1f} vs {old:.1f} ms; faster in {faster} of "
+                    f"{rounds} rounds); run more rounds on a quieter machine to tell them apart")
+        if faster == rounds:
+            return (f"{candidate} is {1 / ratio:.2f}x faster than {baseline} ({new:.1f} vs {old:.1f} ms, medians; "
+                    f"faster in every one of {rounds} rounds)")
+        return (f"{candidate} is {ratio:.2f}x slower than {baseline} ({new:.1f} vs {old:.1f} ms, medians; "
+                f"slower in every one of {rounds} rounds)")
 
 
 def interleave(calls: dict[str, Callable[[], object]], rounds: int = 5,
