@@ -9,15 +9,16 @@ The demo and `slimpass run --compare` time the model with and without SlimInfer 
 Rounds alternate the order (A B, B A, A B, ...) so that a machine that slows down or speeds up during the run
 (a loaded CI box, thermal limits) weighs on both sides alike. The verdict is paired, round by round: each
 round's candidate / baseline ratio compares two calls made next to each other, under the same load. A
-difference is called real only when every round agrees on its direction (a sign test: with no difference,
-5 rounds agree by chance 1 time in 16) and the median ratio is more than `MARGIN` away from 1; otherwise it is
-within noise. A load spike that slows one call in one round flips that round only if it outweighs the
-difference. Fewer than `MIN_ROUNDS` rounds give no verdict. `line` shows a side's median and min..max.
+difference is called real when the median of the rounds' log ratios lies more than `Z` robust standard
+errors from 0 (the rounds' spread estimated from their median absolute deviation, which one load spike does
+not move) and more than `MARGIN` from a ratio of 1; otherwise it is within noise. Fewer than `MIN_ROUNDS`
+rounds give no verdict. `line` shows a side's median and min..max.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -25,7 +26,9 @@ from collections.abc import Callable
 MIN_ROUNDS = 3
 """Rounds below which the verdict says nothing (agreement of 1 or 2 rounds is chance half the time)."""
 MARGIN = 0.02
-"""Median per-round ratios within 2% of 1 are within noise, even when every round agrees."""
+"""Median per-round ratios within 2% of 1 are within noise, however alike the rounds."""
+Z = 3.0
+"""How many robust standard errors (1.4826 MAD / sqrt(rounds)) the median log ratio must lie from 0."""
 
 
 def _seconds(fn: Callable[[], object]) -> tuple[float, object]:
@@ -64,16 +67,17 @@ class Timings:
             return (f"{candidate} vs {baseline}: {new:.1f} vs {old:.1f} ms; {rounds} round(s) are too few for a "
                     f"verdict (give {MIN_ROUNDS} or more)")
         ratios = self.ratios(candidate, baseline)
-        ratio = statistics.median(ratios)
-        faster, slower = sum(r < 1 for r in ratios), sum(r > 1 for r in ratios)
-        if max(faster, slower) < rounds or abs(ratio - 1) <= MARGIN:
-            return (f"{candidate} vs {baseline}: within noise ({new:.1f} vs {old:.1f} ms; faster in {faster} of "
-                    f"{rounds} rounds); run more rounds on a quieter machine to tell them apart")
-        if faster == rounds:
-            return (f"{candidate} is {1 / ratio:.2f}x faster than {baseline} ({new:.1f} vs {old:.1f} ms, medians; "
-                    f"faster in every one of {rounds} rounds)")
-        return (f"{candidate} is {ratio:.2f}x slower than {baseline} ({new:.1f} vs {old:.1f} ms, medians; "
-                f"slower in every one of {rounds} rounds)")
+        logs = [math.log(r) for r in ratios]
+        middle = statistics.median(logs)
+        error = 1.4826 * statistics.median(abs(x - middle) for x in logs) / math.sqrt(rounds)
+        ratio, faster = math.exp(middle), sum(r < 1 for r in ratios)
+        agree = f"faster in {faster} of {rounds} rounds"
+        if abs(middle) <= max(math.log1p(MARGIN), Z * error):
+            return (f"{candidate} vs {baseline}: within noise ({new:.1f} vs {old:.1f} ms; {agree}); run more "
+                    "rounds on a quieter machine to tell them apart")
+        if ratio < 1:
+            return f"{candidate} is {1 / ratio:.2f}x faster than {baseline} ({new:.1f} vs {old:.1f} ms, medians; {agree})"
+        return f"{candidate} is {ratio:.2f}x slower than {baseline} ({new:.1f} vs {old:.1f} ms, medians; {agree})"
 
 
 def interleave(calls: dict[str, Callable[[], object]], rounds: int = 5,
