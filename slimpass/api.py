@@ -20,7 +20,7 @@ import torch
 
 from slimpass.backend import GraphRecord, SlimpassWarning, compile_graph
 from slimpass.config import ConfigError, patched, resolve
-from slimpass.hf_compat import cache_argument, decode_mask_skipped_under_compile
+from slimpass.hf_compat import cache_argument, context_length, decode_mask_skipped_under_compile
 from slimpass.registry import REGISTRY
 from slimpass.runtime import slim_cache
 from slimpass.runtime.keep_sets import SlimState, state_of, unwrap
@@ -83,8 +83,8 @@ def _prompt_length(args: tuple, kwargs: dict) -> int | None:
 def _warn_past_context(model: torch.nn.Module, state: SlimState, length: int | None) -> None:
     """A SlimpassWarning, once per model, when a prompt is longer than the model's context: its positions past
     `max_position_embeddings` were never trained on, so the answer is unreliable (pruned or not)."""
-    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    if length is None or not isinstance(context, int) or length <= context or "context" in state.warned:
+    context = context_length(getattr(model, "config", None))
+    if length is None or context is None or length <= context or "context" in state.warned:
         return
     state.warned.add("context")
     warnings.warn(f"slimpass: a prompt of {length} tokens is longer than the model's context ({context} tokens, "

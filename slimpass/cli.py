@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from slimpass.eval.models import DTYPES
+from slimpass.hf_compat import context_length
 
 
 def parse_lengths(text: str) -> tuple[int, ...]:
@@ -121,12 +122,6 @@ def _load(args: argparse.Namespace):
     return model.to(args.device), tokenizer
 
 
-def context_of(model: torch.nn.Module) -> int | None:
-    """The model's context length (config.max_position_embeddings), or None when its config does not say."""
-    context = getattr(model.config, "max_position_embeddings", None)
-    return context if isinstance(context, int) and context > 0 else None
-
-
 def chat_prompt(tokenizer, document: str, question: str, budget: int | None, truncate: bool) -> tuple[torch.Tensor, str]:
     """The chat-template prompt ids of `document` + `question`, and a note on truncation ("" when none).
     Longer than `budget` tokens: a ValueError naming the fixes, or, with `truncate`, the document's first part
@@ -162,7 +157,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     model, tokenizer = _load(args)
     document = Path(args.prompt_file).read_text()
-    context = context_of(model)
+    context = context_length(model.config)
     ids, cut = chat_prompt(tokenizer, document, args.question, context and context - args.max_new_tokens,
                            args.truncate)
     ids = ids.to(args.device)
@@ -196,7 +191,7 @@ def cmd_dump(args: argparse.Namespace) -> int:
     import slimpass
 
     model, _ = _load(args)
-    context = context_of(model)
+    context = context_length(model.config)
     if context is not None and args.length > context:
         raise ValueError(f"--length {args.length} is longer than the model's context ({context} tokens, "
                          f"config.max_position_embeddings): give --length {context} or less")

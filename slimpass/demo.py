@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="greedy tokens generated")
     parser.add_argument("--rounds", type=positive, default=5,
                         help="timed rounds per side, interleaved (the first, compiling call is not one of them)")
-    parser.add_argument("--dump-dir", help="write graph dumps (before/after each pass, summary.md) here")
+    parser.add_argument("--dump-dir", help="write graph dumps (the traced graph, a diff per pass, summary.md) here")
     parser.add_argument("--seed", type=int, default=0, help="--random: weights and prompts seed")
     return parser
 

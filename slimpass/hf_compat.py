@@ -24,3 +24,10 @@ def cache_argument(model) -> str:
     """The name under which `forward` and `generate` take the KV cache: "cache" from transformers 5.24,
     "past_key_values" before (5.24 still accepts it, with a deprecation warning)."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def context_length(config) -> int | None:
+    """The positions a model was trained on (``config.max_position_embeddings``), or None when its config
+    does not say."""
+    context = getattr(config, "max_position_embeddings", None)
+    return context if isinstance(context, int) and context > 0 else None

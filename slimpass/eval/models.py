@@ -166,8 +166,7 @@ def load(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32):
     import transformers
 
     if name_or_path not in MODELS:
-        local = Path(name_or_path).is_dir()
-        if not local:
+        if not Path(name_or_path).is_dir():
             _check_in_hub_cache(name_or_path)
         # never a download: a folder, or a hub id already in the Hugging Face cache
         tokenizer = transformers.AutoTokenizer.from_pretrained(name_or_path, local_files_only=True)
@@ -200,7 +199,7 @@ def load(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32):
 
 def _check_in_hub_cache(name: str) -> None:
     """A ModelNotFound naming the fix unless `name` is a hub id (``org/model``) whose config the Hugging Face
-    cache holds (``HF_HOME`` / ``HF_HUB_CACHE``; what ``huggingface-cli download`` or an earlier
+    cache holds (``HF_HOME`` / ``HF_HUB_CACHE``; what ``hf download`` or an earlier
     ``from_pretrained`` left there)."""
     import transformers
 

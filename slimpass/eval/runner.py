@@ -24,6 +24,7 @@ import transformers
 
 import slimpass
 from slimpass.eval import fidelity, models, tasks
+from slimpass.hf_compat import context_length
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,8 +150,8 @@ def run(settings: EvalSettings, progress: bool = True, loaded: tuple[Any, Any] |
     """Evaluate; returns {"settings", "environment", "tasks": [rows], "fidelity": [rows]} (see report)."""
     model, tokenizer = loaded or models.load(settings.model, dtype=models.DTYPES[settings.dtype])
     model.to(settings.device)
-    context = getattr(model.config, "max_position_embeddings", None)
-    if isinstance(context, int) and max(settings.lengths) + settings.max_new_tokens > context:
+    context = context_length(model.config)
+    if context is not None and max(settings.lengths) + settings.max_new_tokens > context:
         raise ValueError(f"length {max(settings.lengths)} + {settings.max_new_tokens} new tokens is past the model's "
                          f"context ({context} tokens, config.max_position_embeddings): give lengths up to "
                          f"{context - settings.max_new_tokens}")

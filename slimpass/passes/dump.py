@@ -105,12 +105,7 @@ class _Sizes:
 
 
 def _shape(node: torch.fx.Node, values: dict[torch.fx.Node, Any], sizes: _Sizes) -> str:
-    value = values.get(node, fake(node))
-    if isinstance(value, torch.Tensor):
-        return f"{str(value.dtype).removeprefix('torch.')}[{', '.join(sizes(s) for s in value.shape)}]"
-    if isinstance(value, (torch.SymInt, int, float, bool)):
-        return f"{type(value).__name__}({sizes(value)})"
-    return ""
+    return shape_str(node, values.get(node), sizes)
 
 
 def render_graph(gm: torch.fx.GraphModule, values: dict[torch.fx.Node, Any] | None = None) -> str:

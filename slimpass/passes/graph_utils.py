@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import operator
 import re
+from collections.abc import Callable
 from typing import Any
 
 import networkx as nx
@@ -123,13 +124,15 @@ def same_size(a: Any, b: Any) -> bool:
         return False
 
 
-def shape_str(node: torch.fx.Node) -> str:
-    value = fake(node)
+def shape_str(node: torch.fx.Node, value: Any = None, size: Callable[[Any], str] = str) -> str:
+    """`float32[1, s81, 64]` for a tensor, `SymInt(s81)` for a size: of `value`, else the node's traced value;
+    `size` prints each size."""
+    value = fake(node) if value is None else value
     if isinstance(value, torch.Tensor):
         dtype = str(value.dtype).replace("torch.", "")
-        return f"{dtype}[{', '.join(str(s) for s in value.shape)}]"
+        return f"{dtype}[{', '.join(size(s) for s in value.shape)}]"
     if isinstance(value, (torch.SymInt, int, float, bool)):
-        return f"{type(value).__name__}({value})"
+        return f"{type(value).__name__}({size(value)})"
     return ""
 
 
