@@ -2,10 +2,14 @@
 full model and SlimInfer variants side by side, through the reference loop (`slimpass.runtime.reference`).
 
 The reference is the method's oracle (the compiled path equals it; tests check that), and it runs on any
-transformers version (the GPU image's 5.17 included). Every sample runs every variant before the next
-sample starts, and samples go round the cells (sample i of every length and task before sample i + 1),
-so a run stopped by --time-limit leaves every cell with the same number of samples. One JSON line per
-(sample, variant) is appended to --out as it finishes.
+transformers version (the GPU image's 5.17 included). Samples go round the cells in chunks (samples
+i..i+chunk-1 of every length and task before the next chunk; a chunk starts only if it should end within
+--time-limit), so a stopped run leaves every cell with the same number of samples. Within a cell, the
+chunk's prompts of equal token count run as one batch (no padding: each row is what it would be alone,
+up to the rounding of batched kernels), and variants that share a prefill run from one: ``default`` and
+``reselect``, and ``full`` with the baselines. One JSON line per (sample, variant) is appended to --out
+as each batch finishes; ``seconds`` is the batch's call time over its rows (``call`` names the variants
+that shared it).
 
 Variants: ``full`` (no pruning: the model's own forward), ``default`` (prune=True, default schedule),
 ``paper`` (the paper schedule), ``reselect`` (default schedule, decode with reselect=True, 2048 active
@@ -33,6 +37,7 @@ import os
 import platform
 import sys
 import time
+from typing import Any
 
 import torch
 import transformers
@@ -63,8 +68,8 @@ def _init_worker(folder: str) -> None:
     _TOKENIZER = transformers.AutoTokenizer.from_pretrained(folder)
 
 
-def _make(task: str, length: int, seed: int, depth: float) -> tasks.Sample:
-    return tasks.make_sample(task, _TOKENIZER, length, seed, depth=depth)
+def _make(task: str, length: int, seed: int, depth: float, index: int) -> tuple[int, tasks.Sample]:
+    return index, tasks.make_sample(task, _TOKENIZER, length, seed, depth=depth)
 
 
 def parse_lengths(text: str) -> list[int]:
@@ -115,6 +120,80 @@ def summarize(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def batches(samples: list[tuple[int, tasks.Sample]], batch_tokens: int) -> list[list[tuple[int, tasks.Sample]]]:
+    """The (sample index, sample) pairs in groups of equal prompt length (rows of one batch need no
+    padding), at most `batch_tokens` tokens each (one row at least)."""
+    by_length: dict[int, list] = {}
+    for i, sample in samples:
+        by_length.setdefault(int(sample.input_ids.shape[1]), []).append((i, sample))
+    groups = []
+    for n, group in sorted(by_length.items()):
+        rows = max(1, batch_tokens // n)
+        groups += [group[k:k + rows] for k in range(0, len(group), rows)]
+    return groups
+
+
+def answer_text(tokenizer, tokens: torch.Tensor, eos_ids: list[int]) -> str:
+    """The answer of one row, cut at its first end-of-sequence token (other rows may have decoded on)."""
+    new = tokens.tolist()
+    stop = next((i for i, t in enumerate(new) if t in eos_ids), len(new))
+    return tokenizer.decode(new[:stop], skip_special_tokens=True).strip()
+
+
+def run_group(model, tokenizer, group, task: str, length: int, configs: dict, eos_ids: list[int], depth_of,
+              env: dict) -> list[dict]:
+    """Every variant on one batch of equal-length prompts; one row per (sample, variant). Variants that
+    share a prefill run from one: default and reselect (`reference.generate_shared`), full and the
+    baselines (`baselines.generate_shared`, at the default's last-stage KV budget)."""
+    ids = torch.cat([sample.input_ids for _i, sample in group]).to(next(model.parameters()).device)
+    n, new_tokens = ids.shape[1], NEW_TOKENS[task]
+    calls: list[tuple[list[str], Any]] = []
+    decode_only = [v for v in ("default", "reselect") if v in configs]
+    calls += [(decode_only, None)] if decode_only else []
+    calls += [([v], None) for v in configs if not isinstance(configs[v], str) and configs[v] is not None
+              and v not in decode_only]
+    unpruned = [v for v in configs if configs[v] is None or isinstance(configs[v], str)]
+    calls += [(unpruned, "unpruned")] if unpruned else []
+    results: dict[str, tuple] = {}
+    budget = None
+    for names, kind in calls:
+        kept: list = []
+        if kind == "unpruned":
+            names = [v for v in names if v == "full" or budget]  # a baseline needs the default's budget
+            if not names:
+                continue
+        t0 = time.perf_counter()
+        if kind == "unpruned":
+            outs = baselines.generate_shared(names, model, ids, budget or n, max_new_tokens=new_tokens,
+                                             eos_token_id=eos_ids)
+        else:
+            outs = reference.generate_shared(model, ids, [configs[v] for v in names], max_new_tokens=new_tokens,
+                                             eos_token_id=eos_ids, keep_sets=kept, last_logits_only=True)
+        if ids.is_cuda:
+            torch.cuda.synchronize()
+        seconds = (time.perf_counter() - t0) / len(group)
+        for name, tokens in zip(names, outs):
+            results[name] = (tokens, kept, seconds, budget if isinstance(configs[name], str) else None, names)
+        if "default" in names and kept:
+            budget = int(kept[-1].positions.shape[1])
+    rows = []
+    for variant in configs:
+        if variant not in results:
+            continue  # a baseline where the default schedule did not prune this prompt: no budget to match
+        tokens, kept, seconds, row_budget, shared = results[variant]
+        for b, (index, sample) in enumerate(group):
+            text = answer_text(tokenizer, tokens[b, n:], eos_ids)
+            needed = sample.needle_positions
+            rows.append({"task": task, "length": length, "variant": variant, "sample": index,
+                         "seed": sample.seed, "depth": depth_of(index), "tokens": n,
+                         "score": tasks.score(sample, text), "answer": text[:200], "answers": list(sample.answers),
+                         "seconds": round(seconds, 3), "batch": len(group), "call": shared,
+                         "kept": [[k.layer, int(k.positions.shape[1])] for k in kept],
+                         "survived": [needed <= set(k.positions[b].tolist()) for k in kept] if needed else None,
+                         **({"budget": row_budget} if row_budget is not None else {}), **env})
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     if argv is None and sys.argv[1:2] == ["--summarize"]:
         rows = [json.loads(line) for path in sys.argv[2:] for line in open(path) if line.strip()]
@@ -132,6 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--first-sample", type=int, default=0, help="resume: the first sample index to run")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--time-limit", type=float, default=0, help="stop starting samples after this many seconds")
+    parser.add_argument("--chunk", type=int, default=10,
+                        help="samples of a cell run together (batched where their prompt lengths are equal)")
+    parser.add_argument("--batch-tokens", type=int, default=262144, help="at most this many prompt tokens a batch")
     parser.add_argument("--out", required=True, help="JSON lines, appended")
     args = parser.parse_args(argv)
     chosen = args.variants.split(",")
@@ -159,55 +241,38 @@ def main(argv: list[str] | None = None) -> int:
     generation_eos = model.generation_config.eos_token_id
     eos |= set(generation_eos if isinstance(generation_eos, list) else [generation_eos] if generation_eos is not None else [])
     eos_ids = sorted(e for e in eos if e is not None)
-    done = 0
     # prompts are built (tokenizer bisection, CPU) by worker processes ahead of the GPU
-    jobs = [(index, length, task) for index in range(args.first_sample, args.samples)
-            for length in args.lengths for task in args.tasks.split(",")]
+    tasks_ = args.tasks.split(",")
+    chunks = [range(c, min(c + args.chunk, args.samples)) for c in range(args.first_sample, args.samples, args.chunk)]
+    units = [(chunk, length, task) for chunk in chunks for length in args.lengths for task in tasks_]
     folder = str(models.cache_dir() / args.model) if args.model in models.MODELS else args.model
     pool = concurrent.futures.ProcessPoolExecutor(max(1, min(16, (os.cpu_count() or 2) - 1)),
                                                   initializer=_init_worker, initargs=(folder,))
     def depth_of(index: int) -> float:  # depths spread over [0, 1] as in make_samples, seeds derived the same way
         return index / (args.samples - 1) if args.samples > 1 else 0.5
-    pending = [pool.submit(_make, task, length, tasks._derive(args.seed, index), depth_of(index))
-               for index, length, task in jobs]
+    pending = [[pool.submit(_make, task, length, tasks._derive(args.seed, i), depth_of(i), i) for i in chunk]
+               for chunk, length, task in units]
+    done, chunk_start, chunk_seconds = 0, time.perf_counter(), 0.0
     with open(args.out, "a") as out:
-        for (index, length, task), future in zip(jobs, pending):
-            if args.time_limit and time.perf_counter() - start > args.time_limit:
-                print(f"time limit: stopped before sample {index} ({done} rows)", flush=True)
+        for (chunk, length, task), futures in zip(units, pending):
+            now = time.perf_counter()
+            first_of_chunk = (length, task) == (args.lengths[0], tasks_[0])
+            if first_of_chunk:  # a chunk starts only if it should end before the limit (as long as the last one)
+                chunk_seconds, chunk_start = (now - chunk_start if chunk.start > args.first_sample else 0.0), now
+            if args.time_limit and (now - start > args.time_limit
+                                    or first_of_chunk and now - start + chunk_seconds > args.time_limit):
+                print(f"time limit: stopped before samples {chunk.start}-{chunk.stop - 1} of {task} at {length} "
+                      f"({done} rows)", flush=True)
                 break
-            sample, depth = future.result(), depth_of(index)
-            ids = sample.input_ids.to(args.device)
-            budget = None
-            for variant, config in configs.items():
-                kept: list = []
-                if isinstance(config, str) and not budget:
-                    continue  # the default schedule did not prune this prompt: no budget to match
-                t0 = time.perf_counter()
-                if isinstance(config, str):
-                    tokens = baselines.generate(config, model, ids, budget, max_new_tokens=NEW_TOKENS[task],
-                                                eos_token_id=eos_ids)
-                else:
-                    tokens = reference.generate(model, ids, config, max_new_tokens=NEW_TOKENS[task],
-                                                eos_token_id=eos_ids, keep_sets=kept, last_logits_only=True)
-                seconds = time.perf_counter() - t0
-                text = tokenizer.decode(tokens[0, ids.shape[1]:], skip_special_tokens=True).strip()
-                needed = sample.needle_positions
-                row = {"task": task, "length": length, "variant": variant, "sample": index,
-                       "seed": sample.seed, "depth": depth, "tokens": int(ids.shape[1]),
-                       "score": tasks.score(sample, text), "answer": text[:200],
-                       "answers": list(sample.answers), "seconds": round(seconds, 3),
-                       "kept": [[k.layer, int(k.positions.shape[1])] for k in kept],
-                       "survived": [needed <= set(k.positions[0].tolist()) for k in kept] if needed else None,
-                       **env}
-                if variant == "default" and kept:
-                    budget = int(kept[-1].positions.shape[1])
-                if isinstance(config, str):
-                    row["budget"] = budget
-                out.write(json.dumps(row) + "\n")
+            samples = [f.result() for f in futures]
+            for group in batches(samples, args.batch_tokens):
+                for row in run_group(model, tokenizer, group, task, length, configs, eos_ids, depth_of, env):
+                    out.write(json.dumps(row) + "\n")
+                    done += 1
                 out.flush()
-                done += 1
-            if (length, task) == (args.lengths[-1], args.tasks.split(",")[-1]):
-                print(f"sample {index} done: {done} rows, {time.perf_counter() - start:.0f} s", flush=True)
+            if (length, task) == (args.lengths[-1], tasks_[-1]):
+                print(f"samples {chunk.start}-{chunk.stop - 1} done: {done} rows, "
+                      f"{time.perf_counter() - start:.0f} s", flush=True)
     pool.shutdown(wait=False, cancel_futures=True)
     return 0
 

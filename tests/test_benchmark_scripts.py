@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.test_host_sampler import fake_py_spy
 
@@ -226,3 +227,20 @@ def test_long_quality_summary_counts_retention_over_cells_the_full_model_solves(
     # all cells: default 75% vs full 75% -> 100%; cells where full >= 80%: passkey only, 50% of 100%
     assert "| 4096 | default | 2 (2) | 75.0% | 100.0% | 50.0% (1 fam.) | 50.0% | 50.0% |" in text
     assert "| passkey | 4096 | default | 2 | 50% [9, 91] | 50% | 1/2 | 1.00 |" in text
+
+
+def test_long_quality_batches_only_equal_lengths_and_cuts_answers_at_their_own_eos(monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "benchmarks"))
+    import gpu_long_quality
+    from types import SimpleNamespace
+
+    def sample(n):
+        return SimpleNamespace(input_ids=torch.zeros(1, n, dtype=torch.long))
+    samples = [(0, sample(100)), (1, sample(98)), (2, sample(100)), (3, sample(100))]
+    groups = gpu_long_quality.batches(samples, batch_tokens=200)
+    assert [[i for i, _s in g] for g in groups] == [[1], [0, 2], [3]]
+
+    class Tok:
+        def decode(self, ids, skip_special_tokens):
+            return " ".join(map(str, ids))
+    assert gpu_long_quality.answer_text(Tok(), torch.tensor([5, 6, 2, 7, 2]), [2]) == "5 6"

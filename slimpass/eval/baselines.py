@@ -75,47 +75,68 @@ def _decode(model, cache: DynamicCache, first: torch.Tensor, prompt_len: int, ma
 
 @torch.no_grad()
 def generate(name: str, model: torch.nn.Module, input_ids: torch.Tensor, budget: int, max_new_tokens: int = 32,
-             eos_token_id: list[int] | None = None, sinks: int = 4, window: int = 32, kernel: int = 7,
-             layer: int | None = None) -> torch.Tensor:
+             eos_token_id: list[int] | None = None, **options) -> torch.Tensor:
     """Greedy decoding under baseline `name` keeping `budget` prompt tokens: [B, prompt + new] token ids
-    (fewer new ones when every row stopped at EOS)."""
+    (fewer new ones when every row stopped at EOS). `options`: sinks=4, window=32, kernel=7, layer (see
+    `generate_shared`)."""
     if name not in BASELINES:
         raise ValueError(f"unknown baseline {name!r}; known: {', '.join(BASELINES)}")
+    return generate_shared([name], model, input_ids, budget, max_new_tokens, eos_token_id, **options)[0]
+
+
+@torch.no_grad()
+def generate_shared(names: list[str], model: torch.nn.Module, input_ids: torch.Tensor, budget: int,
+                    max_new_tokens: int = 32, eos_token_id: list[int] | None = None, sinks: int = 4,
+                    window: int = 32, kernel: int = 7, layer: int | None = None) -> list[torch.Tensor]:
+    """`generate` of each of `names` (baselines, and "full": the model's own greedy decode) from one
+    unpruned prefill of the prompt: each result equals its own `generate` call. `layer`: GemFilter's
+    selection layer (default: the paper's 13 of 32, scaled to the model's depth)."""
+    unknown = [name for name in names if name not in ("full", *BASELINES)]
+    if unknown:
+        raise ValueError(f"unknown baseline(s) {unknown}; known: full, {', '.join(BASELINES)}")
     batch, n = input_ids.shape
     device = input_ids.device
     eos = None if eos_token_id is None else torch.tensor(eos_token_id, device=device)
-    if budget >= n:  # nothing to drop: the full model
-        return reference.generate(model, input_ids, None, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
-                                 last_logits_only=True)
-    if name == "gemfilter":
-        depth = len(reference.decoder_layers(model))
-        layer = round(13 / 32 * depth) if layer is None else layer
-        for index, q, k in reference.layer_queries_keys(model, input_ids):
-            if index == layer:
-                break
-        heads, kv_heads = q.shape[1], k.shape[1]
-        keys = k.float().repeat_interleave(heads // kv_heads, dim=1)
-        scores = (q[:, :, -1:].float() @ keys.transpose(-1, -2)).div(math.sqrt(q.shape[-1])).softmax(-1).sum((1, 2))
-        scores[:, -1] = float("inf")  # the last token (the question's end) stays
-        chosen = scores.topk(budget, dim=-1).indices.sort(dim=-1).values
-        short = input_ids.gather(1, chosen)
-        tokens = reference.generate(model, short, None, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
-                                 last_logits_only=True)
-        return torch.cat([input_ids, tokens[:, short.shape[1]:]], dim=1)
-    # one unpruned forward fills the cache (and, for snapkv, records every layer's queries and keys)
-    run, cache, logits = reference._prefill(model, input_ids, None, record_all=name == "snapkv", last_logits_only=True)
+    # one unpruned forward fills the cache (and, for snapkv and gemfilter, records every layer's queries and keys)
+    record = budget < n and bool({"snapkv", "gemfilter"} & set(names))
+    run, cache, logits = reference._prefill(model, input_ids, None, record_all=record, last_logits_only=True)
     kv_heads = cache.layers[0].keys.shape[1]
-    for index in range(len(cache.layers)):
-        if name == "streaming":
-            keep = _streaming_keep(n, budget, sinks, device).expand(batch, kv_heads, -1)
-        else:
-            q, k = run.recorded[index]
-            scores = _kv_heads_scores(q, k, window)
-            scores = F.avg_pool1d(scores.flatten(0, 1)[:, None], kernel, stride=1, padding=kernel // 2)[:, 0]
-            scores = scores.view(batch, kv_heads, -1)
-            top = scores.topk(budget - window, dim=-1).indices
-            keep = torch.cat([top, torch.arange(n - window, n, device=device).expand(batch, kv_heads, -1)], dim=-1)
-            keep = keep.sort(dim=-1).values
-        _gather_cache(cache, index, keep)
-    out = _decode(model, cache, logits.argmax(-1, keepdim=True), n, max_new_tokens, eos)
-    return torch.cat([input_ids, *out], dim=1)
+    saved = [(entry.keys, entry.values) for entry in cache.layers]  # gathers and decoding make new tensors
+    results = []
+    for name in names:
+        if name == "gemfilter" and budget < n:
+            results.append(_gemfilter(model, input_ids, run.recorded, budget, max_new_tokens, eos_token_id, layer))
+            continue
+        for entry, (keys, values) in zip(cache.layers, saved):
+            entry.keys, entry.values = keys, values
+        for index in range(len(cache.layers)) if name in ("streaming", "snapkv") and budget < n else ():
+            if name == "streaming":
+                keep = _streaming_keep(n, budget, sinks, device).expand(batch, kv_heads, -1)
+            else:
+                q, k = run.recorded[index]
+                scores = _kv_heads_scores(q, k, window)
+                scores = F.avg_pool1d(scores.flatten(0, 1)[:, None], kernel, stride=1, padding=kernel // 2)[:, 0]
+                scores = scores.view(batch, kv_heads, -1)
+                top = scores.topk(budget - window, dim=-1).indices
+                keep = torch.cat([top, torch.arange(n - window, n, device=device).expand(batch, kv_heads, -1)], dim=-1)
+                keep = keep.sort(dim=-1).values
+            _gather_cache(cache, index, keep)
+        out = _decode(model, cache, logits.argmax(-1, keepdim=True), n, max_new_tokens, eos)
+        results.append(torch.cat([input_ids, *out], dim=1))
+    return results
+
+
+def _gemfilter(model, input_ids: torch.Tensor, recorded: dict, budget: int, max_new_tokens: int,
+               eos_token_id: list[int] | None, layer: int | None) -> torch.Tensor:
+    """GemFilter: the last query's attention at `layer` picks `budget` tokens; the model answers from them."""
+    depth = len(reference.decoder_layers(model))
+    q, k = recorded[round(13 / 32 * depth) if layer is None else layer]
+    heads, kv_heads = q.shape[1], k.shape[1]
+    keys = k.float().repeat_interleave(heads // kv_heads, dim=1)
+    scores = (q[:, :, -1:].float() @ keys.transpose(-1, -2)).div(math.sqrt(q.shape[-1])).softmax(-1).sum((1, 2))
+    scores[:, -1] = float("inf")  # the last token (the question's end) stays
+    chosen = scores.topk(budget, dim=-1).indices.sort(dim=-1).values
+    short = input_ids.gather(1, chosen)
+    tokens = reference.generate(model, short, None, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
+                                last_logits_only=True)
+    return torch.cat([input_ids, tokens[:, short.shape[1]:]], dim=1)

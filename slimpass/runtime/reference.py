@@ -119,7 +119,8 @@ def select_blocks(scores: torch.Tensor, length: int, keep_middle: int, config: S
     if last < sink:  # the sinks already cover the whole sequence
         return list(range(last + 1))
     middle = list(range(sink, last))
-    ranked = sorted(middle, key=lambda j: (-float(scores[j]), j))  # ties: the earlier block
+    values = scores.tolist()  # one device-to-host copy, not one per block
+    ranked = sorted(middle, key=lambda j: (-values[j], j))  # ties: the earlier block
     chosen = sorted(ranked[: min(keep_middle, len(middle))])
     return list(range(sink)) + chosen + [last]
 
@@ -426,9 +427,44 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, config: SlimConfig
     run, cache, step_logits = _prefill(model, input_ids, config, last_logits_only=last_logits_only)
     if keep_sets is not None:
         keep_sets.extend(run.keep_sets)
+    return _decode(run, cache, input_ids, step_logits, config, max_new_tokens, trace, logits, forced, eos_token_id)
+
+
+@torch.no_grad()
+def generate_shared(model: torch.nn.Module, input_ids: torch.Tensor, configs: list[SlimConfig | None],
+                    max_new_tokens: int = 32, eos_token_id: int | list[int] | None = None,
+                    keep_sets: list[KeepSet] | None = None, last_logits_only: bool = False) -> list[torch.Tensor]:
+    """`generate` under each of `configs`, from one prefill: the configs may differ only in what decoding
+    does (reselection and its settings), so their prefills are the same computation. Each result equals
+    ``generate(model, input_ids, config, ...)``; `keep_sets` receives the one prefill's keep sets."""
+    def prefill_fields(config):
+        return None if config is None else \
+            {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name not in _DECODE_ONLY}
+    if any(prefill_fields(c) != prefill_fields(configs[0]) for c in configs):
+        raise ValueError(f"generate_shared: the configs prefill differently; they may differ only in "
+                         f"{', '.join(_DECODE_ONLY)}")
+    run, cache, step_logits = _prefill(model, input_ids, configs[0], last_logits_only=last_logits_only)
+    if keep_sets is not None:
+        keep_sets.extend(run.keep_sets)
+    saved = [(layer.keys, layer.values) for layer in cache.layers]  # decoding appends new tensors: these stay
+    results = []
+    for config in configs:
+        for layer, (keys, values) in zip(cache.layers, saved):
+            layer.keys, layer.values = keys, values
+        results.append(_decode(run, cache, input_ids, step_logits, config, max_new_tokens, eos_token_id=eos_token_id))
+    return results
+
+
+_DECODE_ONLY = ("reselect", "active_tokens", "gamma", "reselect_unit")  # SlimConfig fields only decoding reads
+
+
+def _decode(run: _Run, cache: DynamicCache, input_ids: torch.Tensor, step_logits: torch.Tensor,
+            config: SlimConfig | None, max_new_tokens: int, trace: list | None = None, logits: list | None = None,
+            forced: torch.Tensor | None = None, eos_token_id: int | list[int] | None = None) -> torch.Tensor:
+    """The greedy decoding loop after `run`'s prefill filled `cache` and gave the first `step_logits`."""
     keys, _values = _cache_of(run, cache)
-    if config is not None and config.reselect:
-        run.reselect = {index: Reselection(keys[index], config) for index in range(run.first, len(run.layers))}
+    run.reselect = {index: Reselection(keys[index], config) for index in range(run.first, len(run.layers))} \
+        if config is not None and config.reselect else {}
 
     def choose(step_logits: torch.Tensor, step: int) -> torch.Tensor:
         return step_logits.argmax(-1, keepdim=True) if forced is None else forced[:, step:step + 1]

@@ -42,3 +42,17 @@ def test_snapkv_keeps_the_window_and_the_most_attended_tokens():
 def test_an_unknown_baseline_is_refused():
     with pytest.raises(ValueError, match="unknown baseline 'h2o'; known: streaming, snapkv, gemfilter"):
         baselines.generate("h2o", tiny_model("llama"), torch.zeros(1, 8, dtype=torch.long), budget=4)
+
+
+@pytest.mark.parametrize("n", [150, 233])
+def test_variants_sharing_one_prefill_equal_their_own_calls(n):
+    """full, streaming, snapkv and gemfilter from one unpruned prefill (what the quality harness batches)
+    give what each gives alone, on a batch of 2 rows."""
+    model = tiny_model("llama")
+    ids = torch.randint(0, model.config.vocab_size, (2, n), generator=torch.Generator().manual_seed(n))
+    names = ["full", *baselines.BASELINES]
+    shared = baselines.generate_shared(names, model, ids, budget=96, max_new_tokens=6)
+    alone = [reference.generate(model, ids, None, max_new_tokens=6)] + \
+        [baselines.generate(name, model, ids, budget=96, max_new_tokens=6) for name in baselines.BASELINES]
+    for name, got, expected in zip(names, shared, alone):
+        assert torch.equal(got, expected), name

@@ -134,3 +134,21 @@ def test_reference_refuses_what_it_cannot_run():
     other.config._attn_implementation = "flex_attention"
     with pytest.raises(reference.ReferenceError, match="attention implementation 'flex_attention'"):
         reference.prefill(other, ids)
+
+
+@pytest.mark.parametrize("n", [300, 517])
+def test_generate_shared_decodes_each_config_from_one_prefill(n):
+    """default and reselect decoding after one pruned prefill equal two separate generate calls; configs
+    that prefill differently are refused."""
+    model = tiny_model("llama")
+    ids = torch.randint(0, model.config.vocab_size, (2, n), generator=torch.Generator().manual_seed(n))
+    plain = SlimConfig(prune=True, schedule={1: 0.5}, min_prompt_len=64, block_size=16)
+    reselecting = SlimConfig(prune=True, schedule={1: 0.5}, min_prompt_len=64, block_size=16, reselect=True,
+                             active_tokens=64)
+    kept = []
+    shared = reference.generate_shared(model, ids, [plain, reselecting], max_new_tokens=8, keep_sets=kept)
+    assert torch.equal(shared[0], reference.generate(model, ids, plain, max_new_tokens=8))
+    assert torch.equal(shared[1], reference.generate(model, ids, reselecting, max_new_tokens=8))
+    assert len(kept) == 1 and kept[0].positions.shape[0] == 2
+    with pytest.raises(ValueError, match="prefill differently"):
+        reference.generate_shared(model, ids, [plain, SlimConfig(prune=True, schedule={2: 0.5}, min_prompt_len=64)])
