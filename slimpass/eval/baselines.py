@@ -101,14 +101,13 @@ def generate_shared(names: list[str], model: torch.nn.Module, input_ids: torch.T
     record = budget < n and bool({"snapkv", "gemfilter"} & set(names))
     run, cache, logits = reference._prefill(model, input_ids, None, record_all=record, last_logits_only=True)
     kv_heads = cache.layers[0].keys.shape[1]
-    saved = [(entry.keys, entry.values) for entry in cache.layers]  # gathers and decoding make new tensors
+    rewind = reference.cache_rewinder(cache)
     results = []
     for name in names:
         if name == "gemfilter" and budget < n:
             results.append(_gemfilter(model, input_ids, run.recorded, budget, max_new_tokens, eos_token_id, layer))
             continue
-        for entry, (keys, values) in zip(cache.layers, saved):
-            entry.keys, entry.values = keys, values
+        rewind()
         for index in range(len(cache.layers)) if name in ("streaming", "snapkv") and budget < n else ():
             if name == "streaming":
                 keep = _streaming_keep(n, budget, sinks, device).expand(batch, kv_heads, -1)

@@ -446,13 +446,23 @@ def generate_shared(model: torch.nn.Module, input_ids: torch.Tensor, configs: li
     run, cache, step_logits = _prefill(model, input_ids, configs[0], last_logits_only=last_logits_only)
     if keep_sets is not None:
         keep_sets.extend(run.keep_sets)
-    saved = [(layer.keys, layer.values) for layer in cache.layers]  # decoding appends new tensors: these stay
+    rewind = cache_rewinder(cache)
     results = []
     for config in configs:
-        for layer, (keys, values) in zip(cache.layers, saved):
-            layer.keys, layer.values = keys, values
+        rewind()
         results.append(_decode(run, cache, input_ids, step_logits, config, max_new_tokens, eos_token_id=eos_token_id))
     return results
+
+
+def cache_rewinder(cache: DynamicCache) -> Callable[[], None]:
+    """A function that puts `cache`'s layers back to the tensors they hold now: decoding (and gathering)
+    replaces them with new tensors rather than writing into them, so one prefill serves several decodes."""
+    saved = [(layer.keys, layer.values) for layer in cache.layers]
+
+    def rewind() -> None:
+        for layer, (keys, values) in zip(cache.layers, saved):
+            layer.keys, layer.values = keys, values
+    return rewind
 
 
 _DECODE_ONLY = ("reselect", "active_tokens", "gamma", "reselect_unit")  # SlimConfig fields only decoding reads
