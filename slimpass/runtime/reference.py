@@ -368,12 +368,11 @@ def layer_queries_keys(model: torch.nn.Module, input_ids: torch.Tensor) -> Itera
 
 @dataclasses.dataclass
 class Reselection:
-    """One slim layer's decode-time reselection state (section 5 of the module docstring)."""
+    """One slim layer's decode-time reselection state (section 5 of the module docstring), held on the device
+    as tensors: a step costs a few batched operations, not a Python loop over rows and blocks."""
 
     keys: torch.Tensor  # [B, Hkv, n, D] the layer's cached prompt keys
     config: SlimConfig
-    active: list[list[int]] | None = None  # per row, the active middle blocks (cache-order block indices)
-    swapped_in: int = 0  # blocks that entered an active set after the first step, summed over rows
 
     def __post_init__(self) -> None:
         batch, heads, n, dim = self.keys.shape
@@ -382,6 +381,30 @@ class Reselection:
         self.prompt_tokens = n
         self.unit_keys = None if unit == 1 else \
             self.keys[:, :, :full].float().reshape(batch, heads, full // unit, unit, dim).mean(dim=3)
+        self._active: torch.Tensor | None = None  # [B, k] per row its active middle blocks, ascending
+        self._swapped = torch.zeros((), dtype=torch.long, device=self.keys.device)
+
+    @property
+    def active(self) -> list[list[int]] | None:
+        """Per row, the active middle blocks (cache-order block indices, ascending)."""
+        return None if self._active is None else self._active.tolist()
+
+    @property
+    def swapped_in(self) -> int:
+        """Blocks that entered an active set after the first step, summed over rows."""
+        return int(self._swapped)
+
+    def _candidates(self, scores: torch.Tensor) -> torch.Tensor:
+        """[B, k] per row the `active_tokens // block` best middle blocks, ascending: `select_blocks`'
+        middle, batched (a stable descending sort ranks ties to the earlier block, as it does)."""
+        config = self.config
+        last = (self.prompt_tokens - 1) // config.block_size
+        sink = config.sink_blocks
+        count = min(config.active_tokens // config.block_size, max(last - sink, 0))
+        if count == 0:
+            return torch.empty(scores.shape[0], 0, dtype=torch.long, device=scores.device)
+        ranked = torch.sort(scores[:, sink:last], dim=1, descending=True, stable=True).indices[:, :count]
+        return torch.sort(ranked + sink, dim=1).values
 
     def __call__(self, q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         config, n = self.config, self.prompt_tokens
@@ -392,20 +415,22 @@ class Reselection:
             name = "tokenunit_torch" if config.scorer == "tokenunit" else config.scorer
             settings = ScoreSettings(block // config.reselect_unit, 1, config.local_window)
             scores = get_scorer(name)(q, self.unit_keys, settings)
-        keep_middle = config.active_tokens // block
-        candidates = [select_blocks(scores[b], n, keep_middle, config)[config.sink_blocks:-1]
-                      for b in range(keys.shape[0])]
-        if self.active is None:
-            self.active = candidates
+        candidates = self._candidates(scores)
+        if self._active is None:
+            self._active = candidates
+        batch, device = keys.shape[0], keys.device
         last = (n - 1) // block
-        sinks = list(range(min(config.sink_blocks, last)))
-        rows = [_positions_of(sinks + active + [last], n, block) + list(range(n, keys.shape[2]))
-                for active in self.active]
-        for b, (now, new) in enumerate(zip(self.active, candidates)):  # for the next step
-            if new and len(set(now) & set(new)) < config.gamma * len(new):
-                self.swapped_in += len(set(new) - set(now))
-                self.active[b] = new
-        return torch.tensor(rows, device=keys.device)
+        sinks = torch.arange(min(config.sink_blocks, last), device=device).expand(batch, -1)
+        whole = torch.cat([sinks, self._active], dim=1)  # full blocks, ascending, all before the last block
+        tokens = (whole[:, :, None] * block + torch.arange(block, device=device)).flatten(1)
+        tail = torch.arange(last * block, keys.shape[2], device=device).expand(batch, -1)  # last block + generated
+        rows = torch.cat([tokens, tail], dim=1)
+        if candidates.shape[1]:  # for the next step: swap a row's set when too few of the new blocks are active
+            overlap = (self._active[:, :, None] == candidates[:, None, :]).any(dim=1).sum(dim=1)
+            swap = overlap < config.gamma * candidates.shape[1]
+            self._swapped += torch.where(swap, candidates.shape[1] - overlap, 0).sum()
+            self._active = torch.where(swap[:, None], candidates, self._active)
+        return rows
 
 
 @torch.no_grad()

@@ -4,6 +4,7 @@ the reference loop's plain-Python rule, with reselection on and off, and the op'
 from __future__ import annotations
 
 import logging
+from unittest import mock
 
 import pytest
 import torch
@@ -189,3 +190,52 @@ def test_beam_search_scores_match_the_reference(extra):
         reference.generate(oracle, prompt, config, max_new_tokens=new, logits=logits, forced=tokens)
         logprobs = torch.stack(logits, 1).log_softmax(-1).gather(-1, tokens[..., None])
         torch.testing.assert_close(logprobs.sum(), score, rtol=1e-4, atol=1e-4)
+
+
+def _reselection_oracle(scores: list[list[float]], n: int, total: int, config: SlimConfig) -> tuple[list, list, int]:
+    """The reference's reselection rule in plain Python, one row at a time, for one step from no active set
+    and one more step: (attended positions of both steps, active sets after them, blocks swapped in)."""
+    block, sink = config.block_size, config.sink_blocks
+    last = (n - 1) // block
+
+    def candidates(row):
+        middle = sorted(range(sink, last), key=lambda j: (-row[j], j))[:config.active_tokens // block]
+        return sorted(middle)
+    steps, swapped = [], 0
+    active = [candidates(row) for row in scores[0]]
+    for step_scores in scores:
+        rows = []
+        for b, row in enumerate(step_scores):
+            blocks = list(range(min(sink, last))) + active[b]
+            rows.append([t for j in blocks for t in range(j * block, (j + 1) * block)] + list(range(last * block, total)))
+            new = candidates(row)
+            if new and len(set(active[b]) & set(new)) < config.gamma * len(new):
+                swapped += len(set(new) - set(active[b]))
+                active[b] = new
+        steps.append(rows)
+    return steps, active, swapped
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_batched_reselection_matches_the_per_row_rule(data):
+    """reference.Reselection (batched tensors) against the per-row rule above: random scores with ties
+    (few distinct values), prompts with and without a partial last block, every gamma."""
+    block = data.draw(st.sampled_from([2, 4]), label="block")
+    n = data.draw(st.integers(block, 12 * block), label="n")
+    config = SlimConfig(prune=True, reselect=True, block_size=block, unit_size=block, local_window=block,
+                        sink_blocks=data.draw(st.integers(0, 2), label="sinks"),
+                        active_tokens=block * data.draw(st.integers(1, 6), label="active"),
+                        gamma=data.draw(st.sampled_from([0.0, 0.5, 0.75, 1.0]), label="gamma"))
+    rows, heads, dim = data.draw(st.integers(1, 3), label="rows"), 1, 2
+    scores = [[[float(data.draw(st.integers(0, 3))) for _ in range(n // block)] for _ in range(rows)]
+              for _ in range(2)]
+    reselection = reference.Reselection(torch.zeros(rows, heads, n, dim), config)
+    keys = torch.zeros(rows, heads, n + 3, dim)
+    got = []
+    for step in scores:  # the scorer is replaced by the drawn scores
+        with mock.patch.object(reference, "block_scores", lambda q, k, c, s=step: torch.tensor(s)):
+            got.append(reselection(torch.zeros(rows, heads * 2, 1, dim), keys).tolist())
+    want, active, swapped = _reselection_oracle(scores, n, n + 3, config)
+    assert got == want
+    assert reselection.active == active and reselection.swapped_in == swapped
