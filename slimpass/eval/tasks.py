@@ -17,7 +17,8 @@ Haystacks come from `slimpass.eval.haystack`: ``"repeat"`` filler or ``"natural"
 ``pydoc_data.topics`` (PSF License; it ships with Python, so nothing is downloaded). The haystack is
 measured in words; the largest word count whose prompt fits `length` tokens is found by an
 interpolating bisection over the exact token count, so prompts never exceed `length` and fall short
-of it by a few tokens. Needles are placed at sentence boundaries nearest their depth.
+of it by a few tokens (``exact=True`` tops them up to `length` with the first tokens of the haystack's
+continuation, spliced in before the question, so that prompts of one length batch without padding). Needles are placed at sentence boundaries nearest their depth.
 
 Token ids are those of ``tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)`` on the
 rendered template text; the offsets map each needle's character range to its token range
@@ -242,6 +243,7 @@ def _layout(units: list[str], placed: tuple[_Placed, ...]) -> list[tuple[str, bo
 class _Rendered:
     ids: list[int]
     spans: tuple[tuple[int, int], ...]
+    haystack_end: int  # the index of the first token after the haystack (before the question)
 
 
 def _render(tokenizer, spec: _Spec, units: list[str]) -> _Rendered:
@@ -260,7 +262,8 @@ def _render(tokenizer, spec: _Spec, units: list[str]) -> _Rendered:
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     starts, ends = zip(*enc["offset_mapping"]) if enc["input_ids"] else ((), ())
     spans = tuple((bisect.bisect_right(ends, base + a), bisect.bisect_left(starts, base + b)) for a, b in needles)
-    return _Rendered(list(enc["input_ids"]), spans)
+    end = base + (at - len(spec.sep) if pieces else at)  # where the haystack's text ends
+    return _Rendered(list(enc["input_ids"]), spans, bisect.bisect_left(starts, end))
 
 
 def _fit(count: Callable[[int], int], length: int) -> int:
@@ -306,6 +309,24 @@ def _fit_prompt(tokenizer, spec: _Spec, filler: Callable[[int], list[str]], leng
     return n, best[n]
 
 
+def _top_up(tokenizer, spec: _Spec, more: Callable[[int], list[str]], rendered: _Rendered,
+            length: int) -> _Rendered:
+    """`rendered` grown to exactly `length` tokens: the first tokens of the haystack's continuation
+    (`more(m)`: the next m words) spliced in after the haystack, before the question."""
+    missing = length - len(rendered.ids)
+    if missing <= 0:
+        return rendered
+    m = missing
+    while True:
+        extra = tokenizer(spec.sep + spec.sep.join(more(m)), add_special_tokens=False)["input_ids"]
+        if len(extra) >= missing:
+            break
+        m *= 2
+    at = rendered.haystack_end
+    spans = tuple((a + missing, b + missing) if a >= at else (a, b) for a, b in rendered.spans)
+    return _Rendered(rendered.ids[:at] + extra[:missing] + rendered.ids[at:], spans, at + missing)
+
+
 def _options(task: str, given: dict[str, Any]) -> dict[str, Any]:
     defaults = _FAMILIES[task][1]
     unknown = sorted(set(given) - set(defaults))
@@ -315,9 +336,13 @@ def _options(task: str, given: dict[str, Any]) -> dict[str, Any]:
 
 
 def make_sample(task: str, tokenizer, length: int, seed: int, *, haystack: str = "natural",
-                depth: float | None = None, **options) -> Sample:
-    """Deterministic for (task, tokenizer, length, seed, haystack, depth, options). depth None = drawn from the
-    seed in [0, 1]. length = the target number of prompt tokens; the result is within ~5% (or 64 tokens) of it."""
+                depth: float | None = None, exact: bool = False, **options) -> Sample:
+    """Deterministic for (task, tokenizer, length, seed, haystack, depth, exact, options). depth None = drawn from
+    the seed in [0, 1]. length = the target number of prompt tokens; the result is within ~5% (or 64 tokens) of
+    it, or with `exact` exactly `length` tokens: the few missing ones are the first tokens of the haystack's
+    continuation (for ``common_words``, which has no haystack, of `haystack` prose), spliced in after the
+    haystack, so their ids need not equal a tokenization of the text (prompts of one length then batch
+    without padding)."""
     if task not in _FAMILIES:
         raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
     hs.haystack_sentences(haystack)  # raises for an unknown haystack
@@ -333,8 +358,13 @@ def make_sample(task: str, tokenizer, length: int, seed: int, *, haystack: str =
     spec = build(rng, depth, length, **opts)
     filler = spec.filler or (lambda n: hs.filler_words(haystack, start, n))
     n, rendered = _fit_prompt(tokenizer, spec, filler, length, task)
+    fitted = len(rendered.ids)
+    if exact:
+        more = (lambda m: filler(n + m)[n:]) if spec.filler is None else \
+            (lambda m: hs.filler_words(haystack, start, m))
+        rendered = _top_up(tokenizer, spec, more, rendered, length)
     info = {"depth": depth, "depths": [p.depth for p in spec.placed], "haystack": haystack if spec.filler is None
-            else None, "units": n, "tokens": len(rendered.ids), "question": spec.question, "options": opts,
+            else None, "units": n, "tokens": len(rendered.ids), "topped_up": len(rendered.ids) - fitted, "question": spec.question, "options": opts,
             **spec.info}
     return Sample(task=task, input_ids=torch.tensor([rendered.ids], dtype=torch.int64), answers=spec.answers,
                   needle_spans=rendered.spans, metric=spec.metric, seed=seed, length=length, info=info)

@@ -199,3 +199,22 @@ def test_any_sample_fits_and_locates_its_needles(tok, task, seed, length, haysta
     texts = _spans_text(tok, sample)
     assert all(re.fullmatch(NEEDLE_SENTENCE[task], t) for t in texts) and (task == "common_words") != bool(texts)
     assert score(sample, " ".join(sample.answers)) == 1.0
+
+
+@settings(max_examples=24, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(task=st.sampled_from(tasks.TASKS), seed=st.integers(0, 2**31), length=st.integers(300, 1400),
+       haystack=st.sampled_from(HAYSTACKS))
+def test_exact_prompts_are_the_fitted_prompt_topped_up_before_the_question(tok, task, seed, length, haystack):
+    """exact=True: exactly `length` tokens; the fitted prompt's ids with the missing ones spliced in at one
+    point after every needle; the needles, answers and question unchanged."""
+    plain = make_sample(task, tok, length, seed, haystack=haystack)
+    exact = make_sample(task, tok, length, seed, haystack=haystack, exact=True)
+    a, b = plain.input_ids[0].tolist(), exact.input_ids[0].tolist()
+    missing = length - len(a)
+    assert len(b) == length and exact.info["topped_up"] == missing and plain.info["topped_up"] == 0
+    assert exact.answers == plain.answers and exact.needle_spans == plain.needle_spans
+    if missing:
+        at = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)  # where the two first differ
+        assert b[:at] + b[at + missing:] == a  # the splice is one run of `missing` ids
+        assert all(end <= at for _, end in plain.needle_spans)
+        assert plain.info["question"] in tok.decode(a[at:])  # the question follows the splice
