@@ -4,9 +4,11 @@ full model and SlimInfer variants side by side, through the reference loop (`sli
 The reference is the method's oracle (the compiled path equals it; tests check that), and it runs on any
 transformers version (the GPU image's 5.17 included). Samples go round the cells in chunks (samples
 i..i+chunk-1 of every length and task before the next chunk; a chunk starts only if it should end within
---time-limit), so a stopped run leaves every cell with the same number of samples. Within a cell, the
-chunk's prompts of equal token count run as one batch (no padding: each row is what it would be alone,
-up to the rounding of batched kernels), and variants that share a prefill run from one: ``default`` and
+--time-limit), so a stopped run leaves every cell with the same number of samples. Prompts are exactly
+their length (`tasks.make_sample(exact=True)`: the few tokens the fit leaves short are the haystack's
+continuation; --no-exact keeps the fitted prompts), and within a cell the chunk's prompts of equal token
+count run as one batch (no padding: each row is what it would be alone, up to the rounding of batched
+kernels), and variants that share a prefill run from one: ``default`` and
 ``reselect``, and ``full`` with the baselines. One JSON line per (sample, variant) is appended to --out
 as each batch finishes; ``seconds`` is the batch's call time over its rows (``call`` names the variants
 that shared it).
@@ -68,8 +70,8 @@ def _init_worker(folder: str) -> None:
     _TOKENIZER = transformers.AutoTokenizer.from_pretrained(folder)
 
 
-def _make(task: str, length: int, seed: int, depth: float, index: int) -> tuple[int, tasks.Sample]:
-    return index, tasks.make_sample(task, _TOKENIZER, length, seed, depth=depth)
+def _make(task: str, length: int, seed: int, depth: float, index: int, exact: bool) -> tuple[int, tasks.Sample]:
+    return index, tasks.make_sample(task, _TOKENIZER, length, seed, depth=depth, exact=exact)
 
 
 def parse_lengths(text: str) -> list[int]:
@@ -186,6 +188,7 @@ def run_group(model, tokenizer, group, task: str, length: int, configs: dict, eo
             needed = sample.needle_positions
             rows.append({"task": task, "length": length, "variant": variant, "sample": index,
                          "seed": sample.seed, "depth": depth_of(index), "tokens": n,
+                         "topped_up": sample.info["topped_up"],
                          "score": tasks.score(sample, text), "answer": text[:200], "answers": list(sample.answers),
                          "seconds": round(seconds, 3), "batch": len(group), "call": shared,
                          "kept": [[k.layer, int(k.positions.shape[1])] for k in kept],
@@ -213,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--time-limit", type=float, default=0, help="stop starting samples after this many seconds")
     parser.add_argument("--chunk", type=int, default=10,
                         help="samples of a cell run together (batched where their prompt lengths are equal)")
+    parser.add_argument("--exact", action=argparse.BooleanOptionalAction, default=True,
+                        help="prompts of exactly each length (topped up with the haystack's continuation)")
     parser.add_argument("--batch-tokens", type=int, default=262144, help="at most this many prompt tokens a batch")
     parser.add_argument("--out", required=True, help="JSON lines, appended")
     args = parser.parse_args(argv)
@@ -250,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
                                                   initializer=_init_worker, initargs=(folder,))
     def depth_of(index: int) -> float:  # depths spread over [0, 1] as in make_samples, seeds derived the same way
         return index / (args.samples - 1) if args.samples > 1 else 0.5
-    pending = [[pool.submit(_make, task, length, tasks._derive(args.seed, i), depth_of(i), i) for i in chunk]
+    pending = [[pool.submit(_make, task, length, tasks._derive(args.seed, i), depth_of(i), i, args.exact) for i in chunk]
                for chunk, length, task in units]
     done, chunk_start, chunk_seconds = 0, time.perf_counter(), 0.0
     with open(args.out, "a") as out:
