@@ -14,7 +14,8 @@ as each batch finishes; ``seconds`` is the batch's call time over its rows (``ca
 that shared it).
 
 Variants: ``full`` (no pruning: the model's own forward), ``default`` (prune=True, default schedule),
-``paper`` (the paper schedule), ``reselect`` (default schedule, decode with reselect=True, 2048 active
+``paper`` (the paper schedule), ``ratios`` (the default's layers and fractions without its token caps,
+a study, not in the default --variants), ``reselect`` (default schedule, decode with reselect=True, 2048 active
 tokens), and the baselines of `slimpass.eval.baselines` (``streaming``, ``snapkv``, ``gemfilter``) at the
 KV budget of the default schedule's last stage on the same prompt (skipped where the default does not
 prune). Greedy answers, stopped at EOS.
@@ -47,12 +48,14 @@ import transformers
 from slimpass.config import SlimConfig
 from slimpass.eval import baselines, models, report, tasks
 from slimpass.runtime import reference
+from slimpass.schedule import resolve_schedule
 
 VARIANTS = {
     "full": None,
     "default": {"schedule": "default"},
     "paper": {"schedule": "paper"},
     "reselect": {"schedule": "default", "reselect": True, "active_tokens": 2048},
+    "ratios": {"schedule": "ratios"},  # the default's layers and fractions without its token caps (a study)
     # baselines (slimpass.eval.baselines) at the KV budget of the default schedule's last stage, this prompt's
     **{name: name for name in baselines.BASELINES},
 }
@@ -209,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lengths", type=parse_lengths, default=parse_lengths("4k,8k,16k,32k"),
                         help="prompt lengths in tokens (4k = 4096)")
     parser.add_argument("--tasks", default=",".join(tasks.TASKS), help="comma-separated task families")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
+    parser.add_argument("--variants", default=",".join(v for v in VARIANTS if v != "ratios"), help=f"comma-separated, of {', '.join(VARIANTS)}")
     parser.add_argument("--samples", type=int, default=50, help="samples per (task, length) cell")
     parser.add_argument("--first-sample", type=int, default=0, help="resume: the first sample index to run")
     parser.add_argument("--seed", type=int, default=0)
@@ -232,8 +235,11 @@ def main(argv: list[str] | None = None) -> int:
     context = model.config.max_position_embeddings
     if max(args.lengths) > context:
         parser.error(f"length {max(args.lengths)} exceeds {args.model}'s context of {context} tokens")
+    depth = model.config.get_text_config().num_hidden_layers
+    ratios = {stage.layer: float(stage.ratio) for stage in resolve_schedule(SlimConfig(prune=True), depth)}
     configs = {v: VARIANTS[v] if isinstance(VARIANTS[v], str) or VARIANTS[v] is None
-               else SlimConfig(prune=True, **VARIANTS[v]) for v in chosen}
+               else SlimConfig(prune=True, **{**VARIANTS[v], **({"schedule": ratios} if v == "ratios" else {})})
+               for v in chosen}
     if any(isinstance(c, str) for c in configs.values()) and "default" not in configs:
         parser.error("the baselines take their KV budget from the default variant: include it in --variants")
     env = {"model": args.model, "dtype": args.dtype, "torch": torch.__version__,
