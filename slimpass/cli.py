@@ -91,7 +91,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         model=args.model, tasks=tuple(args.tasks.split(",")), lengths=args.lengths, schedules=schedules,
         samples=args.samples, seeds=args.seed, haystack=args.haystack, device=args.device, dtype=args.dtype,
         max_new_tokens=args.max_new_tokens,
-        fidelity_samples=args.fidelity_samples, compiler=args.compiler,
+        fidelity_samples=args.fidelity_samples, fidelity_text=args.fidelity_text, compiler=args.compiler,
         options={"min_prompt_len": 256, **_options(args.option)})
     results = runner.run(settings, progress=not args.quiet)
     print(report.to_markdown(results))
@@ -295,6 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--haystack", default="natural", choices=("natural", "repeat"), help="filler text of the prompts")
     p.add_argument("--max-new-tokens", type=int, default=24, help="greedy tokens per answer")
     p.add_argument("--fidelity-samples", type=int, default=0, help="natural-text prompts per length for fidelity")
+    p.add_argument("--fidelity-text", default="natural", choices=("natural", "eb1911"),
+                   help="where fidelity prompts come from: pydoc topics (~23k tokens) or 1911 encyclopaedia "
+                        "prose (~80k; `make text-eb1911` fetches it)")
     p.add_argument("--out", default="reports/eval", help="report folder (markdown and JSON)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 

@@ -23,7 +23,7 @@ import torch
 import transformers
 
 import slimpass
-from slimpass.eval import fidelity, models, tasks
+from slimpass.eval import fidelity, models, prose, tasks
 from slimpass.hf_compat import context_length
 
 
@@ -43,6 +43,9 @@ class EvalSettings:
     max_new_tokens: int = 24
     fidelity_samples: int = 0
     fidelity_tokens: int = 32
+    fidelity_text: str = "natural"
+    """Where fidelity prompts come from: "natural" (pydoc topics, ~23k tokens, repeated past that) or a
+    name of `slimpass.eval.prose.TEXTS` ("eb1911": ~80k tokens of 1911 encyclopaedia prose)."""
     options: dict[str, Any] = dataclasses.field(default_factory=lambda: {"min_prompt_len": 256})
     """Extra SlimConfig options for every pruned variant (scorer, block_size, ...)."""
     compiler: str = "auto"
@@ -54,6 +57,8 @@ class EvalSettings:
     def __post_init__(self) -> None:
         if self.dtype not in models.DTYPES:
             raise ValueError(f"dtype {self.dtype!r}: give one of {', '.join(models.DTYPES)}")
+        if self.fidelity_text != "natural" and self.fidelity_text not in prose.TEXTS:
+            raise ValueError(f"fidelity_text {self.fidelity_text!r}: give natural or one of {', '.join(prose.TEXTS)}")
         unknown = [t for t in self.tasks if t not in tasks.TASKS]
         if unknown:
             raise ValueError(f"unknown task(s) {unknown}; known: {', '.join(tasks.TASKS)}")
@@ -159,7 +164,7 @@ def run(settings: EvalSettings, progress: bool = True, loaded: tuple[Any, Any] |
                         for s in tasks.make_samples(t, tokenizer, n, settings.samples, seed=seed,
                                                     haystack=settings.haystack)]
                for t in settings.tasks for n in settings.lengths}
-    natural = tokenizer(tasks.haystack_text("natural"), add_special_tokens=False).input_ids \
+    natural = tokenizer(fidelity_text(settings.fidelity_text), add_special_tokens=False).input_ids \
         if settings.fidelity_samples else []
     variants = 1 + len(settings.schedules)
     prompts = [(seed, i) for seed in settings.seeds for i in range(settings.fidelity_samples)]
@@ -185,6 +190,11 @@ def run(settings: EvalSettings, progress: bool = True, loaded: tuple[Any, Any] |
     bar and bar.close()
     return {"settings": _jsonable(dataclasses.asdict(settings)), "environment": environment(model),
             "tasks": task_rows, "fidelity": fidelity_rows}
+
+
+def fidelity_text(name: str) -> str:
+    """The text fidelity prompts are cut from: "natural" or a name of `prose.TEXTS`."""
+    return tasks.haystack_text("natural") if name == "natural" else prose.prose_text(name)
 
 
 def environment(model: torch.nn.Module) -> dict[str, Any]:
