@@ -46,7 +46,7 @@ import torch
 import transformers
 
 from slimpass.config import SlimConfig
-from slimpass.eval import baselines, models, report, tasks
+from slimpass.eval import baselines, fidelity, models, prose, report, runner, tasks
 from slimpass.runtime import reference
 from slimpass.schedule import resolve_schedule
 
@@ -59,6 +59,7 @@ VARIANTS = {
     # baselines (slimpass.eval.baselines) at the KV budget of the default schedule's last stage, this prompt's
     **{name: name for name in baselines.BASELINES},
 }
+FIDELITY_TOKENS = 32  # the greedy continuation compared token by token
 # answers are short; these cover the longest expected answer of each family with room to spare
 NEW_TOKENS = {"passkey": 16, "niah_single": 24, "niah_multikey": 24, "niah_multivalue": 64, "niah_multiquery": 64,
               "variable_tracking": 40, "common_words": 96, "qa": 24}
@@ -81,8 +82,58 @@ def parse_lengths(text: str) -> list[int]:
     return [int(float(t[:-1]) * 1024) if t.lower().endswith("k") else int(t) for t in text.split(",")]
 
 
+def fidelity_rows(model, prose_ids: list[int], length: int, count: int, configs: dict, batch_tokens: int,
+                  env: dict) -> list[dict]:
+    """Natural-text fidelity of each SlimInfer variant against the full model on `count` prompts of exactly
+    `length` tokens cut from `prose_ids` (no template): top-1 agreement and KL of the next token, and the
+    32-token greedy continuation (`slimpass.eval.fidelity.compare`), batched like the tasks."""
+    prompts = [fidelity.natural_prompt(prose_ids, length, seed=i) for i in range(count)]
+    per_batch = max(1, batch_tokens // length)
+    rows = []
+    for first in range(0, count, per_batch):
+        ids = torch.cat(prompts[first:first + per_batch]).to(model.device)
+        views = {}
+        for variant, config in configs.items():
+            if isinstance(config, str):
+                continue  # the baselines: fidelity measures SlimInfer against the full model
+            t0, logits = time.perf_counter(), []
+            tokens = reference.generate(model, ids, config, max_new_tokens=FIDELITY_TOKENS, logits=logits,
+                                        last_logits_only=True)
+            seconds = (time.perf_counter() - t0) / ids.shape[0]
+            views[variant] = [(fidelity.Continuation(torch.log_softmax(logits[0][b].float(), -1).cpu(),
+                                                     tuple(tokens[b, length:].tolist())), seconds)
+                              for b in range(ids.shape[0])]
+        for variant, view in views.items():
+            if variant == "full":
+                continue
+            for b, (pruned, seconds) in enumerate(view):
+                rows.append({"task": "fidelity", "length": length, "variant": variant, "sample": first + b,
+                             **fidelity.compare(views["full"][b][0], pruned), "seconds": round(seconds, 3),
+                             "batch": ids.shape[0], **env})
+    return rows
+
+
+def fidelity_table(rows: list[dict]) -> str:
+    cells: dict[tuple, list[dict]] = {}
+    for row in rows:
+        cells.setdefault((row["length"], row["variant"]), []).append(row)
+    lines = ["| length | variant | n | top-1 agreement [95% CI] | mean KL (nats) | 32-token match | mean matching prefix |",
+             "|---|---|---|---|---|---|---|"]
+    for (length, variant), group in sorted(cells.items(), key=lambda item: (item[0][0], list(VARIANTS).index(item[0][1]))):
+        m, low, high = report.interval([r["top1"] for r in group])
+        n = len(group)
+        lines.append(f"| {length} | {variant} | {n} | {100 * m:.0f}% [{100 * low:.0f}, {100 * high:.0f}] "
+                     f"| {sum(r['kl'] for r in group) / n:.4f} | {100 * sum(r['exact'] for r in group) / n:.0f}% "
+                     f"| {sum(r['prefix'] for r in group) / n:.1f} |")
+    return "\n".join(lines)
+
+
 def summarize(rows: list[dict]) -> str:
-    """Markdown: the per-length summary, then every cell."""
+    """Markdown: the per-length summary, then every cell; the fidelity table if there are fidelity rows."""
+    fid = [row for row in rows if row["task"] == "fidelity"]
+    rows = [row for row in rows if row["task"] != "fidelity"]
+    if fid:
+        return fidelity_table(fid) + ("\n\n" + summarize(rows) if rows else "")
     cells: dict[tuple, list[dict]] = {}
     for row in rows:
         cells.setdefault((row["task"], row["length"], row["variant"]), []).append(row)
@@ -211,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     parser.add_argument("--lengths", type=parse_lengths, default=parse_lengths("4k,8k,16k,32k"),
                         help="prompt lengths in tokens (4k = 4096)")
-    parser.add_argument("--tasks", default=",".join(tasks.TASKS), help="comma-separated task families")
+    parser.add_argument("--tasks", default=",".join(tasks.TASKS), help="comma-separated task families, or none")
     parser.add_argument("--variants", default=",".join(v for v in VARIANTS if v != "ratios"), help=f"comma-separated, of {', '.join(VARIANTS)}")
     parser.add_argument("--samples", type=int, default=50, help="samples per (task, length) cell")
     parser.add_argument("--first-sample", type=int, default=0, help="resume: the first sample index to run")
@@ -221,11 +272,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="samples of a cell run together (batched where their prompt lengths are equal)")
     parser.add_argument("--exact", action=argparse.BooleanOptionalAction, default=True,
                         help="prompts of exactly each length (topped up with the haystack's continuation)")
+    parser.add_argument("--fidelity", type=int, default=0, metavar="N",
+                        help="first, N natural-text prompts per length for fidelity (top-1, KL, 32-token match)")
+    parser.add_argument("--fidelity-text", default="eb1911", choices=("natural", *prose.TEXTS),
+                        help="the prose fidelity prompts are cut from (eb1911: ~80k tokens; make text-eb1911)")
     parser.add_argument("--batch-tokens", type=int, default=262144, help="at most this many prompt tokens a batch")
     parser.add_argument("--out", required=True, help="JSON lines, appended")
     args = parser.parse_args(argv)
     chosen = args.variants.split(",")
-    unknown = [v for v in chosen if v not in VARIANTS] + [t for t in args.tasks.split(",") if t not in tasks.TASKS]
+    task_names = [] if args.tasks == "none" else args.tasks.split(",")
+    unknown = [v for v in chosen if v not in VARIANTS] + [t for t in task_names if t not in tasks.TASKS]
     if unknown:
         parser.error(f"unknown variant or task {unknown}; variants: {', '.join(VARIANTS)}; tasks: {', '.join(tasks.TASKS)}")
     start = time.perf_counter()
@@ -247,13 +303,23 @@ def main(argv: list[str] | None = None) -> int:
            "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.machine(),
            "date": time.strftime("%Y-%m-%d")}
     print(json.dumps(env), flush=True)
+    if args.fidelity:
+        prose_ids = tokenizer(runner.fidelity_text(args.fidelity_text), add_special_tokens=False).input_ids
+        env = {**env, "text": args.fidelity_text, "text_tokens": len(prose_ids)}
+        with open(args.out, "a") as out:
+            for length in args.lengths:
+                for row in fidelity_rows(model, prose_ids, length, args.fidelity, configs, args.batch_tokens, env):
+                    out.write(json.dumps(row) + "\n")
+                out.flush()
+                print(f"fidelity at {length} done, {time.perf_counter() - start:.0f} s", flush=True)
+        env = {k: v for k, v in env.items() if k not in ("text", "text_tokens")}
     eos = {tokenizer.eos_token_id, *tokenizer.convert_tokens_to_ids([t for t in ("<|im_end|>", "<|endoftext|>")
                                                                     if t in tokenizer.get_vocab()])}
     generation_eos = model.generation_config.eos_token_id
     eos |= set(generation_eos if isinstance(generation_eos, list) else [generation_eos] if generation_eos is not None else [])
     eos_ids = sorted(e for e in eos if e is not None)
     # prompts are built (tokenizer bisection, CPU) by worker processes ahead of the GPU
-    tasks_ = args.tasks.split(",")
+    tasks_ = task_names
     chunks = [range(c, min(c + args.chunk, args.samples)) for c in range(args.first_sample, args.samples, args.chunk)]
     units = [(chunk, length, task) for chunk in chunks for length in args.lengths for task in tasks_]
     folder = str(models.cache_dir() / args.model) if args.model in models.MODELS else args.model

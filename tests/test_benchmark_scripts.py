@@ -244,3 +244,25 @@ def test_long_quality_batches_only_equal_lengths_and_cuts_answers_at_their_own_e
         def decode(self, ids, skip_special_tokens):
             return " ".join(map(str, ids))
     assert gpu_long_quality.answer_text(Tok(), torch.tensor([5, 6, 2, 7, 2]), [2]) == "5 6"
+
+
+def test_long_quality_fidelity_rows_compare_each_pruned_row_with_its_own_full_row(monkeypatch):
+    """A variant that does not prune agrees with the full model exactly; a pruned one yields one row per
+    prompt (batched) with the fidelity numbers in range; the summary table reads them."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "benchmarks"))
+    import gpu_long_quality
+    from slimpass.config import SlimConfig
+    from tests.conftest import tiny_model
+
+    model = tiny_model(num_hidden_layers=4, max_position_embeddings=1024)
+    text = [3 + i * 7 % (model.config.vocab_size - 3) for i in range(1000)]
+    pruned = SlimConfig(prune=True, schedule={2: 0.5}, min_prompt_len=64, block_size=16, unit_size=8)
+    configs = {"full": None, "default": pruned, "paper": SlimConfig(prune=False), "streaming": "streaming"}
+    rows = gpu_long_quality.fidelity_rows(model, text, 256, 3, configs, batch_tokens=512, env={"device": "cpu"})
+    assert sorted((r["variant"], r["sample"]) for r in rows) == [(v, i) for v in ("default", "paper") for i in range(3)]
+    assert {r["batch"] for r in rows} == {2, 1}  # 512 tokens a batch: two prompts, then one
+    same = [r for r in rows if r["variant"] == "paper"]
+    assert all(r["top1"] == 1.0 and r["exact"] == 1.0 and r["prefix"] == 32 and r["kl"] < 1e-6 for r in same)
+    assert all(0 <= r["prefix"] <= 32 and r["kl"] >= 0 for r in rows)
+    table = gpu_long_quality.summarize(rows)
+    assert "| 256 | paper | 3 | 100% [44, 100] | 0.0000 | 100% | 32.0 |" in table
