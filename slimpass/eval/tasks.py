@@ -321,6 +321,9 @@ def _top_up(tokenizer, spec: _Spec, more: Callable[[int], list[str]], rendered: 
         extra = tokenizer(spec.sep + spec.sep.join(more(m)), add_special_tokens=False)["input_ids"]
         if len(extra) >= missing:
             break
+        if m > 64 * missing:
+            raise ValueError(f"cannot top the prompt up by {missing} tokens: {m} more haystack words "
+                             f"tokenize to {len(extra)}")
         m *= 2
     at = rendered.haystack_end
     spans = tuple((a + missing, b + missing) if a >= at else (a, b) for a, b in rendered.spans)
