@@ -4,7 +4,8 @@
     python benchmarks/gpu_prefill.py --variants hf_eager,sliminfer --no-mask
     python benchmarks/gpu_prefill.py --tiny --lengths 64,128        # CPU dry run of the whole pipeline
 
-Model: a random-weight bf16 model of a real config (`--shape`: Llama-3.1-8B, the default, Qwen2.5-7B or Mistral-7B-v0.3) built directly on the GPU
+Model: a random-weight bf16 model of a real config (`--shape`: Llama-3.1-8B, the default, Qwen2.5-7B, Mistral-7B-v0.3,
+or Qwen2.5-Coder-0.5B/1.5B) built directly on the GPU
 (no checkpoint, no network). Workload: batch-1 prefill returning only the last token's logits,
 ``model(ids, attention_mask=ones, logits_to_keep=1, use_cache=False)`` under inference_mode.
 
@@ -64,7 +65,16 @@ MISTRAL_7B = dict(
     num_key_value_heads=8, max_position_embeddings=32768, rms_norm_eps=1e-5, tie_word_embeddings=False,
     sliding_window=None, rope_parameters=dict(rope_type="default", rope_theta=1000000.0),
 )
+# Qwen2.5-Coder-0.5B/1.5B-Instruct's config.json (the issue-24 quality models): TTFT beside their quality table.
+QWEN25_CODER = dict(vocab_size=151936, max_position_embeddings=32768, rms_norm_eps=1e-6, tie_word_embeddings=True,
+                    num_key_value_heads=2, rope_parameters=dict(rope_type="default", rope_theta=1000000.0))
+QWEN25_CODER_05B = dict(QWEN25_CODER, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                        num_attention_heads=14)
+QWEN25_CODER_15B = dict(QWEN25_CODER, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                        num_attention_heads=12)
 SHAPES = {"llama-3.1-8b": ("LlamaConfig", "LlamaForCausalLM", LLAMA_31_8B),
+          "qwen2.5-coder-0.5b": ("Qwen2Config", "Qwen2ForCausalLM", QWEN25_CODER_05B),
+          "qwen2.5-coder-1.5b": ("Qwen2Config", "Qwen2ForCausalLM", QWEN25_CODER_15B),
           "qwen2.5-7b": ("Qwen2Config", "Qwen2ForCausalLM", QWEN25_7B),
           "mistral-7b": ("MistralConfig", "MistralForCausalLM", MISTRAL_7B)}
 TINY = dict(
