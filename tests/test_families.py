@@ -65,9 +65,10 @@ def test_family(family):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["qwen3", "gemma"])
+@pytest.mark.parametrize("family", ["qwen3"])
 def test_family_under_inductor(family):
-    """Two non-Llama families end to end through Inductor's C++ code."""
+    """A non-Llama family (q/k norms) end to end through Inductor's C++ code; Llama and Mistral have their own
+    Inductor tests, and every family runs through our passes in `test_family` (the eager inner compiler)."""
     result = families.check(family, compiler="inductor", dense=False)
     assert result.recognised and result.pruned and not result.warned, result
     assert result.keep_equal and result.logits_error <= 1e-4 and result.decode_equal, result
