@@ -3,7 +3,7 @@
     model = torch.compile(model, backend="sliminfer")   # forward only; no import needed
     model = slimpass.compile(model)                     # forward and generate
 
-See README.md for options, decorators, graph dumps and benchmarks.
+See README.md for usage and options, docs/GUIDE.md for passes, graph dumps and benchmarks.
 """
 
 from __future__ import annotations
