@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -19,6 +20,7 @@ from typing import Any
 import torch
 
 from slimpass.backend import GraphRecord, SlimpassWarning, compile_graph
+from slimpass.call_form import CallForm
 from slimpass.config import ConfigError, patched, resolve
 from slimpass.hf_compat import cache_argument, context_length, decode_mask_skipped_under_compile
 from slimpass.registry import REGISTRY
@@ -168,6 +170,7 @@ def compile(  # noqa: A001 - mirrors torch.compile
     state = state_of(model)
     compiled_config = config
     cache_name = cache_argument(model) if with_slim_cache else ""
+    form = CallForm(original, getattr(model, "config", None))
 
     @functools.wraps(original)
     def forward(*args: Any, **kwargs: Any) -> Any:
@@ -195,9 +198,14 @@ def compile(  # noqa: A001 - mirrors torch.compile
             state.last_keep = None  # set again by this call's prefill graph when pruning is compiled in
         elif decoding:
             cache.before_step()  # may replace the cache's tensors (offload): before marking them dynamic
+        args, kwargs = form.canonical(args, kwargs, prefill=prefill or cache is None)
+        state.call_started = time.perf_counter()  # a graph compiled in this call says how long tracing took
         if config.dynamic_prompt:
             _mark_dynamic(args, kwargs)
-        out = compiled(*args, **kwargs)
+        try:
+            out = compiled(*args, **kwargs)
+        finally:
+            state.call_started = None
         if prefill:
             cache.record_prefill(_prompt_length(args, kwargs), state.last_keep or [], config)
         elif decoding:

@@ -22,6 +22,7 @@ from slimpass.config import ConfigError, SlimConfig, resolve
 from slimpass.passes.base import PassContext, PassResult
 from slimpass.passes.dump import GraphDumper
 from slimpass.passes.manager import PassManager
+from slimpass.progress import Progress, enabled
 from slimpass.registry import REGISTRY
 from slimpass.runtime.guards import InputGuard, inputs_canonical
 from slimpass.runtime.keep_sets import SlimState, state_of
@@ -227,12 +228,15 @@ def compile_graph(
     config = resolve(options, REGISTRY.config_for(model))
     ctx = PassContext(config=config, example_inputs=list(example_inputs), model=model, graph_id=_graph_id(),
                       slim_cache=slim_cache)
+    state = state_of(model)
+    progress = Progress(ctx.graph_id, enabled(config.progress), state.call_started)
     work = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
     dumper = GraphDumper(config.dump_dir, ctx.graph_id)
     PassManager(config).run(work, ctx, dumper)
     _carry_dynamo_metadata(gm, work)
     layer_map = ctx.layer_map
     kind = layer_map.kind if layer_map is not None else "unrecognised"
+    progress.passes_done(ctx.results, kind, len(layer_map.layers) if layer_map else 0)
     if layer_map is None:
         reason = ctx.results[0].declined[0] if ctx.results and ctx.results[0].declined else "no decoder layers"
         earlier = _records(model) or []
@@ -250,9 +254,9 @@ def compile_graph(
             _warn_once(model, result.name, reason)
     changed = any(r.changed for r in ctx.results)
     static = layer_map is not None and any(layer.static_valid is not None for layer in layer_map.layers)
+    progress.lowering(inner_compiler(config.compiler, example_inputs), "edited graph" if changed else "graph")
     fast = lower(work if changed else gm, example_inputs, config, mode, static)
     record = GraphRecord(ctx.graph_id, kind, len(layer_map.layers) if layer_map else 0, ctx.results, list(ctx.guards), 0.0)
-    state = state_of(model)
     if ctx.keep_layers:
         state.configure_dump(ctx.graph_id, dumper.folder, config.block_size, len(layer_map.layers))
         fast = KeepRecorder(fast, ctx.keep_layers, state, ctx.graph_id)
@@ -260,12 +264,14 @@ def compile_graph(
         fast = DenseRecorder(fast, state, ctx.graph_id)
     compiled: Callable = fast
     if changed and ctx.guards:
+        progress.lowering(inner_compiler(config.fallback_compiler, example_inputs), "unedited fallback graph")
         fallback = lower(gm, example_inputs, dataclasses.replace(config, compiler=config.fallback_compiler), mode, static)
         compiled = GuardedGraph(fast, fallback, ctx.guards, record,
                                 state if kind == "prefill" else None)
     for action in ctx.after_lower:  # after every lowering of this graph's inputs
         action()
     record.compile_seconds = time.perf_counter() - start
+    progress.done(record.compile_seconds)
     dumper.write_summary(_summary(ctx, record))
     dumper.write_skeleton(layer_map)
     records = _records(model)

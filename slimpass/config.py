@@ -141,6 +141,9 @@ class SlimConfig:
     """Extra `torch._inductor.config` settings passed to compile_fx as config patches."""
     dump_dir: str | None = None
     """Write per-graph dumps (graph before/after each pass, summary.md, skeleton) under this folder."""
+    progress: bool | None = None
+    """One line on stderr per compile step of each graph (traced, passes, lowering, compiled; with timings):
+    True, False, or None for "when stderr is a terminal". The lines also go to the `slimpass.progress` logger."""
     dynamic_prompt: bool = True
     """`slimpass.compile` marks the prompt length dynamic, so one prefill graph serves all lengths."""
     reselect: bool = False
@@ -212,6 +215,8 @@ class SlimConfig:
             raise ConfigError(f"SlimConfig.dump_dir={self.dump_dir!r}: expected a folder path or None")
         if self.dump_dir is not None:
             object.__setattr__(self, "dump_dir", os.fspath(self.dump_dir))
+        if self.progress is not None:
+            _check_bool("progress", self.progress)
         _check_bool("dynamic_prompt", self.dynamic_prompt)
         _check_bool("reselect", self.reselect)
         _check_range("active_tokens", self.active_tokens, 1)

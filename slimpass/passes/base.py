@@ -30,6 +30,8 @@ class PassResult:
     # declines of something the user turned on that does not apply to this model (not a routine skip such as a
     # decode graph or a short prompt): the backend warns once per model and reason
     unmet: list[str] = dataclasses.field(default_factory=list)
+    seconds: float | None = None
+    """Time the pass took (set by the manager)."""
 
     @property
     def changed(self) -> bool:

@@ -117,6 +117,7 @@ class PassManager:
                 f"slimpass pass {name!r} failed on graph {ctx.graph_id} (passes run before it: "
                 f"{', '.join(before)}): {type(err).__name__}: {err}"
             ) from err
-        log.debug("%s: %s in %.3f s", ctx.graph_id, result.line(), time.perf_counter() - start)
+        result.seconds = time.perf_counter() - start
+        log.debug("%s: %s in %.3f s", ctx.graph_id, result.line(), result.seconds)
         dumper.write_pass(step, name, gm)
         return result

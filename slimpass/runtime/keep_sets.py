@@ -46,6 +46,8 @@ class SlimState:
     dumps: dict[str, tuple[str, int, int]] = dataclasses.field(default_factory=dict)
     warned: set[str] = dataclasses.field(default_factory=set)
     """Warnings given once per model (their keys)."""
+    call_started: float | None = None
+    """When the current `slimpass.compile`d call began (perf_counter): a graph compiled in it was traced since."""
 
     def record_kept(self, graph_id: str, layers: list[int], positions: list[torch.Tensor]) -> None:
         self.last_keep = [KeepSet(layer, pos) for layer, pos in zip(layers, positions)]
