@@ -25,8 +25,6 @@ it, the cache's work after it) and of the whole step (`gpu_decode.host_time`):
   noted (``manager_us``);
 - ``offload/one-group``: as shipped but one copy group of every offloaded layer of a shape (fewer
   launches, copies issued later);
-- ``offload/graphs``: the copies ahead replayed from CUDA graphs instead of launched every step
-  (``OffloadManager(graphs=True)``; shipped off: the captures leak host memory);
 - ``offload/programs-N``: the copy kernel with N programs (shipped: `copy_kernel.COPY_PROGRAMS`);
 - ``offload/priority``, ``offload/priority-per-item``: both models decode on a high-priority stream (the
   copies' side stream keeps the default, lowest priority), with the shipped copy layout or one program
@@ -79,7 +77,7 @@ import slimpass  # noqa: E402
 from slimpass.runtime import offload  # noqa: E402
 
 
-ROWS = ("graphs", "no-kernel", "no-wait", "no-issue", "timed-steps", "one-group", "programs-8", "programs-32",
+ROWS = ("no-kernel", "no-wait", "no-issue", "timed-steps", "one-group", "programs-8", "programs-32",
         "priority", "priority-per-item")
 
 
@@ -116,8 +114,6 @@ def patched(name: str):
         replace.append((manager, "before_step", lambda self: None))
     elif name == "no-issue":
         replace.append((manager, "_issue", lambda self, group, step: setattr(group, "issued_for", step)))
-    elif name == "graphs":
-        replace.append((manager, "__init__", functools.partialmethod(manager.__init__, graphs=True)))
     elif name.startswith("programs-"):
         programs = int(name.split("-")[1])
         replace.append((offload, "_copy_blocks_triton", functools.partial(copy_kernel, programs=programs)))

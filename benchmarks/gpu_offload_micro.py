@@ -18,8 +18,8 @@ layer one bf16 GEMV of `--weights-mb` of weights (8B decoding: ~0.2 ms a layer o
    GEMVs on a high-priority stream (the copies' side stream keeps the default, lowest priority).
 3. ``breakdown``: host microseconds of each piece of the manager's work around a step, steady state (one
    copy group): before the step (the wait), after it (the next sets stacked, the copy issued), the stack
-   alone, a group's issue and the copy kernel's launch alone, a replay of the same copy captured in a CUDA
-   graph, and a capture (`OffloadManager._capture`: each request captures two per copy group).
+   alone, a group's issue and the copy kernel's launch alone, and a replay of the same copy captured in a
+   CUDA graph (the manager's own captures were removed: they leaked host memory; docs/PERF.md).
 """
 
 from __future__ import annotations
@@ -128,7 +128,6 @@ def bench_breakdown(args, device):
     torch.cuda.synchronize(device)
     with torch.cuda.stream(side):
         out["graph_replay_per_group"] = per_call_us(graph.replay, 500)
-        out["capture_per_graph"] = per_call_us(lambda: manager._capture(group, 1), 20)  # what a request pays
     torch.cuda.synchronize(device)
     return out
 

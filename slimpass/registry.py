@@ -15,8 +15,13 @@ import torch
 
 from slimpass.config import ConfigError, SlimConfig
 
-# Points of the pipeline where a user pass can run; each builtin pass name means "right after it".
-PASS_POINTS = ("start", "find_decoder_layers", "rewrite_attention", "insert_pruning", "sink_selection", "end")
+
+def pass_points() -> tuple[str, ...]:
+    """Points of the pipeline where a user pass can run: "start", each builtin pass (meaning "right after
+    it"), "end". Read from the pass manager's one ordered list (imported here, late: the manager imports this)."""
+    from slimpass.passes.manager import BUILTIN_PASSES
+
+    return ("start", *(cls.name for cls in BUILTIN_PASSES), "end")
 
 
 @dataclasses.dataclass
@@ -30,21 +35,21 @@ class UserPass:
 
 @dataclasses.dataclass
 class Registry:
-    """Per-process registrations: configs by class and by instance, and user passes by point."""
+    """Per-process registrations: configs by class and by instance, user passes by point, block scorers by
+    name (`slimpass.runtime.scoring` registers the builtin ones when imported)."""
 
     class_configs: dict[type, SlimConfig] = dataclasses.field(default_factory=dict)
     instance_configs: weakref.WeakKeyDictionary = dataclasses.field(default_factory=weakref.WeakKeyDictionary)
     user_passes: list[UserPass] = dataclasses.field(default_factory=list)
+    scorers: dict[str, Callable[..., Any]] = dataclasses.field(default_factory=dict)
 
     def snapshot(self) -> tuple:
-        return dict(self.class_configs), weakref.WeakKeyDictionary(self.instance_configs), list(self.user_passes)
+        return (dict(self.class_configs), weakref.WeakKeyDictionary(self.instance_configs), list(self.user_passes),
+                dict(self.scorers))
 
     def restore(self, state: tuple) -> None:
-        self.class_configs, self.instance_configs, self.user_passes = (
-            dict(state[0]),
-            weakref.WeakKeyDictionary(state[1]),
-            list(state[2]),
-        )
+        self.class_configs, self.instance_configs = dict(state[0]), weakref.WeakKeyDictionary(state[1])
+        self.user_passes, self.scorers = list(state[2]), dict(state[3])
 
     def config_for(self, model: Any) -> SlimConfig | None:
         """The config registered for this model instance, else for the nearest class in its MRO."""
@@ -98,8 +103,9 @@ def configure(target: Any = None, /, **settings: Any) -> Any:
 def register_pass(fn: Callable[..., Any] | None = None, /, *, after: str = "end", name: str | None = None) -> Any:
     """Add a user graph pass to the pipeline, run right after the builtin pass `after`.
 
-    ``after`` is one of ``"start"`` (before discovery), ``"find_decoder_layers"``,
-    ``"rewrite_attention"``, ``"insert_pruning"``, ``"sink_selection"`` or ``"end"`` (just before lowering). The pass is called as
+    ``after`` is one of `pass_points()`: ``"start"`` (before discovery), a builtin pass's name
+    (``"find_decoder_layers"``, ``"rewrite_attention"``, ``"insert_pruning"``, ``"sink_selection"``,
+    ``"reselect_kv"``, ``"fuse_projections"``) or ``"end"`` (just before lowering). The pass is called as
     ``fn(gm, ctx)`` where `ctx` is the `PassContext` (config, `layer_map`, graph kind); it edits
     ``gm.graph`` in place and may return a `PassResult` or the number of nodes it changed.
 
@@ -114,8 +120,9 @@ def register_pass(fn: Callable[..., Any] | None = None, /, *, after: str = "end"
     """
 
     def add(f: Callable[..., Any]) -> Callable[..., Any]:
-        if after not in PASS_POINTS:
-            raise ConfigError(f"register_pass(after={after!r}): expected one of {', '.join(map(repr, PASS_POINTS))}")
+        points = pass_points()
+        if after not in points:
+            raise ConfigError(f"register_pass(after={after!r}): expected one of {', '.join(map(repr, points))}")
         if not callable(f):
             raise ConfigError(f"register_pass: {f!r} is not callable")
         REGISTRY.user_passes.append(UserPass(fn=f, name=name or getattr(f, "__name__", repr(f)), after=after))

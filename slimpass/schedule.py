@@ -30,6 +30,7 @@ from fractions import Fraction
 from typing import Any
 
 from slimpass.config import ConfigError, SlimConfig
+from slimpass.runtime.block_layout import BlockLayout
 
 PAPER_DEPTH = 32
 PAPER_POINTS = ((10, 8192, Fraction(1, 2)), (20, 4096, Fraction(1, 4)), (30, 2048, Fraction(1, 8)))
@@ -103,6 +104,4 @@ def middle_budget(stage: Stage, prompt_len: int, config: SlimConfig) -> int:
     """How many blocks between the sink blocks and the last block a stage may keep (before clamping
     to the number available): the whole blocks the budget holds beside the sinks and the last block,
     which holds the prompt's last ``prompt_len - last * block_size`` tokens at every stage."""
-    block = config.block_size
-    tail = prompt_len - (prompt_len - 1) // block * block
-    return max((stage.budget(prompt_len) - config.sink_blocks * block - tail) // block, 0)
+    return BlockLayout.of(config).middle_budget(stage.budget(prompt_len), prompt_len)

@@ -75,7 +75,7 @@ def test_gpu_offload_ablation_rows(gpu_decode, tmp_path, monkeypatch):
     monkeypatch.setattr(offload.OffloadManager, "after_step",
                         lambda self, *args: calls.append(1) or after_step(self, *args))
     manager = offload.OffloadManager
-    shipped = (manager._issue, manager.add_layers, manager._capture, manager.before_step, manager.after_step,
+    shipped = (manager._issue, manager.add_layers, manager.before_step, manager.after_step,
                offload._copy_blocks_triton)
     out = tmp_path / "ablation.json"
     monkeypatch.setenv("PY_SPY", str(fake_py_spy(tmp_path, ["resident", "offload"])))
@@ -103,7 +103,7 @@ def test_gpu_offload_ablation_rows(gpu_decode, tmp_path, monkeypatch):
     timed = rows["offload/timed-steps"]["manager_us"]
     assert timed["before"] > 0 and timed["after"] > 0
     # every row's patch undone
-    assert (manager._issue, manager.add_layers, manager._capture, manager.before_step, manager.after_step,
+    assert (manager._issue, manager.add_layers, manager.before_step, manager.after_step,
             offload._copy_blocks_triton) == shipped
 
 

@@ -126,6 +126,27 @@ def test_register_pass_runs_at_its_point():
         "reselect_kv", "fuse_projections", "at_end"]
 
 
+def test_every_builtin_pass_is_a_point_in_the_managers_order():
+    """Regression: the points were a hand-kept list that lacked reselect_kv and fuse_projections."""
+    from slimpass.passes.manager import BUILTIN_PASSES
+    from slimpass.registry import pass_points
+
+    assert pass_points() == ("start", *(cls.name for cls in BUILTIN_PASSES), "end")
+    for point in pass_points():
+        slimpass.register_pass(lambda gm, ctx: None, after=point)  # each accepted
+
+
+def test_scorers_live_in_the_registry_the_fixture_restores():
+    from slimpass.registry import REGISTRY
+    from slimpass.runtime.scoring import get_scorer, scorer_names
+
+    saved = REGISTRY.snapshot()
+    slimpass.register_scorer("test_only")(lambda q, k, settings: None)
+    assert "test_only" in scorer_names() and get_scorer("test_only") is REGISTRY.scorers["test_only"]
+    REGISTRY.restore(saved)
+    assert "test_only" not in scorer_names() and "window_attention" in scorer_names()
+
+
 def test_register_pass_bad_point():
     with pytest.raises(ConfigError, match="register_pass\\(after='middle'\\)"):
         slimpass.register_pass(lambda gm, ctx: None, after="middle")

@@ -8,8 +8,10 @@ layer's state tensors. For each marker this pass replaces the layer's attention 
 
 by
 
-    out = reselection.reselect_attention(q, k_full, v_full, active, stats, prompt_positions, unit_keys, s, ...)
+    out = reselection.reselect_attention(q, k_full, v_full, (active, stats, prompt_positions, unit_keys), s,
+                                         ReselectSettings(scorer, block_size, ...), valid)
 
+(`reselect_attention_offloaded`, with the layer's fronts, at an offloaded layer)
 (k_full / v_full: the cache after this step's write, before any GQA copy) and removes the marker.
 The op re-scores the cached prompt blocks with the step's query and attends to the active set; see
 `slimpass.runtime.reselection`. A mask on the attention is dropped when it is proven to hide nothing
@@ -75,12 +77,15 @@ class ReselectKV(GraphPass):
             scale = arg(attention, 6, "scale")
             if scale is None:  # SDPA's default
                 scale = int(layer.q.meta["example_value"].shape[-1]) ** -0.5
+            state, settings = (active, stats, positions, units), reselection.ReselectSettings.of(config)
             with gm.graph.inserting_before(attention):
-                node = gm.graph.call_function(
-                    reselection.reselect_attention,
-                    (layer.q, layer.k_full, layer.v_full, active, stats, positions, units, float(scale), config.scorer,
-                     config.block_size, config.unit_size, config.local_window, config.sink_blocks, config.gamma,
-                     config.reselect_unit, *fronts, layer.static_valid, index))
+                if fronts[0] is None:
+                    node = gm.graph.call_function(reselection.reselect_attention, (
+                        layer.q, layer.k_full, layer.v_full, state, float(scale), settings, layer.static_valid))
+                else:
+                    node = gm.graph.call_function(reselection.reselect_attention_offloaded, (
+                        layer.q, layer.k_full, layer.v_full, state, float(scale), settings, tuple(fronts),
+                        layer.static_valid, index))
             node.meta["slimpass"] = {"layer": index, "role": "reselect"}
             attention.replace_all_uses_with(node)
             gm.graph.erase_node(attention)

@@ -41,12 +41,9 @@ stacked next sets), never one the compiler allocated. On CUDA the copy is a Trit
 into the device's address space), so only changed blocks cross the bus; a few programs loop over the
 blocks, so the copy holds few SMs while it waits on the bus. It also keeps the slot tables and counts the
 copied blocks on the device (no host sync, no extra launches). Elsewhere it is plain tensor indexing.
-A group's copy, whose arguments are the same every other step (the slot tables alternate by step
-parity), can be captured once per parity in a CUDA graph and replayed (``graphs=True``: ~5 µs instead of
-a ~70 µs Triton launch; if capturing fails, the manager logs why once and launches the kernel instead).
-It is off by default: on an H200 (torch 2.11) each manager's captures left ~45 KB of host memory behind
-that their release did not return (a process's resident set grew 12.5 MiB over 280 managers, and stayed
-flat without them; docs/PERF.md, tenth round), and a server makes a manager per request.
+(Replaying each group's copy from a CUDA graph, ~5 µs instead of a ~70 µs launch, was tried and removed:
+on an H200, torch 2.11, each manager's captures left ~45 KB of host memory behind that their release did
+not return, and a server makes a manager per request; docs/PERF.md, tenth round.)
 
 With ``static_decode`` (``in_graph``) the decoding step is one CUDA-graph replay whose GPU time is the
 step's cost, so copies between replays would add to every step. There the graph orders itself: each
@@ -109,7 +106,6 @@ class CopyGroup:
     issued_for: int = -1  # the step whose copy has been issued on the side stream
     ready: Any = None  # torch.cuda.Event of that copy (not with in_graph: its layers' events)
     done: Any = None  # torch.cuda.Event after which the side stream may rewrite the fronts (same)
-    graphs: dict[int, Any] = dataclasses.field(default_factory=dict)  # step parity -> CUDA graph of the copy ahead
 
 
 @dataclasses.dataclass(eq=False)
@@ -164,14 +160,12 @@ class LayerToOffload:
 class OffloadManager:
     """The offloaded slim layers of one `SlimCache` and the side stream that refreshes their fronts."""
 
-    def __init__(self, device: torch.device, copy_group: int = 4, graphs: bool = False, in_graph: bool = False) -> None:
+    def __init__(self, device: torch.device, copy_group: int = 4, in_graph: bool = False) -> None:
         self.device = torch.device(device)
         self.copy_group = copy_group
         self.in_graph = in_graph  # the decode graph orders itself around the copies (`front_events`; static_decode)
         self.cuda = self.device.type == "cuda"
         self.stream = torch.cuda.Stream(self.device) if self.cuda else None
-        self.graphs = graphs and self.cuda and triton is not None  # replay the copies ahead (module docstring)
-        self.graph_pool = None
         self.layers: dict[int, OffloadedLayer] = {}
         self.groups: list[CopyGroup] = []
         self.issued = torch.zeros((), dtype=torch.long, device=self.device)  # blocks copied host -> accelerator
@@ -271,35 +265,10 @@ class OffloadManager:
                 for event in [layer.events.done for layer in layers] if self.in_graph else [group.done]:
                     self.stream.wait_event(event)
                 torch.stack([layer.pending for layer in layers], out=group.pending)
-                graph = group.graphs.get(step % 2)
-                if graph is not None:
-                    graph.replay()
-                else:
-                    self._copy(group, step)
-                    if self.graphs:  # after the launch above compiled the kernel: record it for this parity
-                        self._capture(group, step)
+                self._copy(group, step)
                 for event in [layer.events.ready for layer in layers] if self.in_graph else [group.ready]:
                     event.record(self.stream)
         group.issued_for = step
-
-    def _capture(self, group: CopyGroup, step: int) -> None:
-        """Record the group's copy ahead for steps of `step`'s parity in a CUDA graph, on the side stream
-        (current); the copy is not run. On failure, log why and launch from now on."""
-        graph = torch.cuda.CUDAGraph()
-        if self.graph_pool is None:
-            self.graph_pool = torch.cuda.graph_pool_handle()
-        try:
-            graph.capture_begin(pool=self.graph_pool, capture_error_mode="thread_local")
-            try:
-                _copy_blocks_triton(group, 0, len(group.layers), group.pending, step, self.issued)
-            finally:
-                graph.capture_end()
-        except RuntimeError as error:
-            self.graphs = False
-            log.warning("slimpass offload: could not capture the copy of %s in a CUDA graph (%s); launching it "
-                        "every step instead (more host time per step)", _names(group.layers), error)
-            return
-        group.graphs[step % 2] = graph
 
     def _copy(self, group: CopyGroup, step: int) -> None:
         """Make the group's front slots hold its stacked `pending` sets for decoding step `step` (after

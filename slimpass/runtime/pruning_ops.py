@@ -13,6 +13,7 @@ import sys
 
 import torch
 
+from slimpass.runtime.block_layout import BlockLayout
 from slimpass.runtime.scoring import ScoreSettings, get_scorer
 
 
@@ -51,8 +52,7 @@ def keep_middle(prompt_len: int | torch.SymInt, tokens: int | None, ratio_num: i
     if ratio_den:
         by_ratio = prompt_len * ratio_num // ratio_den
         budget = by_ratio if budget is None else torch.sym_min(budget, by_ratio)
-    tail = prompt_len - (prompt_len - 1) // block_size * block_size
-    return torch.sym_max((budget - sink_blocks * block_size - tail) // block_size, 0)
+    return BlockLayout(block_size, sink_blocks).middle_budget(budget, prompt_len)
 
 
 def select_tokens(scores: torch.Tensor, length: int | torch.SymInt, keep: int | torch.SymInt, block_size: int,
@@ -74,7 +74,7 @@ def select_tokens(scores: torch.Tensor, length: int | torch.SymInt, keep: int | 
     and left the last partial block's positions unwritten, or read past a buffer (issue 30).
     """
     batch = scores.shape[0]
-    last = (length - 1) // block_size  # index of the last block
+    last = BlockLayout(block_size, sink_blocks).last(length)  # index of the last block
     chosen = torch.sym_min(keep, last - sink_blocks)
     ranked = scores[:, :last].clamp(max=torch.finfo(scores.dtype).max)  # finite: below the forced blocks
     forced = torch.arange(last, device=scores.device) < sink_blocks

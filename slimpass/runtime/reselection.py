@@ -15,17 +15,20 @@ State lives in the request's `SlimCache` layer (never module-global): ``active``
 middle blocks, cache-order block indices; -1 before the first step), ``stats`` [2] (decoding steps
 seen, blocks swapped in after the first step, summed over rows) and ``unit_keys``. `SlimLayer.update`
 hands them to the graph through `bind_layer_state`, a marker with no effect that the pass replaces by
-a call of `reselect_attention` (plain PyTorch, traced and fused by the compiler) at the layer's
+a call of `reselect_attention` (or `reselect_attention_offloaded`; plain PyTorch, traced and fused by the compiler) at the layer's
 attention call.
 """
 
 from __future__ import annotations
+
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from slimpass.runtime import front_events, static_kv  # noqa: F401  (front_events: registers its marks)
 from slimpass.runtime.block_index import block_tokens, gather_tokens
+from slimpass.runtime.block_layout import BlockLayout
 from slimpass.runtime.scoring import ScoreSettings, get_scorer
 
 
@@ -62,8 +65,8 @@ def candidate_blocks(scores: torch.Tensor, prompt_tokens: int, count: int, block
                      sink_blocks: int) -> torch.Tensor:
     """[B, count] ascending indices of the best-scored middle blocks (between the sinks and the last
     prompt block; ties to the earlier block)."""
-    last = (prompt_tokens - 1) // block_size
-    sinks = min(sink_blocks, last)
+    layout = BlockLayout(block_size, sink_blocks)
+    last, sinks = layout.last(prompt_tokens), layout.sinks(prompt_tokens)
     order = torch.argsort(scores[:, sinks:last], dim=1, descending=True, stable=True)[:, :count]
     return torch.sort(order, dim=1).values + sinks
 
@@ -73,10 +76,10 @@ def attended_tokens(active: torch.Tensor, prompt_tokens: int, length: int, block
     """[B, n] indices into a layer's cache of what a step attends to: sinks, active blocks, the last
     prompt block, then every token after the prompt."""
     batch, device = active.shape[0], active.device
-    last = (prompt_tokens - 1) // block_size
-    sinks = torch.arange(min(sink_blocks, last) * block_size, device=device).expand(batch, -1)
+    layout = BlockLayout(block_size, sink_blocks)
+    sinks = torch.arange(layout.sink_tokens(prompt_tokens), device=device).expand(batch, -1)
     inner = block_tokens(active, block_size)
-    tail = torch.arange(last * block_size, length, device=device).expand(batch, -1)
+    tail = torch.arange(layout.tail_start(prompt_tokens), length, device=device).expand(batch, -1)
     return torch.cat([sinks, inner, tail], dim=1)
 
 
@@ -93,58 +96,99 @@ def assign_slots(active: torch.Tensor, best: torch.Tensor) -> torch.Tensor:
     return active.scatter(1, freed, values)
 
 
-def reselect_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, active: torch.Tensor, stats: torch.Tensor,
-                       prompt_positions: torch.Tensor, unit_keys: torch.Tensor | None, scale: float, scorer: str,
-                       block_size: int, unit_size: int, local_window: int, sink_blocks: int,
-                       gamma: float, reselect_unit: int = 1, front_k: torch.Tensor | None = None,
-                       front_v: torch.Tensor | None = None, pending: torch.Tensor | None = None,
-                       valid: torch.Tensor | None = None, layer: int = -1) -> torch.Tensor:
-    """One decoding step's attention at a slim layer: q [B, Hq, 1, D] over the active part of k, v
-    [B, Hkv, n, D] (the layer's cache including this step). Updates `active` (for the next step) and `stats`.
-    With `front_k` (an offloaded layer, `slimpass.runtime.offload`) k, v hold only the last prompt block
-    and the generated tokens, `unit_keys` the keys scored, and the fronts the sink and active blocks (the
-    manager copied this step's set into them, slot by slot, after the step before); the next step's set
-    is written to `pending`, where the manager's copy after this step reads it. With `valid` (fixed-size buffers,
-    `slimpass.runtime.static_kv`) k, v (an offloaded layer's tail too) have empty slots from ``valid`` on, which
-    the attention masks out; an offloaded layer `layer` then also orders its reads of the fronts after their
-    copy and marks when it is done with them (`slimpass.runtime.front_events`).
+class ReselectSettings(NamedTuple):
+    """The config a reselecting step reads, as one constant of the decode graph (`SlimConfig` fields)."""
 
-    Plain traceable PyTorch (no host syncs, sizes symbolic in the cache length): the pass calls it from the
-    decode graph, AOTAutograd traces through it (the writes to `active` and `stats` become the graph's
-    input mutations) and Inductor fuses it with its neighbours."""
+    scorer: str
+    block_size: int
+    unit_size: int
+    local_window: int
+    sink_blocks: int
+    gamma: float
+    reselect_unit: int
+
+    @classmethod
+    def of(cls, config: Any) -> ReselectSettings:
+        return cls(config.scorer, config.block_size, config.unit_size, config.local_window, config.sink_blocks,
+                   config.gamma, config.reselect_unit)
+
+
+def _choose(q: torch.Tensor, k: torch.Tensor, state: tuple, settings: ReselectSettings):
+    """This step's active blocks `now` [B, m] and the next step's `upcoming`, from the scores of the step's query
+    (the rule of the module docstring); plus what `_count` needs."""
+    active, stats, prompt_positions, unit_keys = state
     prompt_tokens = prompt_positions.shape[1]
-    name = "tokenunit_torch" if scorer == "tokenunit" else scorer  # one query: the Triton kernel wants a window
+    name = "tokenunit_torch" if settings.scorer == "tokenunit" else settings.scorer  # the Triton kernel wants a window
     scored = k[:, :, :prompt_tokens] if unit_keys is None else unit_keys
-    if reselect_unit == 1:  # the cached prompt keys themselves
-        settings = ScoreSettings(block_size, unit_size, local_window)
+    if settings.reselect_unit == 1:  # the cached prompt keys themselves
+        scoring = ScoreSettings(settings.block_size, settings.unit_size, settings.local_window)
     else:  # one representative key per unit
-        settings = ScoreSettings(block_size // reselect_unit, 1, local_window)
-    scores = get_scorer(name)(q, scored, settings)
+        scoring = ScoreSettings(settings.block_size // settings.reselect_unit, 1, settings.local_window)
+    scores = get_scorer(name)(q, scored, scoring)
     count = active.shape[1]
-    best = candidate_blocks(scores.float(), prompt_tokens, count, block_size, sink_blocks)
+    best = candidate_blocks(scores.float(), prompt_tokens, count, settings.block_size, settings.sink_blocks)
     first = stats[0] == 0
     now = torch.where(first, best, active)
     # for the next step: follow the candidates where too few of them are active
     shared = (best[:, :, None] == now[:, None, :]).any(dim=2).sum(dim=1)  # [B]
-    swap = ~first & (shared < gamma * count)
+    swap = ~first & (shared < settings.gamma * count)
     upcoming = torch.where(swap[:, None], assign_slots(now, best), now)
-    mask = None
-    if front_k is None:
-        index = attended_tokens(now, prompt_tokens, k.shape[2], block_size, sink_blocks)
-        keys, values = gather_tokens(k, index), gather_tokens(v, index)
-        if valid is not None:
-            mask = (index < valid)[:, None, None, :]
-    else:  # the fronts hold the sinks and the blocks of `now`, slot by slot (no first step here: it runs resident)
-        if valid is not None:
-            torch.ops.slimpass.wait_front(front_k, front_v, q, layer)
-        keys, values = torch.cat([front_k, k], dim=2), torch.cat([front_v, v], dim=2)
-        if valid is None:
-            pending.copy_(upcoming)
-        else:  # the tail's empty slots; the next set goes to `pending` with the mark that fronts are read
-            mask = static_kv.slot_mask(keys, front_k.shape[2] + valid)
-    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
-    if front_k is not None and valid is not None:
-        out = torch.ops.slimpass.front_done(front_k, front_v, pending, upcoming, out, layer)
+    return now, upcoming, (swap, shared, count)
+
+
+def _count(state: tuple, upcoming: torch.Tensor, counts: tuple) -> None:
+    """Keep the next step's set and count the step (and the blocks it swapped in) in `stats`."""
+    active, stats = state[:2]
+    swap, shared, count = counts
     active.copy_(upcoming)
     stats.add_(torch.stack([torch.ones_like(stats[0]), torch.where(swap, count - shared, 0).sum()]))
+
+
+def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
+            scale: float) -> torch.Tensor:
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale,
+                                          enable_gqa=q.shape[1] != keys.shape[1])
+
+
+def reselect_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: tuple, scale: float,
+                       settings: ReselectSettings, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """One decoding step's attention at a resident slim layer: q [B, Hq, 1, D] over the active part of k, v
+    [B, Hkv, n, D] (the layer's cache including this step). `state` is the layer's reselection state
+    ``(active, stats, prompt_positions, unit_keys)``; `active` (for the next step) and `stats` are updated.
+    With `valid` (fixed-size buffers, `slimpass.runtime.static_kv`) k, v have empty slots from ``valid`` on,
+    which the attention masks out.
+
+    Plain traceable PyTorch (no host syncs, sizes symbolic in the cache length): the pass calls it from the
+    decode graph, AOTAutograd traces through it (the writes to `active` and `stats` become the graph's
+    input mutations) and Inductor fuses it with its neighbours."""
+    now, upcoming, counts = _choose(q, k, state, settings)
+    index = attended_tokens(now, state[2].shape[1], k.shape[2], settings.block_size, settings.sink_blocks)
+    mask = None if valid is None else (index < valid)[:, None, None, :]
+    out = _attend(q, gather_tokens(k, index), gather_tokens(v, index), mask, scale)
+    _count(state, upcoming, counts)
+    return out
+
+
+def reselect_attention_offloaded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: tuple, scale: float,
+                                 settings: ReselectSettings, fronts: tuple, valid: torch.Tensor | None,
+                                 layer: int) -> torch.Tensor:
+    """`reselect_attention` at an offloaded slim layer (`slimpass.runtime.offload`): k, v hold only the last
+    prompt block and the generated tokens, ``state``'s unit keys the keys scored, and ``fronts = (front_k,
+    front_v, pending)``: the sink and active blocks (the manager copied this step's set into them, slot by
+    slot, after the step before) and the buffer the next step's set is written to, where the manager's copy
+    after this step reads it. No first step here: it runs resident. With `valid` (static buffers) the tail has
+    empty slots from ``valid`` on, and layer `layer` orders its reads of the fronts after their copy and marks
+    when it is done with them (`slimpass.runtime.front_events`)."""
+    front_k, front_v, pending = fronts
+    _, upcoming, counts = _choose(q, k, state, settings)
+    if valid is not None:
+        torch.ops.slimpass.wait_front(front_k, front_v, q, layer)
+    keys, values = torch.cat([front_k, k], dim=2), torch.cat([front_v, v], dim=2)
+    if valid is None:
+        pending.copy_(upcoming)
+        out = _attend(q, keys, values, None, scale)
+    else:  # the tail's empty slots; the next set goes to `pending` with the mark that fronts are read
+        out = _attend(q, keys, values, static_kv.slot_mask(keys, front_k.shape[2] + valid), scale)
+        out = torch.ops.slimpass.front_done(front_k, front_v, pending, upcoming, out, layer)
+    _count(state, upcoming, counts)
     return out

@@ -29,6 +29,7 @@ from collections.abc import Callable
 import torch
 
 from slimpass.config import ConfigError
+from slimpass.registry import REGISTRY
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +43,6 @@ class ScoreSettings:
 
 Scorer = Callable[[torch.Tensor, torch.Tensor, ScoreSettings], torch.Tensor]
 
-_SCORERS: dict[str, Scorer] = {}
 
 
 def register_scorer(name: str, /) -> Callable[[Scorer], Scorer]:
@@ -67,7 +67,7 @@ def register_scorer(name: str, /) -> Callable[[Scorer], Scorer]:
     def add(fn: Scorer) -> Scorer:
         if not callable(fn):
             raise ConfigError(f"register_scorer({name!r}): {fn!r} is not callable")
-        _SCORERS[name] = fn
+        REGISTRY.scorers[name] = fn
         return fn
 
     return add
@@ -76,16 +76,16 @@ def register_scorer(name: str, /) -> Callable[[Scorer], Scorer]:
 def get_scorer(name: str) -> Scorer:
     """The scorer registered under `name`; an unknown name raises `ConfigError` listing the known ones."""
     try:
-        return _SCORERS[name]
+        return REGISTRY.scorers[name]
     except KeyError:
         raise ConfigError(
-            f"SlimConfig.scorer={name!r} is not a registered scorer; known: {', '.join(sorted(_SCORERS))} "
+            f"SlimConfig.scorer={name!r} is not a registered scorer; known: {', '.join(sorted(REGISTRY.scorers))} "
             "(add one with @slimpass.register_scorer(name))"
         ) from None
 
 
 def scorer_names() -> list[str]:
-    return sorted(_SCORERS)
+    return sorted(REGISTRY.scorers)
 
 
 def tokenunit_torch(q: torch.Tensor, k: torch.Tensor, settings: ScoreSettings) -> torch.Tensor:

@@ -30,6 +30,7 @@ from transformers.cache_utils import Cache, DynamicCache
 
 from slimpass.config import SlimConfig
 from slimpass.runtime import offload, reselection
+from slimpass.runtime.block_layout import BlockLayout
 from slimpass.runtime.keep_sets import KeepSet
 from slimpass.runtime.memory_report import LayerMemory, MemoryReport
 from slimpass.runtime.slim_layer import SlimLayer
@@ -152,8 +153,7 @@ class SlimCache(DynamicCache):
 
     def _arm(self, layer: SlimLayer, config: SlimConfig) -> None:
         block = config.block_size
-        last = (layer.prompt_positions.shape[1] - 1) // block
-        middle = last - min(config.sink_blocks, last)
+        middle = BlockLayout.of(config).middle(layer.prompt_positions.shape[1])
         count = min(config.active_tokens // block, middle)
         if count < middle:
             device = layer.keys.device
@@ -170,10 +170,9 @@ class SlimCache(DynamicCache):
         block, keeping the keys reselection scores against."""
         self.offload = offload.OffloadManager(layers[0].keys.device, config.copy_group,
                                               in_graph=config.static_decode)
-        block, moved = config.block_size, []
+        block, layout, moved = config.block_size, BlockLayout.of(config), []
         for layer in layers:
-            last = (layer.prompt_positions.shape[1] - 1) // block
-            sinks = min(config.sink_blocks, last) * block
+            sinks = layout.sink_tokens(layer.prompt_positions.shape[1])
             moved.append(offload.LayerToOffload(layer.index, layer.keys, layer.values, layer.active.shape[1], sinks,
                                                 block))
             if layer.unit_keys is None:  # reselect_unit == 1 scores the prompt keys themselves: they stay
@@ -199,7 +198,7 @@ class SlimCache(DynamicCache):
                           self.steps)
             for index, layer in offloaded.items():
                 moved = manager.layers[index]
-                tail = (layer.prompt_positions.shape[1] - 1) // moved.block_size * moved.block_size
+                tail = BlockLayout(moved.block_size, 0).tail_start(layer.prompt_positions.shape[1])
                 layer.front_k, layer.front_v, layer.pending = moved.front_k, moved.front_v, moved.pending
                 layer.cut_to_tail(tail)
         manager.before_step()
