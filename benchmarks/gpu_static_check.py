@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             "first_different_token": int(differ[0]) - length if len(differ) else None,
             "max_logit_difference": max((a.float() - b.float()).abs().max().item()
                                         for a, b in zip(got.logits, want_logits)),
-            "last_layer_slots": cache.layers[-1].keys.shape[2], "last_layer_written": cache.layers[-1].written,
+            "last_layer_slots": cache.layers[-1].keys.shape[2], "last_layer_written": cache.layers[-1].slots.written,
             "offloaded_layers": len(cache.offload.layers) if cache.offload is not None else 0,
             "seconds": round(time.perf_counter() - start, 1)})
         print(json.dumps(rows[-1]), flush=True)

@@ -55,8 +55,9 @@ def _mark_dynamic(args: tuple, kwargs: dict) -> None:
         # SlimLayer's. Not `active`: its count of blocks is the config's (active_tokens // block_size) for every
         # prompt, and a static count lets Inductor sort the slots in its own kernels instead of aten.sort (on an
         # H200, one layer's slot update: 159 µs of host time against 467 µs with a symbolic count)
-        for name, dim in (("prompt_positions", 1), ("unit_keys", 2)):
-            tensor = getattr(layer, name, None)
+        state = getattr(layer, "reselection", None)
+        units = state.unit_keys if state is not None else None
+        for tensor, dim in ((getattr(layer, "prompt_positions", None), 1), (units, 2)):
             if isinstance(tensor, torch.Tensor) and tensor.shape[dim] > 1:
                 torch._dynamo.maybe_mark_dynamic(tensor, dim)
 

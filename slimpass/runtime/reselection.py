@@ -21,6 +21,7 @@ attention call.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, NamedTuple
 
 import torch
@@ -30,6 +31,21 @@ from slimpass.runtime import front_events, static_kv  # noqa: F401  (front_event
 from slimpass.runtime.block_index import block_tokens, gather_tokens
 from slimpass.runtime.block_layout import BlockLayout
 from slimpass.runtime.scoring import ScoreSettings, get_scorer
+
+
+@dataclasses.dataclass
+class ReselectState:
+    """A slim layer's reselection state, held by its `SlimLayer` once armed (`SlimCache.record_prefill`)."""
+
+    active: torch.Tensor
+    """[B, m] the active middle blocks (cache-order block indices; -1 before the first step)."""
+    stats: torch.Tensor
+    """[2] decoding steps seen, blocks swapped in after the first step (summed over rows)."""
+    unit_keys: torch.Tensor | None = None
+    """The keys scored when they are not the cached prompt keys (``reselect_unit > 1``, or offloaded)."""
+
+    def tensors(self) -> tuple[torch.Tensor | None, ...]:
+        return self.active, self.stats, self.unit_keys
 
 
 @torch.library.custom_op("slimpass::bind_layer_state", mutates_args=("active", "stats"))

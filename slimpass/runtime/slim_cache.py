@@ -133,13 +133,13 @@ class SlimCache(DynamicCache):
                     f"(prompt of {prompt_len}); was this cache used for an earlier request? Pass a new SlimCache "
                     "to each generate call")
             layer.prompt_positions = None if positions is None else positions.to(layer.keys.device)
-            layer.active = layer.stats = layer.unit_keys = None
+            layer.reselection = None
             # Inductor's prefill may hand back K/V in another memory layout than the decode graph's `cat`
             # makes; one layout for every step keeps a single compiled decode graph (one copy per request).
             layer.keys, layer.values = layer.keys.contiguous(), layer.values.contiguous()
             if config is not None and config.reselect and positions is not None:
                 self._arm(layer, config)
-                if config.offload and layer.active is not None:
+                if config.offload and layer.reselection is not None:
                     offloaded.append(layer)
         if offloaded:
             self._offload(offloaded, config)
@@ -157,10 +157,10 @@ class SlimCache(DynamicCache):
         count = min(config.active_tokens // block, middle)
         if count < middle:
             device = layer.keys.device
-            layer.active = torch.full((layer.keys.shape[0], count), -1, dtype=torch.long, device=device)
-            layer.stats = torch.zeros(2, dtype=torch.long, device=device)
-            if config.reselect_unit > 1:
-                layer.unit_keys = reselection.unit_keys(layer.keys, block, config.reselect_unit)
+            units = reselection.unit_keys(layer.keys, block, config.reselect_unit) if config.reselect_unit > 1 else None
+            layer.reselection = reselection.ReselectState(
+                torch.full((layer.keys.shape[0], count), -1, dtype=torch.long, device=device),
+                torch.zeros(2, dtype=torch.long, device=device), units)
             self.block_bytes = 2 * layer.keys[0, :, :block].nbytes
 
     def _offload(self, layers: list[SlimLayer], config: SlimConfig) -> None:
@@ -173,10 +173,11 @@ class SlimCache(DynamicCache):
         block, layout, moved = config.block_size, BlockLayout.of(config), []
         for layer in layers:
             sinks = layout.sink_tokens(layer.prompt_positions.shape[1])
-            moved.append(offload.LayerToOffload(layer.index, layer.keys, layer.values, layer.active.shape[1], sinks,
+            state = layer.reselection
+            moved.append(offload.LayerToOffload(layer.index, layer.keys, layer.values, state.active.shape[1], sinks,
                                                 block))
-            if layer.unit_keys is None:  # reselect_unit == 1 scores the prompt keys themselves: they stay
-                layer.unit_keys = layer.keys
+            if state.unit_keys is None:  # reselect_unit == 1 scores the prompt keys themselves: they stay
+                state.unit_keys = layer.keys
             layer.offloaded = True
         self.offload.add_layers(moved)
 
@@ -186,7 +187,7 @@ class SlimCache(DynamicCache):
         layers' K/V still on the accelerator (the first step's reselection chose this step's sets) and cut
         the layers to their tails, so the step's graph reads the fronts (a graph of its own: Dynamo sees
         them appear); before every later step: order the compute stream after the copies."""
-        if self.room and any(layer.written >= layer.keys.shape[2] for layer in self.layers):
+        if self.room and any(layer.slots.written >= layer.keys.shape[2] for layer in self.layers):
             for layer in self.layers:  # full: more room (the same compiled graph; under CUDA graphs a new recording)
                 layer.make_static(self.room)
         manager = self.offload
@@ -194,12 +195,13 @@ class SlimCache(DynamicCache):
             return
         if manager.started is None:
             offloaded = {index: self.layers[index] for index in manager.layers}
-            manager.start({index: (layer.keys, layer.values, layer.active) for index, layer in offloaded.items()},
+            manager.start({index: (layer.keys, layer.values, layer.reselection.active)
+                           for index, layer in offloaded.items()},
                           self.steps)
             for index, layer in offloaded.items():
                 moved = manager.layers[index]
                 tail = BlockLayout(moved.block_size, 0).tail_start(layer.prompt_positions.shape[1])
-                layer.front_k, layer.front_v, layer.pending = moved.front_k, moved.front_v, moved.pending
+                layer.fronts = moved
                 layer.cut_to_tail(tail)
         manager.before_step()
 
@@ -210,7 +212,7 @@ class SlimCache(DynamicCache):
             self.offload.after_step(self.steps)
         if self.room:  # the step wrote one token in place into each layer's buffers
             for layer in self.layers:
-                layer.written += 1
+                layer.slots.written += 1
         self.steps += 1
 
     def offload_report(self) -> dict[str, float]:
@@ -227,11 +229,12 @@ class SlimCache(DynamicCache):
         step (summed over rows) and the bytes those blocks hold per step (what an offloading cache moves)."""
         out = {}
         for index, layer in enumerate(self.layers):
-            if layer.active is None:
+            state = layer.reselection
+            if state is None:
                 continue
-            steps, swapped = (int(x) for x in layer.stats.tolist())
+            steps, swapped = (int(x) for x in state.stats.tolist())
             moved = swapped * self.block_bytes
-            out[index] = {"steps": steps, "active_blocks": layer.active.shape[1], "swapped_blocks": swapped,
+            out[index] = {"steps": steps, "active_blocks": state.active.shape[1], "swapped_blocks": swapped,
                           "bytes_moved": moved, "bytes_per_step": moved / max(steps - 1, 1)}
         return out
 
@@ -265,7 +268,8 @@ class SlimCache(DynamicCache):
                 tensors += [moved.front_k, moved.front_v, moved.host_k, moved.host_v]
             size = sum(t.nbytes for t in tensors)
             on_cpu = sum(t.nbytes for t in tensors if t.device.type == "cpu")
-            scored = layer.unit_keys.nbytes if layer.unit_keys is not None else 0
+            units = layer.reselection.unit_keys if layer.reselection is not None else None
+            scored = units.nbytes if units is not None else 0
             if moved is not None and started:  # the front's sinks and slots copy host tokens: count them once
                 tokens = layer.prompt_positions.shape[1] + self.generated()
             else:

@@ -18,86 +18,85 @@ class SlimLayer(DynamicLayer):
     """One decoder layer's K/V: the prompt tokens that reached the layer, then every generated token.
 
     `prompt_positions` ([B, n], original positions of the cached prompt tokens) is None while the layer
-    holds the whole prompt (an unpruned layer, or before `SlimCache.record_prefill`).
+    holds the whole prompt (an unpruned layer, or before `SlimCache.record_prefill`). Each decoding mode's
+    state is one object owned by the mode's module, None when the mode is off for this layer.
     """
 
     def __init__(self, index: int = 0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.index = index
         self.prompt_positions: torch.Tensor | None = None
-        self.active: torch.Tensor | None = None  # reselection state (slimpass.runtime.reselection), when armed
-        self.stats: torch.Tensor | None = None
-        self.unit_keys: torch.Tensor | None = None
-        self.offloaded = False  # its prompt K/V go to the host (SlimConfig.offload)
-        self.front_k: torch.Tensor | None = None  # once they are there: the sink and active blocks (offload)
-        self.front_v: torch.Tensor | None = None
-        self.pending: torch.Tensor | None = None  # where a step writes the layer's next active set (offload)
-        self.valid: torch.Tensor | None = None  # fixed-size buffers (static_decode): [1] count of written slots
-        self.written = 0  # ... the same count on the host (kept by SlimCache, outside the graphs)
+        self.reselection: reselection.ReselectState | None = None  # armed for reselection (SlimConfig.reselect)
+        self.offloaded = False  # its prompt K/V go to the host (SlimConfig.offload) ...
+        self.fronts: Any = None  # ... and once they are there, the manager's `offload.OffloadedLayer`: its fronts
+        self.slots: static_kv.StaticSlots | None = None  # fixed-size buffers (SlimConfig.static_decode)
 
     def make_static(self, room: int) -> None:
         """Move the layer's K/V into buffers with `room` more slots (`slimpass.runtime.static_kv`); again
         when full: the same written slots in larger buffers."""
-        held = self.written if self.valid is not None else self.keys.shape[2]
+        held = self.slots.written if self.slots is not None else self.keys.shape[2]
         batch, heads, _, dim = self.keys.shape
         keys = self.keys.new_zeros(batch, heads, held + room, dim)
         values = self.values.new_zeros(batch, heads, held + room, self.values.shape[3])
         keys[:, :, :held], values[:, :, :held] = self.keys[:, :, :held], self.values[:, :, :held]
         self.keys, self.values = keys, values
-        if self.valid is None:
-            self.valid, self.written = torch.full((1,), held, dtype=torch.long, device=keys.device), held
+        if self.slots is None:
+            self.slots = static_kv.StaticSlots(torch.full((1,), held, dtype=torch.long, device=keys.device), held)
         self._mark_static()
 
     def cut_to_tail(self, start: int) -> None:
         """Hold only the tokens from slot `start` on (an offloaded layer, once the manager's fronts hold its
         sinks and active blocks); fixed-size buffers keep their room."""
         self.keys, self.values = self.keys[:, :, start:].clone(), self.values[:, :, start:].clone()
-        if self.valid is not None:
-            self.valid.sub_(start)
-            self.written -= start
+        if self.slots is not None:
+            self.slots.valid.sub_(start)
+            self.slots.written -= start
             self._mark_static()
 
     def _mark_static(self) -> None:
         """The tensors a decode graph on fixed-size buffers reads and writes: CUDA graphs read them in place
         (a replay copies other inputs, and skips graphs that write to them). No guard on the address: a new
         request does not recompile (its graphs are recorded again)."""
-        for tensor in (self.keys, self.values, self.valid, self.active, self.stats, self.prompt_positions,
-                       self.unit_keys, self.front_k, self.front_v, self.pending):
+        state = self.reselection.tensors() if self.reselection is not None else ()
+        fronts = (self.fronts.front_k, self.fronts.front_v, self.fronts.pending) if self.fronts is not None else ()
+        for tensor in (self.keys, self.values, self.slots.valid, self.prompt_positions, *state, *fronts):
             if tensor is not None:
                 torch._dynamo.mark_static_address(tensor, guard=False)
 
     def get_seq_length(self) -> int:
-        return self.written if self.valid is not None else super().get_seq_length()
+        return self.slots.written if self.slots is not None else super().get_seq_length()
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
-        if self.valid is not None:  # fixed-size buffers: write this step's token in place
+        if self.slots is not None:  # fixed-size buffers: write this step's token in place
             if key_states.shape[2] != 1:
                 raise NotImplementedError(
                     f"SlimCache: layer {self.index} has fixed-size buffers (static_decode) and takes one token a "
                     f"step, not {key_states.shape[2]}; run with static_decode=False")
-            keys = self.keys.index_copy_(2, self.valid, key_states)
-            values = self.values.index_copy_(2, self.valid, value_states)
-            self.valid.add_(1)
-            torch.ops.slimpass.bind_static_kv(self.valid, self.index)
+            valid = self.slots.valid
+            keys = self.keys.index_copy_(2, valid, key_states)
+            values = self.values.index_copy_(2, valid, value_states)
+            valid.add_(1)
+            torch.ops.slimpass.bind_static_kv(valid, self.index)
         else:
             keys, values = super().update(key_states, value_states, *args, **kwargs)
-        if self.active is not None:  # a decoding step at an armed slim layer: show the pass its state
-            torch.ops.slimpass.bind_layer_state(self.active, self.stats, self.prompt_positions, self.unit_keys,
-                                                self.index, self.front_k, self.front_v, self.pending)
+        state = self.reselection
+        if state is not None:  # a decoding step at an armed slim layer: show the pass its state
+            fronts = (self.fronts.front_k, self.fronts.front_v, self.fronts.pending) if self.fronts else (None,) * 3
+            torch.ops.slimpass.bind_layer_state(state.active, state.stats, self.prompt_positions, state.unit_keys,
+                                                self.index, *fronts)
         return keys, values
 
     def reset(self) -> None:
         super().reset()
-        self.prompt_positions = self.active = self.stats = self.unit_keys = None
-        self.front_k = self.front_v = self.pending = self.valid = None
-        self.offloaded, self.written = False, 0
+        self.prompt_positions = self.reselection = self.fronts = self.slots = None
+        self.offloaded = False
 
     def _refuse_offloaded(self, what: str, static_too: bool = True) -> None:
         if self.offloaded:
             raise NotImplementedError(
                 f"SlimCache: {what} of offloaded layer {self.index} is not supported (its prompt K/V live in host "
                 "memory, out of this layer's tensors); run with offload=False")
-        if static_too and self.valid is not None:
+        if static_too and self.slots is not None:
             raise NotImplementedError(
                 f"SlimCache: {what} of layer {self.index} is not supported with fixed-size buffers (static_decode); "
                 "run with static_decode=False")
@@ -108,9 +107,10 @@ class SlimLayer(DynamicLayer):
         keys stay: beam search reorders only among one prompt's beams, whose prefill rows are the same (and
         layers of one stage share one positions tensor, which an in-place reorder would permute twice)."""
         self._refuse_offloaded("reordering (beam search)", static_too=False)
-        if self.valid is None:
+        if self.slots is None:
             super().reorder_cache(beam_idx)
-        rows = [self.active] + ([self.keys, self.values] if self.valid is not None else [])  # (all rows: same slots)
+        rows = [self.reselection.active] if self.reselection is not None else []
+        rows += [self.keys, self.values] if self.slots is not None else []  # (all rows: same slots)
         for tensor in rows:
             if tensor is not None:
                 tensor.copy_(tensor.index_select(0, beam_idx.to(tensor.device)))

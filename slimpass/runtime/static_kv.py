@@ -12,7 +12,19 @@ the reselected tokens the same way).
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
+
+
+@dataclasses.dataclass
+class StaticSlots:
+    """A layer's count of written slots in its fixed-size buffers, held by its `SlimLayer`."""
+
+    valid: torch.Tensor
+    """[1] on the accelerator: what the decode graph reads and advances."""
+    written: int
+    """The same count on the host (kept by `SlimCache`, outside the graphs)."""
 
 
 @torch.library.custom_op("slimpass::bind_static_kv", mutates_args=("valid",))

@@ -57,7 +57,7 @@ def test_offload_gives_the_resident_tokens(family, unit, group, prompts):
         got, cache = _generate(offloaded, ids)
         assert torch.equal(got, want), (batch, length)
         assert torch.equal(got, reference.generate(oracle, ids, _config(reselect_unit=unit), max_new_tokens=10))
-        armed = [index for index, layer in enumerate(kept.layers) if layer.active is not None]
+        armed = [index for index, layer in enumerate(kept.layers) if layer.reselection is not None]
         assert sorted(cache.offload.layers) == armed and armed
         groups = [g.layers for g in cache.offload.groups]
         assert sum(groups, []) == armed and all(len(g) <= group for g in groups)
@@ -104,7 +104,7 @@ def test_memory_report_under_offload_sums_tensor_sizes():
         moved = cache.offload.layers.get(m.layer)
         tensors = [layer.keys, layer.values] + ([moved.front_k, moved.front_v, moved.host_k, moved.host_v] if moved else [])
         assert m.cpu_bytes == sum(t.nbytes for t in tensors)  # a CPU model: every byte is on the CPU
-        assert m.score_bytes == (layer.unit_keys.nbytes if moved else 0)
+        assert m.score_bytes == (layer.reselection.unit_keys.nbytes if moved else 0)
         assert m.tokens == (layer.prompt_positions.shape[1] + 3 if moved else layer.keys.shape[2])
     per_token = 2 * 2 * offloaded.config.num_key_value_heads * 16 * 4
     assert report.dense_bytes == len(cache.layers) * (800 + 3) * per_token

@@ -62,15 +62,15 @@ def test_compiled_reselection_matches_reference(family, unit):
         trace = []
         want = reference.generate(oracle, ids, _config(reselect_unit=unit), max_new_tokens=10, trace=trace)
         assert torch.equal(got, want), (batch, length)
-        assert all((layer.unit_keys is None) == (unit == 1) for layer in cache.layers if layer.active is not None)
+        assert all((layer.reselection.unit_keys is None) == (unit == 1) for layer in cache.layers if layer.reselection is not None)
         for index, active in trace[-1].items():  # the reference reselects at every slim layer
             layer = cache.layers[index]
-            if layer.active is not None:
-                assert [sorted(row) for row in layer.active.tolist()] == active, (length, index)
+            if layer.reselection is not None:
+                assert [sorted(row) for row in layer.reselection.active.tolist()] == active, (length, index)
             else:  # not armed: every middle block of the layer's cached prompt fits the active budget
                 last = (layer.prompt_positions.shape[1] - 1) // 8
                 assert all(row == list(range(1, last)) for row in active), (length, index)
-        assert any(layer.active is not None for layer in cache.layers)
+        assert any(layer.reselection is not None for layer in cache.layers)
         differs += not torch.equal(want, reference.generate(oracle, ids, _config(reselect=False, reselect_unit=unit),
                                                             max_new_tokens=10))
     assert differs  # reselection changed some answer: the comparison above is not the plain decode's

@@ -63,10 +63,10 @@ def test_static_decode_matches_reference(family, reselect):
         steps = NEW_TOKENS - 1
         assert cache.generated() == steps and cache.get_seq_length() == length + steps
         for layer in cache.layers:
-            assert layer.written == int(layer.valid) == layer.get_seq_length()
-            assert layer.written <= layer.keys.shape[2] <= layer.written + ROOM
+            assert layer.slots.written == int(layer.slots.valid) == layer.get_seq_length()
+            assert layer.slots.written <= layer.keys.shape[2] <= layer.slots.written + ROOM
             assert layer.values.shape == layer.keys.shape
-        assert [m.tokens for m in cache.memory_report().layers] == [layer.written for layer in cache.layers]
+        assert [m.tokens for m in cache.memory_report().layers] == [layer.slots.written for layer in cache.layers]
         assert torch.equal(cache.positions(5)[:, -steps:], torch.arange(length, length + steps).expand(batch, -1))
 
 
@@ -128,7 +128,7 @@ def test_static_decode_under_inductor_matches_reference():
         assert torch.equal(_generate(model, ids, NEW_TOKENS), want)
     tensors = {s for s in inputs.moving if ".size()" not in s and ".stride()" not in s}
     assert tensors and all("input_ids" in s or "position_ids" in s for s in tensors), sorted(tensors)
-    for name in ("keys", "values", "valid"):
+    for name in ("keys", "values", "slots.valid"):
         assert any(f".layers[5].{name}" in s for s in inputs.static), (name, sorted(inputs.static))
     assert any("q_proj" in s for s in inputs.static), sorted(inputs.static)
     decode = [r for r in slimpass.compiled_graphs(model) if r.kind == "decode"]
@@ -146,7 +146,7 @@ def test_short_prompt_keeps_growing_tensors():
     with torch.no_grad():
         want = oracle.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS, do_sample=False)
     assert torch.equal(_generate(model, ids, NEW_TOKENS, cache), want)
-    assert cache.room == 0 and all(layer.valid is None for layer in cache.layers)
+    assert cache.room == 0 and all(layer.slots is None for layer in cache.layers)
 
 
 @pytest.mark.parametrize("options, fragment", [
@@ -171,7 +171,7 @@ def test_buffers_refuse_what_they_cannot_do():
         layer.update(torch.zeros(1, 2, 2, 16), torch.zeros(1, 2, 2, 16))
     # a step outside the compiled graph would attend to empty slots: the marker says so
     with pytest.raises(RuntimeError, match="not masked to the written slots"):
-        torch.ops.slimpass.bind_static_kv(layer.valid, 3)
+        torch.ops.slimpass.bind_static_kv(layer.slots.valid, 3)
     # an offload mark handed fronts that no manager set up (a compiler's copy) cannot order the step: it says so
     with pytest.raises(RuntimeError, match="no offload manager set up.*static_decode=False"):
         torch.ops.slimpass.wait_front(torch.zeros(1, 2, 8, 16), torch.zeros(1, 2, 8, 16), torch.zeros(1), 3)
@@ -191,8 +191,8 @@ def test_static_decode_with_offload_matches_reference():
             layer = cache.layers[index]
             prompt = layer.prompt_positions.shape[1]
             tail = prompt - (prompt - 1) // GEOMETRY["block_size"] * GEOMETRY["block_size"]
-            assert layer.written == int(layer.valid) == tail + NEW_TOKENS - 1, index
-            assert layer.keys.shape[2] >= layer.written
+            assert layer.slots.written == int(layer.slots.valid) == tail + NEW_TOKENS - 1, index
+            assert layer.keys.shape[2] >= layer.slots.written
         assert cache.offload_report()["blocks"] > 0
 
 
@@ -238,4 +238,4 @@ def test_generate_gives_a_request_no_more_room_than_it_asks_for():
     assert torch.equal(out.sequences, want)
     cache = out.past_key_values
     assert isinstance(cache, slimpass.SlimCache) and cache.new_tokens == NEW_TOKENS and cache.generated() == NEW_TOKENS - 1
-    assert all(layer.written == layer.keys.shape[2] for layer in cache.layers)
+    assert all(layer.slots.written == layer.keys.shape[2] for layer in cache.layers)
