@@ -6,7 +6,8 @@ use_cache=True, return_dict=True, logits_to_keep=1)`` (and, in transformers 5.17
 calls ``model(ids, logits_to_keep=1)``. Both mean the same prefill, yet each compiled a graph of its own
 (on CPU 12.8 s eager, 324 s Inductor for SmolLM2). `canonical` rewrites a call into one form: arguments
 by name, and nothing that only restates what the model would do anyway (a default, the config's value, the
-positions ``0..N-1`` of an unpadded prompt), and inputs in contiguous memory.
+positions ``0..N-1`` of an unpadded prompt), keys in one order, and inputs as a fresh tensor would be
+(contiguous; an inference tensor under `torch.inference_mode`).
 """
 
 from __future__ import annotations
@@ -46,8 +47,9 @@ class CallForm:
             del named["position_ids"]
         for name in _CONTIGUOUS:  # a slice of a longer batch guards on its strides; generate clones contiguous
             if isinstance(named.get(name), torch.Tensor):
-                named[name] = _standard_strides(named[name])
-        return (), named
+                named[name] = _fresh(named[name])
+        order = {name: i for i, name in enumerate(self.names)}
+        return (), dict(sorted(named.items(), key=lambda item: (order.get(item[0], len(order)), item[0])))
 
     def _restates_default(self, name: str, value: Any) -> bool:
         if value is None:
@@ -58,14 +60,16 @@ class CallForm:
         return isinstance(value, (bool, int)) and type(value) is type(default) and value == default
 
 
-def _standard_strides(tensor: torch.Tensor) -> torch.Tensor:
-    """`tensor` with row-major strides, size-1 dimensions included (`contiguous()` keeps a [1, 500] slice of a
-    [1, 600] tensor as it is, with stride 600 where a fresh tensor has 500, and Dynamo guards on that)."""
+def _fresh(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` as if made here: row-major strides, size-1 dimensions included (`contiguous()` keeps a [1, 500]
+    slice of a [1, 600] tensor as it is, with stride 600 where a fresh tensor has 500), and an inference tensor
+    exactly when inference mode is on (`generate` clones its inputs inside `torch.inference_mode`; a tensor made
+    outside it has other dispatch keys). Dynamo guards on both. A copy only where one of them differs."""
     expected, step = [], 1
     for size in reversed(tensor.shape):
         expected.append(step)
         step *= size
-    if tensor.stride() == tuple(reversed(expected)):
+    if tensor.stride() == tuple(reversed(expected)) and tensor.is_inference() == torch.is_inference_mode_enabled():
         return tensor
     return tensor.clone(memory_format=torch.contiguous_format)
 

@@ -94,3 +94,17 @@ def test_a_direct_call_after_generate_reuses_its_prefill_graph():
         kept = slimpass.last_keep_sets(model)
         assert [k.positions.tolist() for k in kept] == [k.positions.tolist() for k in want.keep_sets]
     assert [g.kind for g in slimpass.compiled_graphs(model)] == ["prefill", "decode"]
+
+
+def test_under_inference_mode_a_tensor_made_outside_it_reuses_generates_graph():
+    """Regression: `generate` inside `torch.inference_mode()` clones its inputs into inference tensors; a direct
+    call with ids made outside inference mode differed in dispatch keys and compiled a third graph (SmolLM2,
+    benchmarks/cpu_compile_time.py)."""
+    model = tiny_model(num_hidden_layers=3, max_position_embeddings=4096)
+    slimpass.compile(model, options=OPTIONS)
+    ids = torch.randint(4, 120, (1, 300), generator=torch.Generator().manual_seed(2))
+    assert not ids.is_inference()
+    with torch.inference_mode():
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False)
+        model(ids, attention_mask=torch.ones_like(ids), logits_to_keep=1)
+    assert [g.kind for g in slimpass.compiled_graphs(model)] == ["prefill", "decode"]
