@@ -21,7 +21,7 @@ import torch
 
 from slimpass.backend import GraphRecord, SlimpassWarning, compile_graph
 from slimpass.call_form import CallForm
-from slimpass.config import ConfigError, patched, resolve
+from slimpass.config import ConfigError, resolve
 from slimpass.hf_compat import cache_argument, context_length, decode_mask_skipped_under_compile
 from slimpass.registry import REGISTRY
 from slimpass.runtime import slim_cache
@@ -169,14 +169,17 @@ def compile(  # noqa: A001 - mirrors torch.compile
     compiled = torch.compile(original, backend=backend, fullgraph=fullgraph, dynamic=None)
 
     state = state_of(model)
-    compiled_config = config
     cache_name = cache_argument(model) if with_slim_cache else ""
     form = CallForm(original, getattr(model, "config", None))
 
     @functools.wraps(original)
     def forward(*args: Any, **kwargs: Any) -> Any:
-        # under `slimpass.config.patch` the graphs compiled in this call see the patched config: so does the cache
-        config = resolve(options, REGISTRY.config_for(model)) if patched() else compiled_config
+        # A decoding step reads the config its request's prefill graph was compiled with (the cache holds it); a
+        # prefill resolves it as the backend will (`options`, `slimpass.configure`, an active `config.patch`) and
+        # gives the cache the config of the graph that ran. No copy of it is kept here.
+        held = _cache_of(kwargs)
+        recorded = isinstance(held, slim_cache.SlimCache) and held.recorded and held.config is not None
+        config = held.config if recorded else resolve(options, REGISTRY.config_for(model))
         if config.prune:
             _drop_trivial_mask(kwargs)
         cache = _cache_of(kwargs)
@@ -208,7 +211,8 @@ def compile(  # noqa: A001 - mirrors torch.compile
         finally:
             state.call_started = None
         if prefill:
-            cache.record_prefill(_prompt_length(args, kwargs), state.last_keep or [], config)
+            ran = state.graph_configs.get(state.last_graph) if state.last_keep is not None else None
+            cache.record_prefill(_prompt_length(args, kwargs), state.last_keep or [], ran or config)
         elif decoding:
             cache.after_step()
         return out
@@ -221,7 +225,7 @@ def compile(  # noqa: A001 - mirrors torch.compile
 
     @functools.wraps(original_generate)
     def generate(*args: Any, **kwargs: Any) -> Any:
-        config = resolve(options, REGISTRY.config_for(model)) if patched() else compiled_config
+        config = resolve(options, REGISTRY.config_for(model))
         if config.prune and kwargs.get("assistant_model") is not None:
             raise ConfigError("slimpass.compile(prune=True): assisted / speculative decoding (assistant_model=) "
                               "verifies several tokens a step against a pruned cache, which is not supported; "

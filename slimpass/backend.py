@@ -229,6 +229,7 @@ def compile_graph(
     ctx = PassContext(config=config, example_inputs=list(example_inputs), model=model, graph_id=_graph_id(),
                       slim_cache=slim_cache)
     state = state_of(model)
+    state.graph_configs[ctx.graph_id] = config
     progress = Progress(ctx.graph_id, enabled(config.progress), state.call_started)
     work = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
     dumper = GraphDumper(config.dump_dir, ctx.graph_id)

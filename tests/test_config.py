@@ -211,6 +211,29 @@ def test_static_decode_patched_onto_a_pruned_model_generates_as_compiled_with_it
     assert got.past_key_values.room > 0 and want.past_key_values.room > 0
 
 
+def test_the_cache_holds_the_config_of_the_prefill_graph_that_ran():
+    """Config is resolved once per graph, by the backend; a request's cache takes the config of the prefill
+    graph that ran (its decoding steps read it there), not a copy `slimpass.compile` kept. A graph compiled
+    under `config.patch(reselect=True)` and reused after it arms its requests for reselection alike."""
+    from slimpass.runtime.keep_sets import state_of
+
+    options = dict(prune=True, compiler="eager", block_size=8, unit_size=2, local_window=4, min_prompt_len=64,
+                   schedule={1: 0.5})
+    model = tiny_model(num_hidden_layers=4)
+    slimpass.compile(model, options=options)
+    ids = torch.randint(0, 128, (1, 300), generator=torch.Generator().manual_seed(0))
+    settings = dict(max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
+    with torch.no_grad():
+        with slimpass.config.patch(reselect=True, active_tokens=16):
+            first = model.generate(ids, **settings).past_key_values
+        second = model.generate(ids, **settings).past_key_values
+    prefill = [r.graph_id for r in slimpass.compiled_graphs(model) if r.kind == "prefill"]
+    assert len(prefill) == 1
+    compiled_with = state_of(model).graph_configs[prefill[0]]
+    assert compiled_with.reselect and first.config is compiled_with and second.config is compiled_with
+    assert first.reselection_report() and second.reselection_report()
+
+
 def test_auto_compiler_is_eager_on_the_cpu_and_inductor_elsewhere(caplog):
     """The default inner compiler: Inductor's C++ build of a deep model takes minutes on a CPU, so "auto"
     lowers CPU graphs with eager and graphs on an accelerator with Inductor."""

@@ -46,6 +46,9 @@ class SlimState:
     dumps: dict[str, tuple[str, int, int]] = dataclasses.field(default_factory=dict)
     warned: set[str] = dataclasses.field(default_factory=set)
     """Warnings given once per model (their keys)."""
+    graph_configs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """The `SlimConfig` each graph was compiled with (resolved once, by the backend), by graph id: what the
+    runtime reads for a call that graph ran."""
     call_started: float | None = None
     """When the current `slimpass.compile`d call began (perf_counter): a graph compiled in it was traced since."""
 

@@ -13,18 +13,20 @@ import sys
 
 import torch
 
+from slimpass.runtime import block_layout
 from slimpass.runtime.block_layout import BlockLayout
 from slimpass.runtime.scoring import ScoreSettings, get_scorer
 
 
 def fingerprint(scorer: str) -> str:
-    """A hash of the code the pruned graph traces through (this module and the scorer).
+    """A hash of the code the pruned graph traces through (this module, `block_layout` and the scorer).
 
     The pass puts it in the graph as a constant argument: compile caches key on the graph's code,
     which names these functions but does not contain their bodies, so without it an edited scorer
     could be served a stale cached graph.
     """
     digest = hashlib.sha256(inspect.getsource(sys.modules[__name__]).encode())
+    digest.update(inspect.getsource(block_layout).encode())
     fn = get_scorer(scorer)
     try:  # the scorer's whole module: it covers helpers the scorer calls and module constants
         digest.update(inspect.getsource(inspect.getmodule(fn) or fn).encode())

@@ -77,6 +77,7 @@ class SlimCache(DynamicCache):
         Cache.__init__(self, layers=[SlimLayer(index) for index in range(len(types))])
         self.prompt_len = 0
         self.recorded = False
+        self.config: SlimConfig | None = None  # set by record_prefill
         self.block_bytes = 0  # K + V bytes of one block of one row (for the reselection report)
         self.offload: offload.OffloadManager | None = None
         self.steps = 0  # decoding steps run (before_step / after_step)
@@ -143,6 +144,7 @@ class SlimCache(DynamicCache):
                     offloaded.append(layer)
         if offloaded:
             self._offload(offloaded, config)
+        self.config = config  # the prefill graph's: decoding steps read it (`slimpass.compile`'s forward)
         self.room = config.decode_capacity if config is not None and config.static_decode and self.pruned else 0
         if self.room:  # a request of N tokens writes N - 1 (the last is not fed back): no more room than that
             first = min(self.room, max(self.new_tokens - 1, 1)) if self.new_tokens else self.room
@@ -222,7 +224,7 @@ class SlimCache(DynamicCache):
     def reset(self) -> None:
         super().reset()
         self.offload = None
-        self.prompt_len, self.recorded, self.steps, self.room = 0, False, 0, 0
+        self.prompt_len, self.recorded, self.steps, self.room, self.config = 0, False, 0, 0, None
 
     def reselection_report(self) -> dict[int, dict[str, int | float]]:
         """Per armed slim layer: decoding steps, active tokens per row, blocks swapped in after the first

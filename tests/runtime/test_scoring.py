@@ -69,3 +69,17 @@ def test_sliding_max_equals_max_pooling(radius, length):
     x = torch.rand(3, length, generator=torch.Generator().manual_seed(radius * 1000 + length))
     want = torch.nn.functional.max_pool1d(x[:, None], 2 * radius + 1, stride=1, padding=radius)[:, 0]
     assert torch.equal(scoring.sliding_max(x, radius), want)
+
+
+def test_fingerprint_covers_the_block_arithmetic_the_pruned_graph_traces(monkeypatch):
+    """Regression: `select_tokens` and `keep_middle` call `BlockLayout`; an edit of block_layout.py must change
+    the fingerprint, or a compile cache could serve a graph traced through the old arithmetic."""
+    import inspect
+
+    from slimpass.runtime import block_layout
+
+    before = pruning_ops.fingerprint("window_attention")
+    source = inspect.getsource(block_layout)
+    monkeypatch.setattr(inspect, "getsource",
+                        lambda obj, _real=inspect.getsource: source + "# edited\n" if obj is block_layout else _real(obj))
+    assert pruning_ops.fingerprint("window_attention") != before
