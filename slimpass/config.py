@@ -187,6 +187,11 @@ class SlimConfig:
     `slimpass.compile`'s `generate` that says how many tokens it may generate (`max_new_tokens`) gets no more
     first room than those need, so short requests hold no empty slots."""
 
+    def __deepcopy__(self, memo: dict) -> SlimConfig:
+        """Itself: frozen, with read-only mappings, it cannot change (and a mappingproxy does not deepcopy;
+        a deep copy of a compiled model copies the configs its state records)."""
+        return self
+
     def __post_init__(self) -> None:
         self._check_values()
         self._check_combinations()

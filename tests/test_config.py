@@ -248,3 +248,17 @@ def test_auto_compiler_is_eager_on_the_cpu_and_inductor_elsewhere(caplog):
     with caplog.at_level(logging.INFO, logger="slimpass"), torch.no_grad():
         model(torch.randint(0, 128, (1, 20)))
     assert "compiled in " in caplog.text and " s (eager): " in caplog.text
+
+
+def test_a_compiled_model_deep_copies():
+    """Regression: the model's state records each graph's config, whose frozen schedule is a mappingproxy that
+    `copy.deepcopy` cannot copy; the CLI's dump deep-copied a compiled model and failed."""
+    import copy
+
+    model = tiny_model()
+    slimpass.compile(model, options={"compiler": "eager", "prune": True, "schedule": {1: 0.5}, "min_prompt_len": 64})
+    with torch.no_grad():
+        model(torch.randint(0, 128, (1, 100)))
+    config = SlimConfig(schedule={1: 0.5})
+    assert copy.deepcopy(config) is config
+    assert isinstance(copy.deepcopy(model), type(model))
