@@ -143,7 +143,7 @@ class SlimConfig:
     """Write per-graph dumps (graph before/after each pass, summary.md, skeleton) under this folder."""
     progress: bool | None = None
     """One line on stderr per compile step of each graph (traced, passes, lowering, compiled; with timings):
-    True, False, or None for "when stderr is a terminal". The lines also go to the `slimpass.progress` logger."""
+    True, False, or None for "when stderr is a terminal". The lines also go to the `slimpass.progress` logger (DEBUG)."""
     dynamic_prompt: bool = True
     """`slimpass.compile` marks the prompt length dynamic, so one prefill graph serves all lengths."""
     reselect: bool = False

@@ -3,7 +3,7 @@
 A pruned 30-layer prefill graph takes minutes under Inductor on a CPU (seconds to trace, well under a second
 for our passes, the rest Inductor's C++ build), and a user staring at a silent prompt cannot tell a slow
 compile from a hang. Each step gets one line on stderr when `SlimConfig.progress` says so (None: when stderr
-is a terminal); the same lines always go to this module's logger at INFO.
+is a terminal); the same lines always go to this module's logger at DEBUG.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ class Progress:
 
     def say(self, message: str) -> None:
         line = f"slimpass: {self.graph_id}: {message}"
-        log.info("%s", line)
+        log.debug("%s", line)  # INFO keeps one line per graph (the backend's summary)
         if self.show:
             print(line, file=sys.stderr, flush=True)
 

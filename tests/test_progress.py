@@ -38,7 +38,7 @@ def test_each_graph_says_what_it_is_and_how_long_each_step_took(capsys):
 
 @pytest.mark.parametrize("progress", [False, None])  # None: stderr is not a terminal under pytest
 def test_quiet_unless_asked_or_on_a_terminal(capsys, caplog, progress):
-    with caplog.at_level(logging.INFO, logger="slimpass.progress"):
+    with caplog.at_level(logging.DEBUG, logger="slimpass.progress"):
         _generate(progress)
     assert "slimpass: graph" not in capsys.readouterr().err
     assert any("compiled in" in record.getMessage() for record in caplog.records)  # the logger has them all
