@@ -30,6 +30,7 @@ class CallForm:
         parameters = inspect.signature(forward).parameters.values()
         self.names = [p.name for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
         self.defaults = {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
+        self.order = {name: i for i, name in enumerate(self.names)}  # the keys' order in every canonical call
         self.config = config
 
     def canonical(self, args: tuple, kwargs: dict, prefill: bool) -> tuple[tuple, dict]:
@@ -48,8 +49,8 @@ class CallForm:
         for name in _CONTIGUOUS:  # a slice of a longer batch guards on its strides; generate clones contiguous
             if isinstance(named.get(name), torch.Tensor):
                 named[name] = _fresh(named[name])
-        order = {name: i for i, name in enumerate(self.names)}
-        return (), dict(sorted(named.items(), key=lambda item: (order.get(item[0], len(order)), item[0])))
+        last = len(self.order)
+        return (), dict(sorted(named.items(), key=lambda item: (self.order.get(item[0], last), item[0])))
 
     def _restates_default(self, name: str, value: Any) -> bool:
         if value is None:

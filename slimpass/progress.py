@@ -30,7 +30,6 @@ class Progress:
         self.graph_id, self.show = graph_id, show
         self.start = time.perf_counter()
         self.traced = None if started is None else self.start - started
-        self.steps: list[str] = []
 
     def say(self, message: str) -> None:
         line = f"slimpass: {self.graph_id}: {message}"
